@@ -21,7 +21,8 @@ REMAT_POLICIES = ("none", "full", "dots", "save_attn_out", "save_qkv_proj")
 ATTENTION_IMPLS = ("reference", "pallas", "xla")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
-_HF_META_KEYS = ("architectures", "model_type")
+# Written by to_hf_dict; read back only when they differ (then kept verbatim in extra_hf).
+_HF_META = {"architectures": ["IQuestPLTCoderForCausalLM"], "model_type": "iquest_plt"}
 
 
 def _fail(field: str, msg: str) -> None:
@@ -210,7 +211,7 @@ class PLTConfig:
   def from_hf_dict(cls, hf: Mapping[str, Any], **runtime_kw) -> "PLTConfig":
     known = {f.name for f in dataclasses.fields(cls)} - {"extra_hf", "runtime"}
     kwargs = {k: v for k, v in hf.items() if k in known}
-    extra = {k: v for k, v in hf.items() if k not in known}
+    extra = {k: v for k, v in hf.items() if k not in known and _HF_META.get(k) != v}
     if "head_dim" not in hf:
       kwargs["head_dim"] = None
     return cls(**kwargs, extra_hf=extra, runtime=RuntimeConfig(**runtime_kw))
@@ -232,7 +233,7 @@ class PLTConfig:
     return cls.from_hf_dict(hf, **runtime_kw)
 
   def to_hf_dict(self) -> dict[str, Any]:
-    out: dict[str, Any] = {"architectures": ["IQuestPLTCoderForCausalLM"], "model_type": "iquest_plt"}
+    out: dict[str, Any] = {k: list(v) if isinstance(v, list) else v for k, v in _HF_META.items()}
     for f in dataclasses.fields(self):
       if f.name in ("extra_hf", "runtime"):
         continue

@@ -363,3 +363,14 @@ def _default_positions(tokens_BxS, segment_ids):
   starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
   return idx - start_idx
+
+
+def abstract_params(cfg: PLTConfig):
+  """ShapeDtypeStructs of the params (no allocation); the layout every loader restores into."""
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda t: PLTForCausalLM(cfg).init(jax.random.key(0), t), tokens)
+  return shapes["params"]
+
+
+def init_params(cfg: PLTConfig, rng: jax.Array):
+  return PLTForCausalLM(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
