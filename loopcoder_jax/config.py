@@ -264,8 +264,8 @@ class PLTConfig:
     base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
                 rope_theta=10000.0, plt_window_size=(4, 0), torch_dtype="float32")
-    base.update(kw)
-    return cls(plt_num_loops=loops, runtime=RuntimeConfig(**runtime_kw), **base)
+    base.update({"plt_num_loops": loops, **kw})
+    return cls(runtime=RuntimeConfig(**runtime_kw), **base)
 
 
 class _FrozenDict(dict):
