@@ -209,6 +209,7 @@ class PLTConfig:
   # ---------------------------------------------------------------- HF I/O
   @classmethod
   def from_hf_dict(cls, hf: Mapping[str, Any], **runtime_kw) -> "PLTConfig":
+    hf = _from_transformers5(hf)
     known = {f.name for f in dataclasses.fields(cls)} - {"extra_hf", "runtime"}
     kwargs = {k: v for k, v in hf.items() if k in known}
     extra = {k: v for k, v in hf.items() if k not in known and _HF_META.get(k) != v}
@@ -266,6 +267,21 @@ class PLTConfig:
                 rope_theta=10000.0, plt_window_size=(4, 0), torch_dtype="float32")
     base.update({"plt_num_loops": loops, **kw})
     return cls(runtime=RuntimeConfig(**runtime_kw), **base)
+
+
+def _from_transformers5(hf: Mapping[str, Any]) -> Mapping[str, Any]:
+  """transformers 5 `save_pretrained` writes `rope_parameters` (for rope_theta/rope_scaling) and
+  `dtype` (for torch_dtype); read them as the keys the released checkpoint uses."""
+  hf = dict(hf)
+  rope = hf.get("rope_parameters")
+  if isinstance(rope, dict) and "rope_theta" not in hf:
+    del hf["rope_parameters"]
+    hf["rope_theta"] = rope.get("rope_theta", PLTConfig.rope_theta)
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    hf["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+  if "torch_dtype" not in hf and isinstance(hf.get("dtype"), str):
+    hf["torch_dtype"] = hf.pop("dtype")
+  return hf
 
 
 class _FrozenDict(dict):

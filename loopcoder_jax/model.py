@@ -77,7 +77,7 @@ def rope_tables(cfg: PLTConfig, positions_BxS):
     elif kind == "llama3":
       low = float(scaling.get("low_freq_factor", 1.0))
       high = float(scaling.get("high_freq_factor", 4.0))
-      old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+      old_ctx = float(scaling.get("original_max_position_embeddings", cfg.max_position_embeddings))
       wavelen = 2 * jnp.pi / inv_freq
       smooth = (old_ctx / wavelen - low) / (high - low)
       scaled = jnp.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)

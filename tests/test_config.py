@@ -45,6 +45,18 @@ def test_hf_dict_without_head_dim_derives_it():
   assert "head_dim" not in cfg.to_hf_dict() or cfg.to_hf_dict()["head_dim"] is None
 
 
+def test_transformers5_key_spellings_are_read():
+  hf = PLTConfig.tiny().to_hf_dict()
+  del hf["rope_theta"], hf["rope_scaling"], hf["torch_dtype"]
+  hf["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1234.0}
+  hf["dtype"] = "bfloat16"
+  cfg = PLTConfig.from_hf_dict(hf)
+  assert cfg.rope_theta == 1234.0 and dict(cfg.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
+  assert cfg.torch_dtype == "bfloat16" and "rope_parameters" not in cfg.extra_hf
+  hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 99.0}
+  assert PLTConfig.from_hf_dict(hf).rope_scaling is None
+
+
 def test_runtime_fields_stay_out_of_hf_dict():
   cfg = PLTConfig.tiny().with_runtime(dtype="bfloat16", remat_policy="full", attention_impl="xla")
   hf = cfg.to_hf_dict()

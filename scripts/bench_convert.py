@@ -1,0 +1,127 @@
+"""Peak host memory (RSS) of checkpoint conversion on a synthetic checkpoint of >= 1B parameters.
+
+    python scripts/bench_convert.py [--params=1.05e9] [--dtype=bfloat16] [--shard_size=1GB]
+                                    [--workdir=DIR]
+
+Writes a random HF checkpoint (LoopCoder-V2 layout at d=2048, H=16, K=8, D=128, I=5632, V=32000, R=2,
+as many layers as reach --params), then converts HF -> HF (re-shard: our reader and writer alone),
+HF -> Orbax and Orbax -> HF, each in a fresh process, and reads that process's peak RSS (`os.wait4`
+rusage, ru_maxrss) next to a baseline process that only imports the converter and starts JAX.
+Streaming target: peak RSS about one copy of the weights (checkpoint bytes) plus the baseline. The
+round trip is checked tensor by tensor (bytes equal). Prints a table and, as the last line, one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+PHASES = ("baseline", "write_hf", "hf_to_hf", "hf_to_orbax", "orbax_to_hf", "verify")
+
+
+def bench_cfg(params_target: float, dtype: str):
+  from loopcoder_jax.config import PLTConfig
+
+  base = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
+              num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, plt_num_loops=2,
+              torch_dtype=dtype)
+  one = PLTConfig(num_hidden_layers=1, **base)
+  two = PLTConfig(num_hidden_layers=2, **base)
+  per_layer = two.num_params() - one.num_params()
+  layers = max(1, -int(-(params_target - (one.num_params() - per_layer)) // per_layer))
+  return PLTConfig(num_hidden_layers=layers, **base)
+
+
+def run_phase(args, phase: str) -> None:
+  """Body of one child process."""
+  import numpy as np
+
+  from loopcoder_jax import convert
+
+  hf, orbax, hf2, resharded = (os.path.join(args.workdir, n) for n in ("hf", "orbax", "hf2", "resharded"))
+  if phase == "baseline":
+    import jax
+    jax.numpy.zeros(1).block_until_ready()
+  elif phase == "write_hf":
+    cfg = bench_cfg(args.params, args.dtype)
+    os.makedirs(hf)
+    entries = []
+    for i, s in enumerate(convert.plan(cfg)):
+      def produce(s=s, i=i):
+        rng = np.random.default_rng(i)
+        return (rng.standard_normal(s.hf_shape, np.float32) * 0.02).astype(convert.DTYPES[args.dtype])
+      entries.append(convert.Entry(s.key, s.hf_shape, args.dtype, produce))
+    convert.write_sharded(hf, entries, args.shard_size)
+    cfg.to_hf_file(os.path.join(hf, "config.json"))
+  elif phase == "hf_to_hf":  # our streaming path alone (re-shard): no Orbax in the process
+    convert.convert_checkpoint(hf, resharded, "hf", shard_size="300MB")
+    shutil.rmtree(resharded)
+  elif phase == "hf_to_orbax":
+    convert.convert_checkpoint(hf, orbax, "orbax")
+  elif phase == "orbax_to_hf":
+    convert.convert_checkpoint(orbax, hf2, "hf", shard_size=args.shard_size)
+  elif phase == "verify":
+    from safetensors import safe_open
+    a, b = convert.hf_weight_files(hf), convert.hf_weight_files(hf2)
+    if sorted(a) != sorted(b):
+      raise SystemExit("round trip changed the key set")
+    for k in a:
+      with safe_open(a[k], "numpy") as fa, safe_open(b[k], "numpy") as fb:
+        x, y = fa.get_tensor(k), fb.get_tensor(k)
+        if x.dtype != y.dtype or x.tobytes() != y.tobytes():
+          raise SystemExit(f"round trip changed {k}")
+
+
+def measure(args, phase: str) -> int:
+  """Peak RSS in bytes of a child process running `phase`."""
+  cmd = [sys.executable, os.path.abspath(__file__), f"--phase={phase}", f"--workdir={args.workdir}",
+         f"--params={args.params}", f"--dtype={args.dtype}", f"--shard_size={args.shard_size}"]
+  proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  _, status, usage = os.wait4(proc.pid, 0)
+  if os.waitstatus_to_exitcode(status) != 0:
+    raise SystemExit(f"phase {phase} failed")
+  return usage.ru_maxrss * 1024  # KiB on Linux
+
+
+def dir_bytes(path: str, suffix: str = "") -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffix))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--params", type=float, default=1.05e9, help="synthetic model size (parameters)")
+  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+  ap.add_argument("--shard_size", default="1GB")
+  ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
+  ap.add_argument("--phase", default=None, choices=PHASES, help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.phase:
+    return run_phase(args, args.phase)
+
+  own = args.workdir is None
+  args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_convert-")
+  try:
+    cfg = bench_cfg(args.params, args.dtype)
+    rss = {p: measure(args, p) for p in PHASES}
+    weights = dir_bytes(os.path.join(args.workdir, "hf"), ".safetensors")
+  finally:
+    if own:
+      shutil.rmtree(args.workdir, ignore_errors=True)
+  gib = 2.0 ** 30
+  print(f"synthetic checkpoint: {cfg.num_params() / 1e9:.3f}B params, L={cfg.num_hidden_layers}, {args.dtype}, "
+        f"{weights / gib:.2f} GiB of safetensors, shards <= {args.shard_size}")
+  print(f"{'phase':<14}{'peak RSS GiB':>14}{'minus baseline':>16}{'/ checkpoint':>14}")
+  for p in PHASES:
+    extra = rss[p] - rss["baseline"]
+    print(f"{p:<14}{rss[p] / gib:>14.2f}{extra / gib:>16.2f}{extra / weights:>14.2f}")
+  print(json.dumps({"params": cfg.num_params(), "dtype": args.dtype, "checkpoint_bytes": weights,
+                    "peak_rss_bytes": rss, "over_baseline_per_checkpoint_byte":
+                        {p: round((rss[p] - rss["baseline"]) / weights, 3) for p in PHASES}}))
+
+
+if __name__ == "__main__":
+  main()
