@@ -1,0 +1,141 @@
+"""Decode latency and KV-cache size: R=1 vs PLT R=2 (batched loops) vs serial R=2, same weights.
+
+    python scripts/bench_decode.py [--batches=1,8,32] [--contexts=512,4096] [--steps=10]
+
+Model (defaults): d=1024, I=4096, L=4, H=16, K=4, D=64, V=8192, window 64, f32: 15M params (60 MB) per
+layer, 310 MB in all. A decode step multiplies each weight with B*R rows, i.e. R*B/2 flops per weight
+byte: at batch 1-8 that is far below what a CPU core computes per byte it can read, so the step is bound
+by moving the weights (and, at long context and large batch, the K/V cache). The R=1 run uses the R=2
+weights (the gate is unused). Timing: the cache is filled to `context - steps - 2` tokens (values do not
+change the cost: every step reads the whole preallocated cache), then `steps` rounds of one jitted
+decode step (donated cache) per variant, interleaved so that load changes on a shared machine hit all
+variants alike. Latency = median step time; ratios = median of the per-round ratios, and (`_min`) the
+ratio of the fastest steps, the figure closest to an unloaded machine. Cache bytes are measured from
+the cache pytree; the vanilla figure is what `R*L*S` K/V entries take (twice R=1's K/V).
+Prints a table and, as the last line, one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from loopcoder_jax import decode
+from loopcoder_jax.config import PLTConfig
+from loopcoder_jax.model import init_params
+
+VARIANTS = (("R1", 1, "batched"), ("PLT2", 2, "batched"), ("serial2", 2, "serial"))
+
+
+def bench_cfg(args, loops):
+  return PLTConfig(vocab_size=args.vocab, hidden_size=args.d, intermediate_size=args.ffn,
+                   num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                   num_key_value_heads=args.kv_heads, head_dim=args.head_dim, max_position_embeddings=65536,
+                   plt_window_size=(args.window, 0), plt_num_loops=loops, torch_dtype="float32",
+                   rope_theta=10000.0)
+
+
+def make_runner(cfg, params, batch, context, steps, mode):
+  """A jitted step with a donated cache filled to `context - steps - 2` tokens; call it to time one step."""
+  step = jax.jit(lambda p, c, t: decode.decode_step(cfg, p, c, t, mode), donate_argnums=1)
+  state = {"cache": decode.init_cache(cfg, batch, context).replace(
+      lengths=jnp.full((batch,), context - steps - 2, jnp.int32))}
+  tok = jnp.zeros((batch,), jnp.int32)
+
+  def run():
+    t0 = time.perf_counter()
+    logits, state["cache"] = step(params, state["cache"], tok)
+    logits.block_until_ready()
+    return time.perf_counter() - t0
+
+  run()  # compile + warm up
+  return run, state
+
+
+def time_interleaved(runners, steps):
+  """Rounds of one step per variant, so load changes on a shared machine hit every variant alike.
+
+  Per variant: median step time; per pair: median over rounds of the per-round time ratio.
+  """
+  times = {name: [] for name in runners}
+  for _ in range(steps):
+    for name, (run, _) in runners.items():
+      times[name].append(run())
+  ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))
+  return {n: (statistics.median(t), min(t)) for n, t in times.items()}, ratio
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--batches", default="1,8,32")
+  ap.add_argument("--contexts", default="512,4096")
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--d", type=int, default=1024)
+  ap.add_argument("--ffn", type=int, default=4096)
+  ap.add_argument("--layers", type=int, default=4)
+  ap.add_argument("--heads", type=int, default=16)
+  ap.add_argument("--kv_heads", type=int, default=4)
+  ap.add_argument("--head_dim", type=int, default=64)
+  ap.add_argument("--vocab", type=int, default=8192)
+  ap.add_argument("--window", type=int, default=64)
+  args = ap.parse_args(argv)
+  try:
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+  except ValueError:
+    raise ValueError(f"--batches/--contexts must be comma-separated integers, got {args.batches!r}, "
+                     f"{args.contexts!r}") from None
+  if args.steps < 1 or min(batches) < 1 or min(contexts) < args.steps + 3:
+    raise ValueError("need --steps >= 1, batches >= 1 and every context >= steps + 3")
+
+  cfg2 = bench_cfg(args, 2)
+  params = init_params(cfg2, jax.random.key(0))
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  rows, out = [], {"device": jax.devices()[0].device_kind, "weight_bytes": weight_bytes,
+                   "config": {k: v for k, v in vars(args).items() if k not in ("batches", "contexts")},
+                   "results": []}
+  print(f"# device={out['device']} weights={weight_bytes / 2**20:.0f} MiB  {out['config']}", flush=True)
+  hdr = (f"{'batch':>5} {'ctx':>5} | {'R1 ms':>8} {'PLT2 ms':>8} {'ser2 ms':>8} | {'R1 tok/s':>9} "
+         f"{'PLT2 tok/s':>10} {'ser2 tok/s':>10} | {'PLT2/R1':>7} {'PLT2/ser2':>9} {'(min)':>11} | {'R1 cache MiB':>12} "
+         f"{'PLT2 MiB':>9} {'vanilla2 MiB':>12} {'PLT2/R1 bytes':>13}")
+  for batch in batches:
+    for ctx in contexts:
+      res = {"batch": batch, "context": ctx}
+      runners = {name: make_runner(bench_cfg(args, loops), params, batch, ctx, args.steps, mode)
+                 for name, loops, mode in VARIANTS}
+      sec, ratio = time_interleaved(runners, args.steps)
+      for name, (_, state) in runners.items():
+        nbytes = decode.cache_bytes(state["cache"])
+        med, best = sec[name]
+        res[name] = {"ms_per_token": med * 1e3, "min_ms_per_token": best * 1e3,
+                     "tokens_per_s": batch / med, "cache_bytes": nbytes}
+      c1 = runners["R1"][1]["cache"]
+      res["vanilla2_cache_bytes"] = 2 * (c1.k1.nbytes + c1.v1.nbytes)  # R*L*S entries, no carry
+      del runners, c1
+      res["plt2_over_r1_latency"] = ratio("PLT2", "R1")
+      res["plt2_over_serial2_latency"] = ratio("PLT2", "serial2")
+      # the fastest step of each variant: closest to an unloaded machine
+      res["plt2_over_r1_latency_min"] = res["PLT2"]["min_ms_per_token"] / res["R1"]["min_ms_per_token"]
+      res["plt2_over_serial2_latency_min"] = res["PLT2"]["min_ms_per_token"] / res["serial2"]["min_ms_per_token"]
+      res["plt2_over_r1_cache"] = res["PLT2"]["cache_bytes"] / res["R1"]["cache_bytes"]
+      out["results"].append(res)
+      rows.append(f"{batch:>5} {ctx:>5} | {res['R1']['ms_per_token']:>8.2f} {res['PLT2']['ms_per_token']:>8.2f} "
+                  f"{res['serial2']['ms_per_token']:>8.2f} | {res['R1']['tokens_per_s']:>9.1f} "
+                  f"{res['PLT2']['tokens_per_s']:>10.1f} {res['serial2']['tokens_per_s']:>10.1f} | "
+                  f"{res['plt2_over_r1_latency']:>7.3f} {res['plt2_over_serial2_latency']:>9.3f} "
+                  f"{res['plt2_over_r1_latency_min']:>5.2f}/{res['plt2_over_serial2_latency_min']:<5.2f} | "
+                  f"{res['R1']['cache_bytes'] / 2**20:>12.1f} {res['PLT2']['cache_bytes'] / 2**20:>9.1f} "
+                  f"{res['vanilla2_cache_bytes'] / 2**20:>12.1f} {res['plt2_over_r1_cache']:>13.4f}")
+      print(rows[-1] if len(rows) > 1 else hdr + "\n" + rows[-1], flush=True)
+  print(hdr)
+  print("\n".join(rows))
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
