@@ -353,3 +353,11 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
   if tokenizer.vocab_size > model_vocab_size:
     raise ValueError(f"tokenizer vocab size {tokenizer.vocab_size} ({tokenizer.name}) is larger "
                      f"than the model's vocab_size {model_vocab_size}")
+
+
+def find_tokenizer(*directories: str) -> Tokenizer:
+  """The tokenizer of the first directory holding tokenizer.json or tokenizer.model."""
+  for d in directories:
+    if any(os.path.isfile(os.path.join(d, f)) for f in (TOKENIZER_JSON, TOKENIZER_MODEL)):
+      return load_tokenizer(d)
+  raise ValueError(f"no tokenizer (tokenizer.json or tokenizer.model) in {', '.join(directories)}")

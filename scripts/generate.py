@@ -4,148 +4,63 @@
         [--max_new_tokens=128 --temperature=0 --top_k=0 --top_p=1 --seed=0 --loops=R
          --mode=batched|serial --prefill_chunk=0 --dtype=float32 --tokenizer=PATH]
 
-DIR is a params directory (config.json + Orbax params/), a training workdir (its `params/` and
-`tokenizer/`) or an HF directory (config.json + safetensors). The tokenizer is read from DIR (or
-DIR/tokenizer, or --tokenizer). Temperature 0 is greedy. Several --prompt flags make a batch of prompts
-of different lengths (printed when done); a single prompt streams token by token through the
-generation loop's host callback.
+DIR is a params directory (config.json + Orbax params/), a finished training workdir or an HF
+directory (config.json + safetensors); the tokenizer is read from there (or --tokenizer).
+Temperature 0 is greedy. Several --prompt flags make a batch (printed when done); a single prompt
+streams token by token.
 """
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
+from absl import app, flags
 
-from loopcoder_jax import checkpoint, convert, decode, sampling
-from loopcoder_jax import tokenizer as tok_lib
-
-
-def resolve(path: str) -> tuple[str, str]:
-  """(weights directory, its format) for a params dir, a training workdir or an HF dir."""
-  if not os.path.isdir(path):
-    raise ValueError(f"--checkpoint {path} is not a directory")
-  if checkpoint.is_params_dir(path):
-    return path, "orbax"
-  if checkpoint.is_params_dir(os.path.join(path, "params")):
-    return os.path.join(path, "params"), "orbax"
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    raise ValueError(f"{path} is a training workdir without a final params/ export (training has not "
-                     "finished); convert a step first or wait for the run to end")
-  return path, convert.detect_format(path)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.", required=True)
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt; repeat for a batch.", required=True)
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in the tokenizer's chat template.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_LOOPS = flags.DEFINE_integer("loops", 0, "Loops to run (default: the checkpoint's).")
+_MODE = flags.DEFINE_enum("mode", "batched", ["batched", "serial"], "All loops of a token in one pass, or one per loop.")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "Prefill chunk size (0 = whole prompt).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param and compute dtype.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory (default: from the checkpoint).")
 
 
-def find_tokenizer(path: str, weights_dir: str, override: str | None):
-  if override:
-    return tok_lib.load_tokenizer(override)
-  for d in (weights_dir, path, os.path.join(path, "tokenizer")):
-    if any(os.path.isfile(os.path.join(d, f)) for f in (tok_lib.TOKENIZER_JSON, tok_lib.TOKENIZER_MODEL)):
-      return tok_lib.load_tokenizer(d)
-  raise ValueError(f"no tokenizer (tokenizer.json or tokenizer.model) in {path}, {weights_dir} or "
-                   f"{os.path.join(path, 'tokenizer')}; pass --tokenizer")
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from loopcoder_jax import convert, generation, sampling, tokenizer
 
-
-def load_model(path: str, dtype: str):
-  weights_dir, fmt = resolve(path)
-  if fmt == "orbax":
-    cfg, params = convert.load_orbax(weights_dir, dtype)
-  else:
-    cfg, params = convert.load_hf(weights_dir, dtype)
-    params = jax.tree.map(jnp.asarray, params)
-  return cfg.with_runtime(dtype=dtype, param_dtype=dtype), params, weights_dir
-
-
-def parse_args(argv):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--checkpoint", required=True)
-  ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
-  ap.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-  ap.add_argument("--max_new_tokens", type=int, default=128)
-  ap.add_argument("--temperature", type=float, default=0.0)
-  ap.add_argument("--top_k", type=int, default=0)
-  ap.add_argument("--top_p", type=float, default=1.0)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--loops", type=int, default=0, help="loops to run (default: the checkpoint's)")
-  ap.add_argument("--mode", choices=decode.MODES, default="batched")
-  ap.add_argument("--prefill_chunk", type=int, default=0, help="0: whole prompt in one forward")
-  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  ap.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: from DIR)")
-  return ap.parse_args(argv)
-
-
-def main(argv=None, out=None) -> list[str]:
-  out = out or sys.stdout
-  args = parse_args(argv)
-  sampler = sampling.make_sampler(args.temperature, args.top_k, args.top_p)
-  if args.max_new_tokens < 1:
-    raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-  if args.prefill_chunk < 0:
-    raise ValueError(f"--prefill_chunk must be >= 0, got {args.prefill_chunk}")
-  cfg, params, weights_dir = load_model(args.checkpoint, args.dtype)
-  tok = find_tokenizer(args.checkpoint, weights_dir, args.tokenizer)
-  tok_lib.check_vocab(tok, cfg.vocab_size)
-  if args.loops:
-    if args.loops > 1 and cfg.plt_num_loops == 1:
-      raise ValueError(f"--loops={args.loops}: the checkpoint has no PLT gate (trained with 1 loop)")
-    cfg = cfg.replace(plt_num_loops=args.loops)
-
-  prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
-  ids = [tok.encode(p, add_bos=tok.add_bos_token and not args.chat) for p in prompts]
-  if min(len(i) for i in ids) == 0:
-    raise ValueError("a prompt encodes to no tokens")
-  plen = max(len(i) for i in ids)
-  max_len = plen + args.max_new_tokens
-  if max_len > cfg.max_position_embeddings:
-    raise ValueError(f"prompt ({plen} tokens) + --max_new_tokens={args.max_new_tokens} exceed the model's "
-                     f"max_position_embeddings={cfg.max_position_embeddings}")
-  stop = sampling.StopRule(args.max_new_tokens, tuple(sorted(set(tok.eos_ids) | set(cfg.eos_ids))))
-  pad = tok.pad_id if tok.pad_id is not None else 0
-  tokens = jnp.asarray([i + [pad] * (plen - len(i)) for i in ids], jnp.int32)
-  lengths = jnp.asarray([len(i) for i in ids], jnp.int32)
-
-  streamed: list[int] = []
-  shown = [""]
-
-  def on_token(step, ids_B, live_B):  # host side: decode everything so far, print the new suffix
-    del step
-    if live_B[0] and int(ids_B[0]) not in stop.stop_ids:
-      streamed.append(int(ids_B[0]))
-      text = tok.decode(streamed)
-      if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-        out.write(text[len(shown[0]):])
-        out.flush()
-        shown[0] = text
-
-  stream = len(ids) == 1
-
-  @jax.jit
-  def run(params, tokens, lengths, key):
-    logits, cache = decode.prefill(cfg, params, tokens, lengths, max_len, args.prefill_chunk)
-    out_ids, counts, _ = decode.generate(cfg, params, cache, logits, key, sampler, stop, args.mode,
-                                         callback=on_token if stream else None, pad_id=pad)
-    return out_ids, counts
-
+  try:
+    sampler = sampling.make_sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    path = _CHECKPOINT.value
+    cfg, params, weights_dir = convert.load_checkpoint(path, _DTYPE.value)
+    tok = (tokenizer.load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else
+           tokenizer.find_tokenizer(weights_dir, path, os.path.join(path, "tokenizer")))
+    tokenizer.check_vocab(tok, cfg.vocab_size)
+    if _LOOPS.value:
+      if _LOOPS.value > 1 and cfg.plt_num_loops == 1:
+        raise ValueError(f"--loops={_LOOPS.value}: the checkpoint has no PLT gate (trained with 1 loop)")
+      cfg = cfg.replace(plt_num_loops=_LOOPS.value)
+    prompts, _ = generation.encode_prompts(tok, _PROMPT.value, _CHAT.value)
+    stream = len(prompts) == 1
+    if stream:
+      print(prompts[0], end="", flush=True)
+    texts = generation.complete(
+        cfg, params, tok, _PROMPT.value, max_new_tokens=_MAX_NEW.value, sampler=sampler, chat=_CHAT.value,
+        mode=_MODE.value, prefill_chunk=_PREFILL_CHUNK.value, seed=_SEED.value,
+        on_text=(lambda s: print(s, end="", flush=True)) if stream else None)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   if stream:
-    out.write(prompts[0])
-    out.flush()
-  out_ids, counts = jax.device_get(run(params, tokens, lengths, jax.random.key(args.seed)))
-  jax.effects_barrier()
-  texts = []
-  for row, n in zip(out_ids, counts):
-    texts.append(tok.decode([int(t) for t in row[:n] if int(t) not in stop.stop_ids]))
-  if stream:
-    out.write(texts[0][len(shown[0]):] + "\n")
+    print()
   else:
     for p, t in zip(prompts, texts):
-      out.write(f"{p}{t}\n{'-' * 40}\n")
-  out.flush()
-  return texts
+      print(f"{p}{t}\n{'-' * 40}")
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  app.run(main)
