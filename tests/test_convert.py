@@ -162,15 +162,13 @@ def test_tokenizer_files_copied_and_load(trip):
   assert chat == "<|user|>hi</s><|assistant|>"
 
 
-def test_cli_reports_bad_input(tmp_path, capsys):
-  sys.path.insert(0, os.path.join(ROOT, "scripts"))
-  try:
-    import convert_checkpoint as cli
-  finally:
-    sys.path.pop(0)
+def test_cli_reports_bad_input(tmp_path):
   (tmp_path / "src").mkdir()
-  assert cli.main([f"--src={tmp_path / 'src'}", f"--dst={tmp_path / 'out'}", "--to=hf"]) == 2
-  assert "neither an HF checkpoint" in capsys.readouterr().err
+  cli = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_checkpoint.py"),
+                        f"--src={tmp_path / 'src'}", f"--dst={tmp_path / 'out'}", "--to=hf"],
+                       capture_output=True, text=True, timeout=300)
+  assert cli.returncode == 2 and "neither an HF checkpoint" in cli.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------- dtypes
