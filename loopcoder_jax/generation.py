@@ -18,9 +18,12 @@ from loopcoder_jax.config import PLTConfig
 from loopcoder_jax.tokenizer import Tokenizer
 
 
-def encode_prompts(tok: Tokenizer, prompts: Sequence[str], chat: bool = False) -> tuple[list[str], list[list[int]]]:
+def encode_prompts(tok: Tokenizer, prompts: Sequence[str], chat: bool = False,
+                   add_bos: bool | None = None) -> tuple[list[str], list[list[int]]]:
+  """Prompt texts (chat-templated if asked) and their ids; BOS as the tokenizer says unless given."""
   texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompts]
-  ids = [tok.encode(t, add_bos=tok.add_bos_token and not chat) for t in texts]
+  bos = (tok.add_bos_token if add_bos is None else add_bos) and not chat  # templates carry their own
+  ids = [tok.encode(t, add_bos=bos) for t in texts]
   if not ids or min(len(i) for i in ids) == 0:
     raise ValueError("a prompt encodes to no tokens")
   return texts, ids
@@ -28,14 +31,15 @@ def encode_prompts(tok: Tokenizer, prompts: Sequence[str], chat: bool = False) -
 
 def complete(cfg: PLTConfig, params, tok: Tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128,
              sampler: sampling.Sampler | None = None, chat: bool = False, mode: str = "batched",
-             prefill_chunk: int = 0, seed: int = 0, on_text: Callable[[str], None] | None = None) -> list[str]:
+             prefill_chunk: int = 0, seed: int = 0, add_bos: bool | None = None,
+             on_text: Callable[[str], None] | None = None) -> list[str]:
   """Completions (without the prompt, stop tokens removed) for a batch of prompts."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if prefill_chunk < 0:
     raise ValueError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
   sampler = sampler or sampling.Greedy()
-  _, ids = encode_prompts(tok, prompts, chat)
+  _, ids = encode_prompts(tok, prompts, chat, add_bos)
   plen = max(len(i) for i in ids)
   max_len = plen + max_new_tokens
   if max_len > cfg.max_position_embeddings:

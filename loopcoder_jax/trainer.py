@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from loopcoder_jax import checkpoint, optim, sharding, train_config, train_step
+from loopcoder_jax import checkpoint, generation, optim, sharding, train_config, train_step
 from loopcoder_jax.config import PLTConfig
 
 
@@ -178,27 +178,6 @@ def bits_per_byte(eval_fn, params, batches, num_bytes: int, mesh, rules) -> floa
     ce, _ = eval_fn(params, train_step.global_batch(_local_rows(b, pi, pc), mesh, rules))
     total += float(ce)
   return total / (math.log(2) * num_bytes)
-
-
-def greedy_completion(cfg: PLTConfig, params, tokenizer, prompt: str, max_new: int, add_bos: bool) -> str:
-  """Greedy continuation of `prompt` with the KV-cache decoder (prefill + batched decode)."""
-  from loopcoder_jax import decode, sampling
-
-  ids = tokenizer.encode(prompt, add_bos=add_bos)
-  if len(ids) + max_new > cfg.max_position_embeddings:
-    raise ValueError(f"prompt ({len(ids)} tokens) + {max_new} new tokens exceed max positions "
-                     f"{cfg.max_position_embeddings}")
-  stop = sampling.StopRule(max_new, tuple(i for i in (tokenizer.eos_id,) if i is not None))
-
-  @jax.jit
-  def run(params, tokens):
-    logits, cache = decode.prefill(cfg, params, tokens, jnp.array([tokens.shape[1]], jnp.int32),
-                                   tokens.shape[1] + max_new)
-    out, count, _ = decode.generate(cfg, params, cache, logits, jax.random.key(0), sampling.Greedy(), stop)
-    return out, count
-
-  out, count = jax.device_get(run(params, jnp.asarray([ids], jnp.int32)))
-  return tokenizer.decode([int(t) for t in out[0, :int(count[0])]])
 
 
 # ------------------------------------------------------------------------------------- train
@@ -356,7 +335,8 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
     log.info(f"held-out bits per byte: {summary.get('bpb_before', float('nan')):.4f} before -> "
              f"{summary['bpb_after']:.4f} after (step {step})")
   if e.completion_tokens > 0 and pc == 1:
-    summary["completion"] = greedy_completion(cfg, state.params, tok, e.prompt, e.completion_tokens, d.add_bos)
+    summary["completion"] = generation.complete(cfg, state.params, tok, [e.prompt], max_new_tokens=e.completion_tokens,
+                                                add_bos=d.add_bos)[0]
     log.info(f"greedy completion of {e.prompt!r}:\n{e.prompt}{summary['completion']}")
   summary["wall_s"] = time.time() - t_start
   log.info(f"done in {summary['wall_s']:.0f}s")
