@@ -55,3 +55,30 @@ def test_single_loop_model_and_empty_input():
   assert len(res["step_size"]) == 1 and "fixed_point_gap" not in res
   with pytest.raises(ValueError, match="no batches"):
     loop_diagnostics(cfg, init_params(cfg, jax.random.key(0)), [])
+
+
+def test_diagnose_cli(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  from loopcoder_jax import checkpoint, tokenizer
+
+  texts = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 40
+  tok = tokenizer.train_bpe(texts, 272, str(tmp_path / "params" / "tok"))
+  cfg = PLTConfig.tiny(loops=2, vocab_size=tok.vocab_size)
+  checkpoint.save_params(str(tmp_path / "params"), cfg, init_params(cfg, jax.random.key(0)))
+  tok.save(str(tmp_path / "params"))
+  (tmp_path / "held.py").write_text("".join(texts[:6]))
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "diagnose.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, script, f"--checkpoint={tmp_path / 'params'}", f"--data={tmp_path / 'held.py'}",
+                        "--seq_len=16", "--batch_size=2", "--max_tokens=64", "--loops=3"],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert run.returncode == 0, run.stderr
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  assert out["loops"] == 3 and len(out["effective_rank"]) == 3
+  bad = subprocess.run([sys.executable, script, f"--checkpoint={tmp_path / 'params'}", "--data=/nonexistent/*.py"],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error:")
