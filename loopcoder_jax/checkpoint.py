@@ -40,7 +40,8 @@ def stored_dtypes(path: str | os.PathLike) -> set[str]:
 
 
 def load_params(path: str | os.PathLike, shardings: Any = None, **runtime_kw) -> tuple[PLTConfig, Any]:
-  """Read a params directory. `shardings` (a pytree like params, or one Sharding) places the arrays."""
+  """Read a params directory. `shardings` (a pytree like params, or one Sharding) places the arrays;
+  by default they go to the first local device, whatever mesh they were saved from."""
   path = os.path.abspath(os.fspath(path))
   if not is_params_dir(path):
     raise ValueError(f"{path} is not a params checkpoint (needs config.json and params/)")
@@ -48,10 +49,11 @@ def load_params(path: str | os.PathLike, shardings: Any = None, **runtime_kw) ->
   from loopcoder_jax.model import abstract_params  # local: model imports are heavy
 
   target = abstract_params(cfg)
-  if shardings is not None:
-    if isinstance(shardings, jax.sharding.Sharding):
-      shardings = jax.tree.map(lambda _: shardings, target)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, target)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(os.path.join(path, "params"), target)
   return cfg, params

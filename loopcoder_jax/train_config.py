@@ -55,6 +55,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """A config file as `--config` takes it, from Python (notebooks): "configs/x.py" or "configs/x.py:arg"."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def _plain(x):
   return x.to_dict() if hasattr(x, "to_dict") else dict(x or {})
 

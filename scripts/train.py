@@ -25,7 +25,7 @@ try:  # config_flags already reads the default file and the overrides in sys.arg
                                   lock_config=True)
 except Exception as e:  # noqa: BLE001
   _bad_flags(e)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: <tmp>/loopcoder_jax/<config.name>).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: <tmp>/loopcoder_runs/<config.name>).")
 
 
 def main(argv):
@@ -40,7 +40,7 @@ def main(argv):
     name = config.name  # a config file that failed to load raises only when first used
   except Exception as e:  # noqa: BLE001
     _bad_flags(e)
-  workdir = _WORKDIR.value or os.path.join(tempfile.gettempdir(), "loopcoder_jax", name)
+  workdir = _WORKDIR.value or os.path.join(tempfile.gettempdir(), "loopcoder_runs", name)
   try:
     trainer.train(config, workdir)
   except (ValueError, trainer.TrainingDiverged) as e:
