@@ -14,7 +14,7 @@ def get_config():
   c.tokenizer.vocab_size = 2048
   c.data.seq_len = 128
   c.train.global_batch_size = 16
-  c.train.total_steps = 250
+  c.train.total_steps = 500
   c.train.log_every = 25
   c.optim.peak_lr = 3e-3  # a small model takes a larger rate than the 7B recipe's 4e-4
   c.checkpoint.every_steps = 100

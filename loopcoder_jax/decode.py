@@ -271,26 +271,33 @@ def prefill(cfg: PLTConfig, params, tokens_BxP, lengths_B, max_len: int, chunk: 
     raise ValueError(f"prompt length {plen} exceeds the cache length max_len={max_len}")
   lengths_B = lengths_B.astype(jnp.int32)
   cache = init_cache(cfg, b, max_len)
+  # Only the last prompt token's logits are kept unless asked: all of them are B*P*V floats.
   if chunk <= 0 or chunk >= plen:
-    logits, extra = PLTForCausalLM(cfg).apply({"params": params}, tokens_BxP, return_kv=True)
+    logits, extra = PLTForCausalLM(cfg).apply({"params": params}, tokens_BxP, return_kv=True,
+                                              logits_at=None if return_all_logits else lengths_B - 1)
     k, v = extra["kv"]
     cache = _commit(cfg, cache, k, v, extra["clp"][: cfg.plt_num_loops - 1], lengths_B)
-  else:
-    n_chunks = -(-plen // chunk)
-    tokens = jnp.pad(tokens_BxP, ((0, 0), (0, n_chunks * chunk - plen)))
-    tokens = jnp.moveaxis(tokens.reshape(b, n_chunks, chunk), 1, 0)
-
-    def step(cache, xs):
-      i, toks = xs
-      n_B = jnp.clip(lengths_B - i * chunk, 0, chunk)
-      logits, cache = extend(cfg, params, cache, toks, n_B)
-      return cache, logits
-
-    cache, logits = jax.lax.scan(step, cache, (jnp.arange(n_chunks), tokens))
-    logits = jnp.moveaxis(logits, 0, 1).reshape(b, n_chunks * chunk, -1)[:, :plen]
-  if return_all_logits:
     return logits, cache
-  return jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0], cache
+  n_chunks = -(-plen // chunk)
+  tokens = jnp.pad(tokens_BxP, ((0, 0), (0, n_chunks * chunk - plen)))
+  tokens = jnp.moveaxis(tokens.reshape(b, n_chunks, chunk), 1, 0)
+
+  def step(carry, xs):
+    cache, last_BxV = carry
+    i, toks = xs
+    n_B = jnp.clip(lengths_B - i * chunk, 0, chunk)
+    logits, cache = extend(cfg, params, cache, toks, n_B)
+    if return_all_logits:
+      return (cache, last_BxV), logits
+    here = (lengths_B - 1) // chunk == i  # this chunk holds the row's last prompt token
+    at = jnp.take_along_axis(logits, ((lengths_B - 1) % chunk)[:, None, None], axis=1)[:, 0]
+    return (cache, jnp.where(here[:, None], at, last_BxV)), None
+
+  last = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+  (cache, last), all_logits = jax.lax.scan(step, (cache, last), (jnp.arange(n_chunks), tokens))
+  if return_all_logits:
+    return jnp.moveaxis(all_logits, 0, 1).reshape(b, n_chunks * chunk, -1)[:, :plen], cache
+  return last, cache
 
 
 # ------------------------------------------------------------------------------------- generation

@@ -240,7 +240,8 @@ class PLTForCausalLM(nn.Module):
   segment ids are given, restart at each segment). `return_intermediates=True` also returns
   `{"hidden": [R,B,S,d] h(r) per loop, "gates": [R-1,L,B,S,H]}`; `return_kv=True` adds the per-loop
   K/V (`"kv"`: k, v each `[R,L,B,S,K,D]`) and the CLP states `"clp": [R,B,S,d]` (P(r)), used by
-  prefill. Both are off by default and then cost nothing.
+  prefill. Both are off by default and then cost nothing. `logits_at` ([B] int) computes the
+  logits `[B, V]` at one position per row only.
   """
 
   cfg: PLTConfig
@@ -294,7 +295,7 @@ class PLTForCausalLM(nn.Module):
 
   # -- forward ------------------------------------------------------------------------------
   def __call__(self, tokens_BxS, segment_ids=None, positions=None, *, return_intermediates=False,
-               return_kv=False):
+               return_kv=False, logits_at=None):
     cfg = self.cfg
     if positions is None:
       positions = _default_positions(tokens_BxS, segment_ids)
@@ -340,7 +341,11 @@ class PLTForCausalLM(nn.Module):
         gates = jnp.stack(gs)
         kvs.append(jax.tree.map(lambda *xs: jnp.stack(xs), *kv_r))
 
-    logits = self.logits(h)
+    if logits_at is not None:  # [B] positions: logits [B, V] there only (prefill's last tokens)
+      h = jnp.take_along_axis(h, logits_at.astype(jnp.int32)[:, None, None], axis=1)
+      logits = self.logits(h)[:, 0]
+    else:
+      logits = self.logits(h)
     if not (return_intermediates or return_kv):
       return logits
     extra = {}
