@@ -103,3 +103,9 @@ def test_bad_config_file(tmp_path):
   bad.write_text("{not json")
   with pytest.raises(ValueError, match="not valid JSON"):
     PLTConfig.from_hf_file(bad)
+
+
+def test_remat_policy_names_match_the_model():
+  from loopcoder_jax import config, model
+
+  assert set(config.REMAT_POLICIES) == set(model.REMAT_POLICIES)
