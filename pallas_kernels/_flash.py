@@ -107,6 +107,19 @@ def _visible(q_pos, k_pos, left):
   return ok
 
 
+def _scores_and_mask(q, k, scale, q_start, k_start, left, segs):
+  """Scaled q @ k.T `[bq, bk]` (f32) and its visibility mask for a query block at q_start and a
+  key block at k_start; `segs` = (q segment ref, kv segment ref) or None."""
+  bq, bk = q.shape[0], k.shape[0]
+  scores = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  mask = _visible(q_pos, k_pos, left)
+  if segs is not None:
+    mask &= segs[0][:, :1] == segs[1][:1, :]
+  return scores, mask
+
+
 def _col(row_ref):
   """A `(1, n)` row block as an `(n, 1)` column (splash-attention's relayout)."""
   return jnp.expand_dims(row_ref[0], -1)
@@ -157,12 +170,8 @@ def _fwd_kernel(*refs, plan, offs, scale, seg, residuals):
     def _step(branch=branch, k_ref=k_ref, v_ref=v_ref, kvseg_ref=kvseg_ref, m_ref=m_ref,
               l_ref=l_ref, acc_ref=acc_ref, bk=bk, s=s, first=first):
       q, k, v = q_ref[...], k_ref[...], v_ref[...]
-      scores = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
-      q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-      k_pos = (first + s) * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-      mask = _visible(q_pos, k_pos, branch.left)
-      if seg:
-        mask &= qseg_ref[:, :1] == kvseg_ref[:1, :]
+      scores, mask = _scores_and_mask(q, k, scale, i * bq, (first + s) * bk, branch.left,
+                                      (qseg_ref, kvseg_ref) if seg else None)
       scores = jnp.where(mask, scores, MASK_VALUE)
       m_prev = m_ref[...]
       m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))  # [bq, 128]
@@ -299,12 +308,8 @@ def _dq_kernel(*refs, plan, offs, scale, seg):
     def _step(b=b, branch=branch, k_ref=k_ref, v_ref=v_ref, kvseg_ref=kvseg_ref, lse_ref=lse_ref,
               di_ref=di_ref, bk=bk, s=s, first=first):
       q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-      scores = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
-      q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-      k_pos = (first + s) * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-      mask = _visible(q_pos, k_pos, branch.left)
-      if seg:
-        mask &= qseg_ref[:, :1] == kvseg_ref[:1, :]
+      scores, mask = _scores_and_mask(q, k, scale, i * bq, (first + s) * bk, branch.left,
+                                      (qseg_ref, kvseg_ref) if seg else None)
       p = jnp.exp(jnp.where(mask, scores, MASK_VALUE) - _col(lse_ref))
       dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
       ds = p * (dp - _col(di_ref))
