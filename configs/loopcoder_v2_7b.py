@@ -17,7 +17,7 @@ def get_config(loops: str = "2"):
   c.name = f"loopcoder_v2_7b_r{r}"
   c.model.preset = "loopcoder_v2_7b"
   c.model.loops = r
-  c.model.runtime = dict(dtype="bfloat16", param_dtype="float32", remat_policy="full", attention_impl="pallas")
+  c.model.runtime.update(dtype="bfloat16", param_dtype="float32", remat_policy="full", attention_impl="pallas")
   c.tokenizer.vocab_size = 76800
   c.data.seq_len = 4096
   c.data.add_bos = True  # the released SentencePiece tokenizer prepends <s>

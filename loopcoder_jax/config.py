@@ -40,6 +40,8 @@ class RuntimeConfig:
   attention_impl: str = "reference"  # see ATTENTION_IMPLS
   # Block size of the O(S x window) reference local attention (0 = pick from window).
   local_block_size: int = 0
+  # Sequence positions per step of the fused output projection + cross-entropy (0: plain logits path).
+  loss_chunk: int = 0
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
@@ -51,6 +53,8 @@ class RuntimeConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       _fail("runtime.attention_impl",
             f"unknown implementation {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+    if self.loss_chunk < 0:
+      _fail("runtime.loss_chunk", f"must be >= 0, got {self.loss_chunk}")
     if self.local_block_size < 0:
       _fail("runtime.local_block_size", f"must be >= 0, got {self.local_block_size}")
 

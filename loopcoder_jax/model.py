@@ -18,6 +18,7 @@ Param tree (HF names, our layouts; the converter's table maps them):
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -97,9 +98,32 @@ def apply_rope(x_BxSxNxD, cos_BxSxD, sin_BxSxD):
   return out.astype(x_BxSxNxD.dtype)
 
 
-def _dense(features, axis, name, cfg):
-  return nn.DenseGeneral(features, axis=axis, use_bias=False, kernel_init=_init, name=name,
-                         dtype=_dtype(cfg.runtime.dtype), param_dtype=_dtype(cfg.runtime.param_dtype))
+class Kernel(nn.Module):
+  """The `kernel` param of a bias-free projection (`[in..., out...]`); callers apply it with `proj`."""
+
+  shape: tuple[int, ...]
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", _init, self.shape, self.param_dtype)
+
+
+def proj(x, kernel, n_in: int = 1, out_dtype=None):
+  """Contract x's last `n_in` axes with the kernel's first `n_in` (cast to x's dtype), as one 2-D matmul.
+
+  The tokens are flattened to one matrix axis: the same numbers as the einsum, but XLA:CPU runs the
+  N-D form's backward (the weight gradient over B*S) up to twice as slowly. `out_dtype`: the
+  accumulation/result dtype (float32 for logits).
+  """
+  lead, k_in, k_out = x.shape[:x.ndim - n_in], math.prod(kernel.shape[:n_in]), kernel.shape[n_in:]
+  y = jnp.dot(x.reshape(math.prod(lead), k_in), kernel.astype(x.dtype).reshape(k_in, -1),
+              preferred_element_type=out_dtype)
+  return y.reshape(*lead, *k_out)
+
+
+def _kernel(cfg, name, *shape):
+  return Kernel(shape, _dtype(cfg.runtime.param_dtype), name=name)
 
 
 class PLTGate(nn.Module):
@@ -128,19 +152,20 @@ class PLTAttention(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-    self.q_proj = _dense((h, d), -1, "q_proj", cfg)
-    self.k_proj = _dense((k, d), -1, "k_proj", cfg)
-    self.v_proj = _dense((k, d), -1, "v_proj", cfg)
-    self.o_proj = _dense(cfg.hidden_size, (-2, -1), "o_proj", cfg)
+    h, k, d, dm = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, cfg.hidden_size
+    self.q_proj = _kernel(cfg, "q_proj", dm, h, d)
+    self.k_proj = _kernel(cfg, "k_proj", dm, k, d)
+    self.v_proj = _kernel(cfg, "v_proj", dm, k, d)
+    self.o_proj = _kernel(cfg, "o_proj", h, d, dm)
     if cfg.plt_num_loops > 1:
       self.plt_gate = PLTGate(cfg)
 
   def qkv(self, x_BxSxd, cos, sin):
     """Post-RoPE q `[B,S,H,D]`, k, v `[B,S,K,D]` from the normed layer input."""
-    q = apply_rope(self.q_proj(x_BxSxd), cos, sin)
-    k = apply_rope(self.k_proj(x_BxSxd), cos, sin)
-    v = self.v_proj(x_BxSxd)
+    x = x_BxSxd.astype(_dtype(self.cfg.runtime.dtype))
+    q = apply_rope(proj(x, self.q_proj()), cos, sin)
+    k = apply_rope(proj(x, self.k_proj()), cos, sin)
+    v = proj(x, self.v_proj())
     return (checkpoint_name(q, "qkv_proj"), checkpoint_name(k, "qkv_proj"),
             checkpoint_name(v, "qkv_proj"))
 
@@ -148,7 +173,7 @@ class PLTAttention(nn.Module):
     return self.plt_gate(h_in_BxSxd, q_BxSxHxD)
 
   def out(self, y_BxSxHxD):
-    return self.o_proj(checkpoint_name(y_BxSxHxD, "attn_out"))
+    return proj(checkpoint_name(y_BxSxHxD, "attn_out").astype(_dtype(self.cfg.runtime.dtype)), self.o_proj(), 2)
 
 
 class MLP(nn.Module):
@@ -157,10 +182,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxSxd):
     cfg = self.cfg
-    gate = _dense(cfg.intermediate_size, -1, "gate_proj", cfg)(x_BxSxd)
-    up = _dense(cfg.intermediate_size, -1, "up_proj", cfg)(x_BxSxd)
+    x = x_BxSxd.astype(_dtype(cfg.runtime.dtype))
+    gate = proj(x, _kernel(cfg, "gate_proj", cfg.hidden_size, cfg.intermediate_size)())
+    up = proj(x, _kernel(cfg, "up_proj", cfg.hidden_size, cfg.intermediate_size)())
     hidden = checkpoint_name(_ACT[cfg.hidden_act](gate) * up, "mlp_hidden")
-    return _dense(cfg.hidden_size, -1, "down_proj", cfg)(hidden)
+    return proj(hidden, _kernel(cfg, "down_proj", cfg.intermediate_size, cfg.hidden_size)())
 
 
 class PLTLayer(nn.Module):
@@ -211,7 +237,7 @@ class LMHead(nn.Module):
   @nn.compact
   def __call__(self, x_BxSxd):
     w = self.param("kernel", _init, (x_BxSxd.shape[-1], self.vocab_size), self.param_dtype)
-    return jnp.einsum("bsd,dv->bsv", x_BxSxd, w.astype(x_BxSxd.dtype), preferred_element_type=jnp.float32)
+    return proj(x_BxSxd, w, out_dtype=jnp.float32)
 
 
 def _remat(cls, cfg: PLTConfig, prevent_cse: bool):
@@ -241,7 +267,8 @@ class PLTForCausalLM(nn.Module):
   `{"hidden": [R,B,S,d] h(r) per loop, "gates": [R-1,L,B,S,H]}`; `return_kv=True` adds the per-loop
   K/V (`"kv"`: k, v each `[R,L,B,S,K,D]`) and the CLP states `"clp": [R,B,S,d]` (P(r)), used by
   prefill. Both are off by default and then cost nothing. `logits_at` ([B] int) computes the
-  logits `[B, V]` at one position per row only.
+  logits `[B, V]` at one position per row only. `head=False` returns the final normed hidden states
+  `[B, S, d]` in place of the logits, for `loss.cross_entropy_sum` with `head_weight(cfg, params)`.
   """
 
   cfg: PLTConfig
@@ -276,8 +303,7 @@ class PLTForCausalLM(nn.Module):
     x = self.norm(h_BxSxd)
     if not self.cfg.tie_word_embeddings:
       return self.lm_head(x)
-    w = self.embed_tokens.embedding
-    return jnp.einsum("bsd,vd->bsv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return proj(x, self.embed_tokens.embedding.T, out_dtype=jnp.float32)
 
   def stack(self, h_BxSxd, rope, segment_ids, kv1):
     """The L layers once (one loop). Returns h and stacked per-layer {k, v, gate}."""
@@ -295,7 +321,7 @@ class PLTForCausalLM(nn.Module):
 
   # -- forward ------------------------------------------------------------------------------
   def __call__(self, tokens_BxS, segment_ids=None, positions=None, *, return_intermediates=False,
-               return_kv=False, logits_at=None):
+               return_kv=False, logits_at=None, head=True):
     cfg = self.cfg
     if positions is None:
       positions = _default_positions(tokens_BxS, segment_ids)
@@ -344,6 +370,8 @@ class PLTForCausalLM(nn.Module):
     if logits_at is not None:  # [B] positions: logits [B, V] there only (prefill's last tokens)
       h = jnp.take_along_axis(h, logits_at.astype(jnp.int32)[:, None, None], axis=1)
       logits = self.logits(h)[:, 0]
+    elif not head:  # the fused loss applies `head_weight` itself
+      logits = self.norm(h)
     else:
       logits = self.logits(h)
     if not (return_intermediates or return_kv):
@@ -368,6 +396,13 @@ def _default_positions(tokens_BxS, segment_ids):
   starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
   return idx - start_idx
+
+
+def head_weight(cfg: PLTConfig, params):
+  """The output projection `[d, V]` (the transposed embedding when tied)."""
+  if cfg.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"].T
+  return params["lm_head"]["kernel"]
 
 
 def abstract_params(cfg: PLTConfig):

@@ -6,7 +6,7 @@ name (or a path to an HF `config.json` / params directory) plus field overrides 
   config.model.preset = "tiny"            # tiny | loopcoder_v2_7b | PATH
   config.model.loops = 2                  # plt_num_loops
   config.model.overrides = {...}          # PLTConfig fields (HF keys)
-  config.model.runtime = {...}            # RuntimeConfig fields (dtype, remat_policy, ...)
+  config.model.runtime.update(...)        # RuntimeConfig fields (dtype, remat_policy, ...)
 
 `validate(config)` raises a one-line ValueError for every bad value it can see before any data is
 read or anything is compiled.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import ml_collections
 
@@ -30,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "run"
   c.seed = 0  # param init
-  c.model = ml_collections.ConfigDict(dict(preset="tiny", loops=2, overrides={}, runtime={}))
+  # runtime holds every RuntimeConfig field, so any of them can be overridden from the command line.
+  c.model = ml_collections.ConfigDict(dict(preset="tiny", loops=2, overrides={},
+                                           runtime=dataclasses.asdict(RuntimeConfig())))
   # path: a tokenizer.json / tokenizer.model / directory; "" = train a byte-level BPE of `vocab_size`
   # on the training source on first use and cache it in WORKDIR/tokenizer.
   c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=1024))
@@ -53,6 +56,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator_address="", num_processes=0,
                                                  process_id=-1, cpu_collectives="gloo"))
   return c
+
+
+def exit_on_bad_flags(e: Exception):
+  """A bad flag, config file or override: one line on stderr (not a traceback), exit 2."""
+  lines = [ln.strip() for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
+  print(f"error: bad flags or config: {lines[-1].strip(chr(39)) if lines else type(e).__name__}", file=sys.stderr)
+  sys.exit(2)
+
+
+def define_config_flag(default_file: str):
+  """`--config` (+ `--config.<key>=<value>` overrides); config_flags reads them at definition."""
+  from ml_collections import config_flags
+
+  try:
+    config_flags.DEFINE_config_file("config", default_file, "Training config file.", lock_config=True)
+  except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError/KeyError/ValueError/...
+    exit_on_bad_flags(e)
+
+
+def parse_flags(argv):
+  """absl's flag parsing for `app.run(flags_parser=...)`, a bad flag or override in one line."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001
+    exit_on_bad_flags(e)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from loopcoder_jax import loss
 from loopcoder_jax import sharding as shd
 from loopcoder_jax.config import PLTConfig
-from loopcoder_jax.model import PLTForCausalLM, abstract_params
+from loopcoder_jax.model import PLTForCausalLM, abstract_params, head_weight
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -50,18 +51,17 @@ def state_shardings_for(model_cfg: PLTConfig, tx: optax.GradientTransformation, 
 
 def _ce_sums(model: PLTForCausalLM, params, batch):
   """(sum of masked next-token CE in float32, sum over loops >= 2 of the masked mean-over-L,H gate)."""
-  logits_BxSxV, inter = model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
-                                    positions=batch["positions"], return_intermediates=True)
-  logits_BxSxV = logits_BxSxV.astype(jnp.float32)
-  target_BxS = jnp.take_along_axis(logits_BxSxV, batch["targets"][..., None], axis=-1)[..., 0]
-  ce_BxS = jax.nn.logsumexp(logits_BxSxV, axis=-1) - target_BxS
+  x_BxSxd, inter = model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
+                               positions=batch["positions"], return_intermediates=True, head=False)
   mask_BxS = batch["loss_mask"].astype(jnp.float32)
+  ce_sum = loss.cross_entropy_sum(x_BxSxd, head_weight(model.cfg, params), batch["targets"], mask_BxS,
+                                  chunk=model.cfg.runtime.loss_chunk)
   gates = inter["gates"]  # [R-1, L, B, S, H] or None
   if gates is None:
     gate_sum_R = jnp.zeros((0,), jnp.float32)
   else:
     gate_sum_R = jnp.einsum("rlbsh,bs->r", gates.astype(jnp.float32), mask_BxS) / (gates.shape[1] * gates.shape[4])
-  return jnp.sum(ce_BxS * mask_BxS), gate_sum_R
+  return ce_sum, gate_sum_R
 
 
 def make_train_fns(model_cfg: PLTConfig, tx: optax.GradientTransformation, mesh: Mesh, rules=shd.DEFAULT_RULES,

@@ -16,13 +16,13 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; TPU devices are compile-only
 
+from loopcoder_jax import train_config  # noqa: E402
+
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "tiny_cpu.py"), "Training config file.",
-                                lock_config=True)
+train_config.define_config_flag(os.path.join(_CONFIGS, "tiny_cpu.py"))
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, CHIP:AxB[xC] (v5e, v5p, v6e).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (the data axis spans them).")
 _WHAT = flags.DEFINE_list("what", ["train"], "Any of train, prefill, decode.")
@@ -55,7 +55,7 @@ def _line(r):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from loopcoder_jax import aot, train_config
+  from loopcoder_jax import aot
 
   config = flags.FLAGS.config
   what = [w.strip() for w in _WHAT.value]
@@ -87,4 +87,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-  app.run(_main)
+  app.run(_main, flags_parser=train_config.parse_flags)

@@ -1,14 +1,16 @@
 """Training throughput and MFU for R = 1, 2, 3 at equal parameters, with the matmul peak measured in the same run.
 
-    python scripts/bench_train.py [--loops=1,2,3] [--steps=6] [--attention_impl=xla] [--dtype=float32]
+    python scripts/bench_train.py [--loops=1,2,3] [--steps=6] [--attention_impl=reference] [--dtype=float32]
 
 Model (defaults): the issue's CPU reference, 4 layers, d=256, 4 heads of 64 (MHA), SwiGLU 1024,
 vocab 32000, window 64, seq 256, batch 8; the same weights shape for every R (only the tiny gate
 appears for R > 1). The step is the trainer's own (`train_step.make_train_fns` with the recipe
 optimizer from `optim.make_optimizer`) on a one-device mesh: on CPU that device uses every core.
 Useful FLOPs per token come from `flops.train_flops_per_token` (all R loops, causal attention,
-lm_head; remat not counted). Layers are unrolled by default (`--scan_layers=0`: same params and numbers as the scan, faster on
-CPU). Timing: after a compile-and-warm-up step, each round measures the
+lm_head; remat not counted). CPU-friendly defaults, each a flag: layers unrolled (`--scan_layers=0`,
+same params and numbers as the scan), attention `reference` (jnp; on CPU about twice as fast as
+`xla`'s `jax.nn.dot_product_attention`), plain logits loss (`--loss_chunk=0`; the chunked fused
+head saves memory, not CPU time). Timing: after a compile-and-warm-up step, each round measures the
 jitted fp32 (or `--dtype`) n x n matmul peak and then times one step; a shared machine only ever
 slows things down, so the best step time and the best peak of the run are reported, and MFU is
 their ratio. As the load moves, each step is also paired with the peak measured just before it
@@ -41,7 +43,7 @@ def bench_cfg(args, loops: int) -> PLTConfig:
                    max_position_embeddings=max(4096, args.seq), plt_window_size=(args.window, 0),
                    plt_num_loops=loops, rope_theta=10000.0, torch_dtype="float32").with_runtime(
                        dtype=args.dtype, attention_impl=args.attention_impl, remat_policy=args.remat,
-                       scan_layers=bool(args.scan_layers))
+                       scan_layers=bool(args.scan_layers), loss_chunk=args.loss_chunk)
 
 
 def random_batch(cfg: PLTConfig, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -100,11 +102,13 @@ def main(argv=None):
   ap.add_argument("--vocab", type=int, default=32000)
   ap.add_argument("--window", type=int, default=64)
   ap.add_argument("--dtype", default="float32", choices=DTYPES)
-  ap.add_argument("--attention_impl", default="xla", choices=ATTENTION_IMPLS)
+  ap.add_argument("--attention_impl", default="reference", choices=ATTENTION_IMPLS)
   ap.add_argument("--remat", default="none", choices=REMAT_POLICIES)
   ap.add_argument("--scan_layers", type=int, default=0, choices=(0, 1),
                   help="1: nn.scan over layers; 0 (default): unrolled, ~15%% faster on CPU (no stacked "
                        "residual slicing in the backward pass)")
+  ap.add_argument("--loss_chunk", type=int, default=0,
+                  help="sequence positions per step of the fused head + cross-entropy (0: plain logits path)")
   ap.add_argument("--peak_n", type=int, default=2048, help="matmul size for the measured peak")
   args = ap.parse_args(argv)
   try:

@@ -87,6 +87,7 @@ BAD_CONFIGS = [
     (dict(dtype="fp8"), "runtime.dtype"),
     (dict(remat_policy="sometimes"), "runtime.remat_policy"),
     (dict(attention_impl="flash"), "runtime.attention_impl"),
+    (dict(loss_chunk=-1), "runtime.loss_chunk"),
 ]
 
 
