@@ -12,7 +12,8 @@ Decode modes (same numbers, different cost):
   "serial":  one pass over the weights per loop, loops one after another (vanilla looped profile).
 The math comes from the model's own pieces (`PLTLayer.project/finish`, `PLTAttention.gate`,
 `PLTForCausalLM.embed/clp_state/clp_input/logits`, `attention.masked_attention/blend`); the L layers
-are a `lax.scan` over the stacked layer params.
+are a `lax.scan` over the stacked layer params, or a loop over `model.unstack_layers(params)` (the
+faster layout on CPU; every function here takes either).
 """
 from __future__ import annotations
 
@@ -129,6 +130,24 @@ def _local(left, q_BxNxHxD, qpos_BxN, rk_BxWxKxD, rv_BxWxKxD, rpos_BxW, k_BxCxKx
   return attention.masked_attention(q_BxNxHxD, k, v, mask)
 
 
+def _over_layers(layer, h, layers, *xs):
+  """`layer(h, (params_i, *xs_i)) -> (h, y_i)` over the L layers; the y_i come back stacked.
+
+  Stacked params: a `lax.scan` (one compiled layer). Per-layer params (`model.unstack_layers`): a
+  Python loop, each layer's weights read in place rather than sliced out of the stacked arrays.
+  """
+  if not isinstance(layers, (tuple, list)):
+    return jax.lax.scan(layer, h, (layers, *xs))
+  ys = []
+  for i, p in enumerate(layers):
+    # A traced index, as in the scan: a constant one becomes a static slice, which XLA:CPU copies slower.
+    idx = jax.lax.optimization_barrier(jnp.int32(i))
+    h, y = layer(h, (p, *(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, idx, keepdims=False), x)
+                          for x in xs)))
+    ys.append(y)
+  return h, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
 def _loop_pass(cfg, params, cache, h_BxCxd, pos_BxC, loop, kv1=None):
   """One loop (0-based `loop`) over a chunk of C tokens: one pass over the L layers.
 
@@ -149,7 +168,7 @@ def _loop_pass(cfg, params, cache, h_BxCxd, pos_BxC, loop, kv1=None):
     return _finish(cfg, p, h, y), (k, v)
 
   ring = None if loop == 0 else (cache.ring_k[loop - 1], cache.ring_v[loop - 1])
-  return jax.lax.scan(layer, h_BxCxd, (params["layers"], cache.k1, cache.v1, kv1, ring))
+  return _over_layers(layer, h_BxCxd, params["layers"], cache.k1, cache.v1, kv1, ring)
 
 
 def _batched_pass(cfg, params, cache, h_BxRxd, pos_B):
@@ -177,7 +196,7 @@ def _batched_pass(cfg, params, cache, h_BxRxd, pos_B):
     return _finish(cfg, p, h, y), (k, v)
 
   rings = (jnp.moveaxis(cache.ring_k, 1, 0), jnp.moveaxis(cache.ring_v, 1, 0))  # [L,R-1,...]
-  return jax.lax.scan(layer, h_BxRxd, (params["layers"], cache.k1, cache.v1, *rings))
+  return _over_layers(layer, h_BxRxd, params["layers"], cache.k1, cache.v1, *rings)
 
 
 def _commit(cfg, cache, k_RxLxBxCxKxD, v_RxLxBxCxKxD, p_Rm1xBxCxd, n_B):

@@ -109,6 +109,9 @@ class Kernel(nn.Module):
     return self.param("kernel", _init, self.shape, self.param_dtype)
 
 
+_FEW_ROWS = 8
+
+
 def proj(x, kernel, n_in: int = 1, out_dtype=None):
   """Contract x's last `n_in` axes with the kernel's first `n_in` (cast to x's dtype), as one 2-D matmul.
 
@@ -117,8 +120,12 @@ def proj(x, kernel, n_in: int = 1, out_dtype=None):
   accumulation/result dtype (float32 for logits).
   """
   lead, k_in, k_out = x.shape[:x.ndim - n_in], math.prod(kernel.shape[:n_in]), kernel.shape[n_in:]
-  y = jnp.dot(x.reshape(math.prod(lead), k_in), kernel.astype(x.dtype).reshape(k_in, -1),
-              preferred_element_type=out_dtype)
+  rows = math.prod(lead)
+  x2, w2 = x.reshape(rows, k_in), kernel.astype(x.dtype).reshape(k_in, -1)
+  if rows <= _FEW_ROWS:  # decoding: (w^T x^T)^T, which XLA:CPU streams the weight through faster
+    y = jax.lax.dot_general(w2, x2, (((0,), (1,)), ((), ())), preferred_element_type=out_dtype).T
+  else:
+    y = jnp.dot(x2, w2, preferred_element_type=out_dtype)
   return y.reshape(*lead, *k_out)
 
 
@@ -306,14 +313,18 @@ class PLTForCausalLM(nn.Module):
     return proj(x, self.embed_tokens.embedding.T, out_dtype=jnp.float32)
 
   def stack(self, h_BxSxd, rope, segment_ids, kv1):
-    """The L layers once (one loop). Returns h and stacked per-layer {k, v, gate}."""
-    if self.cfg.runtime.scan_layers or self.is_initializing():
+    """The L layers once (one loop). Returns h and stacked per-layer {k, v, gate}.
+
+    Params in the per-layer layout (`unstack_layers`) always take the Python loop.
+    """
+    layers = None if self.is_initializing() else self.variables["params"]["layers"]
+    per_layer = isinstance(layers, (tuple, list))
+    if (self.cfg.runtime.scan_layers and not per_layer) or self.is_initializing():
       return self.layers(h_BxSxd, rope, segment_ids, kv1)
-    stacked = self.variables["params"]["layers"]
     layer = _remat(PLTLayer, self.cfg, prevent_cse=True)(self.cfg, parent=None)
     outs = []
     for i in range(self.cfg.num_hidden_layers):
-      p_i = jax.tree.map(lambda x: x[i], stacked)
+      p_i = layers[i] if per_layer else jax.tree.map(lambda x: x[i], layers)
       kv_i = None if kv1 is None else jax.tree.map(lambda x: x[i], kv1)
       h_BxSxd, aux = layer.apply({"params": p_i}, h_BxSxd, rope, segment_ids, kv_i)
       outs.append(aux)
@@ -403,6 +414,27 @@ def head_weight(cfg: PLTConfig, params):
   if cfg.tie_word_embeddings:
     return params["embed_tokens"]["embedding"].T
   return params["lm_head"]["kernel"]
+
+
+def unstack_layers(params):
+  """The per-layer layout: `layers` as a tuple of L trees (separate buffers) instead of stacked arrays.
+
+  Same numbers. For decoding on CPU, where XLA copies each layer's weights out of the stacked
+  arrays at every step (a `dynamic_slice` per weight) and that copy costs more than the matmuls;
+  `stack_layers` inverts it. Checkpoints and training keep the stacked layout.
+  """
+  layers = params["layers"]
+  if isinstance(layers, (tuple, list)):
+    return params
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n))}
+
+
+def stack_layers(params):
+  layers = params["layers"]
+  if not isinstance(layers, (tuple, list)):
+    return params
+  return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
 def abstract_params(cfg: PLTConfig):

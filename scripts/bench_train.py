@@ -13,8 +13,10 @@ same params and numbers as the scan), attention `reference` (jnp; on CPU about t
 head saves memory, not CPU time). Timing: after a compile-and-warm-up step, each round measures the
 jitted fp32 (or `--dtype`) n x n matmul peak and then times one step; a shared machine only ever
 slows things down, so the best step time and the best peak of the run are reported, and MFU is
-their ratio. As the load moves, each step is also paired with the peak measured just before it
-(MFU paired: the best and the median pair are shown), which is the figure to read on a shared host.
+their ratio. That ratio is biased low on a loaded host (a short peak measurement finds a quiet
+moment more easily than a long step), so each step is also paired with the mean of the peaks
+measured just before and just after it (MFU paired: the best and the median pair are shown); the
+paired median is the figure to read on a shared host.
 Prints a table and, as the last line, one JSON object.
 """
 from __future__ import annotations
@@ -66,20 +68,22 @@ def bench_loops(args, loops: int, device, peak_dtype) -> dict:
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
   step_times, peaks, cpu_times = [], [], []
+  measure_peak = lambda: flops.measure_matmul_peak(peak_dtype, n=args.peak_n, repeats=2, device=device)
+  peaks.append(measure_peak())
   for _ in range(args.steps):
-    peaks.append(flops.measure_matmul_peak(peak_dtype, n=args.peak_n, repeats=2, device=device))
     t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
     step_times.append(time.perf_counter() - t0)
     cpu_times.append(time.process_time() - c0)
+    peaks.append(measure_peak())
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
     raise RuntimeError(f"R={loops}: loss is {loss}")
   fpt = flops.train_flops_per_token(cfg, args.seq)
   tokens = args.batch * args.seq
-  # Each step against the peak measured just before it: load changes slowly, so the pair shares it.
-  paired = [flops.mfu(tokens / t, fpt, p) for t, p in zip(step_times, peaks)]
+  # Each step against the mean of the peaks measured just before and just after it.
+  paired = [flops.mfu(tokens / t, fpt, (p0 + p1) / 2) for t, p0, p1 in zip(step_times, peaks, peaks[1:])]
   return {"loops": loops, "params": cfg.num_params(), "flops_per_token": fpt,
           "step_s_best": min(step_times), "step_s_median": statistics.median(step_times),
           "step_cpu_s_median": statistics.median(cpu_times), "compile_s": compile_s,

@@ -8,7 +8,7 @@ import pytest
 
 from loopcoder_jax import decode, sampling
 from loopcoder_jax.config import PLTConfig
-from loopcoder_jax.model import PLTForCausalLM, init_params
+from loopcoder_jax.model import PLTForCausalLM, init_params, unstack_layers
 
 SEQ = 14  # > window (left=4, 5 ring slots): the ring wraps for every row
 PROMPT = 9  # padded prompt width; row lengths below mix short and long prompts
@@ -35,9 +35,10 @@ def _setup(loops):
 
 
 @functools.lru_cache(maxsize=None)
-def _teacher_forced(loops, mode, chunk):
+def _teacher_forced(loops, mode, chunk, per_layer=False):
   """Chunked prefill of the prompts, then one decode step per remaining token (teacher forcing)."""
   cfg, params, tokens, _ = _setup(loops)
+  params = unstack_layers(params) if per_layer else params
   lengths = jnp.array(LENGTHS)
   steps = SEQ - min(LENGTHS)
 
@@ -89,6 +90,14 @@ def test_batched_equals_serial(loops):
   np.testing.assert_allclose(batched, serial, atol=ATOL)
   np.testing.assert_allclose(cache_b.carry, cache_s.carry, atol=ATOL)
   np.testing.assert_array_equal(cache_b.ring_pos, cache_s.ring_pos)
+
+
+@pytest.mark.parametrize("mode, chunk", [("batched", CHUNK), ("serial", CHUNK), ("batched", 0)])
+def test_per_layer_params_give_the_same_numbers(mode, chunk):
+  """`unstack_layers` (L separate weight buffers, a Python loop over layers) changes no number."""
+  got = _teacher_forced(2, mode, chunk, per_layer=True)
+  want = _teacher_forced(2, mode, chunk)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=ATOL), got, want)
 
 
 def test_whole_prompt_prefill_matches_chunked():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from loopcoder_jax import PLTConfig, PLTForCausalLM
-from loopcoder_jax.model import abstract_params, init_params, shift_right
+from loopcoder_jax.model import abstract_params, init_params, shift_right, stack_layers, unstack_layers
 
 B, S = 2, 12
 
@@ -259,6 +259,18 @@ def test_remat_policies_give_the_same_gradients(policy):
   base = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg)
   remat = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg.with_runtime(remat_policy=policy))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), base, remat)
+
+
+def test_per_layer_layout_round_trips_and_gives_the_same_logits():
+  cfg, params, apply = setup(loops=2)
+  per_layer = unstack_layers(params)
+  assert len(per_layer["layers"]) == cfg.num_hidden_layers
+  jax.tree.map(np.testing.assert_array_equal, stack_layers(per_layer), params)
+  tokens = tokens_for(cfg)
+  want = apply({"params": params}, tokens)
+  for c in (cfg, cfg.with_runtime(scan_layers=False)):  # per-layer params always take the loop
+    got = jax.jit(PLTForCausalLM(c).apply)({"params": per_layer}, tokens)
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_xla_attention_impl_matches_reference():
