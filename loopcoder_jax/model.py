@@ -180,7 +180,8 @@ class PLTAttention(nn.Module):
     return self.plt_gate(h_in_BxSxd, q_BxSxHxD)
 
   def out(self, y_BxSxHxD):
-    return proj(checkpoint_name(y_BxSxHxD, "attn_out").astype(_dtype(self.cfg.runtime.dtype)), self.o_proj(), 2)
+    y = checkpoint_name(y_BxSxHxD, "attn_out").astype(_dtype(self.cfg.runtime.dtype))
+    return proj(y, self.o_proj(), n_in=2)
 
 
 class MLP(nn.Module):

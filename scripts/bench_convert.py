@@ -12,15 +12,27 @@ round trip is checked tensor by tensor (bytes equal). Prints a table and, as the
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import types
+
+from absl import app, flags, logging
 
 PHASES = ("baseline", "write_hf", "hf_to_hf", "hf_to_orbax", "orbax_to_hf", "verify")
+
+# run_phase / measure read these as attributes of one namespace named like the flags.
+_FLAGS = (
+    flags.DEFINE_float("params", 1.05e9, "Synthetic model size (parameters)."),
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Checkpoint dtype."),
+    flags.DEFINE_string("shard_size", "1GB", "Safetensors shard size of the written checkpoints."),
+    flags.DEFINE_string("workdir", None, "Scratch directory (default: a temp dir, removed)."),
+    flags.DEFINE_enum("phase", None, PHASES, "Internal: run one phase in this process (the parent starts "
+                      "one child per phase)."),
+)
 
 
 def bench_cfg(params_target: float, dtype: str):
@@ -91,17 +103,32 @@ def dir_bytes(path: str, suffix: str = "") -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffix))
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--params", type=float, default=1.05e9, help="synthetic model size (parameters)")
-  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
-  ap.add_argument("--shard_size", default="1GB")
-  ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
-  ap.add_argument("--phase", default=None, choices=PHASES, help=argparse.SUPPRESS)
-  args = ap.parse_args()
+def parse_flags(argv):
+  """absl's parsing; a bad flag in one line, exit 2 (train_config, with its imports, only on that path)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    from loopcoder_jax import train_config
+    train_config.exit_on_bad_flags(e)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+  args = types.SimpleNamespace(**{f.name: f.value for f in _FLAGS})
   if args.phase:
     return run_phase(args, args.phase)
+  from loopcoder_jax import convert
 
+  try:  # before the children start: a bad size would otherwise fail inside write_hf
+    convert.parse_size(args.shard_size)
+    if args.params <= 0:
+      raise ValueError(f"--params must be positive, got {args.params}")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   own = args.workdir is None
   args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_convert-")
   try:
@@ -124,4 +151,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=parse_flags)

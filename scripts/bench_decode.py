@@ -16,20 +16,41 @@ Prints a table and, as the last line, one JSON object.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
-from loopcoder_jax import decode
+from loopcoder_jax import decode, train_config
 from loopcoder_jax.config import PLTConfig
 from loopcoder_jax.model import init_params, unstack_layers
 
 VARIANTS = (("R1", 1, "batched"), ("PLT2", 2, "batched"), ("serial2", 2, "serial"))
+
+# bench_cfg reads these as attributes of one namespace named like the flags; the JSON "config" lists them
+# (all but batches and contexts) in this order.
+_FLAGS = (
+    flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes."),
+    flags.DEFINE_list("contexts", ["512", "4096"], "Cache lengths (preallocated K/V entries per sequence)."),
+    flags.DEFINE_integer("steps", 10, "Timed decode steps per variant (after one warm-up step)."),
+    flags.DEFINE_integer("d", 1024, "Hidden size."),
+    flags.DEFINE_integer("ffn", 4096, "SwiGLU intermediate size."),
+    flags.DEFINE_integer("layers", 4, "Layers."),
+    flags.DEFINE_integer("heads", 16, "Query heads."),
+    flags.DEFINE_integer("kv_heads", 4, "KV heads."),
+    flags.DEFINE_integer("head_dim", 64, "Head dim."),
+    flags.DEFINE_integer("vocab", 8192, "Vocabulary size."),
+    flags.DEFINE_integer("window", 64, "Local attention window."),
+    flags.DEFINE_enum("layout", "stacked", ["stacked", "per_layer"],
+                      "stacked [L, ...] layer params scanned over (default), or L separate buffers "
+                      "(model.unstack_layers: on CPU 1.3-3x faster at batch 1-8 and short contexts, slower at "
+                      "long ones)."),
+)
 
 
 def bench_cfg(args, loops):
@@ -70,30 +91,25 @@ def time_interleaved(runners, steps):
   return {n: (statistics.median(t), min(t)) for n, t in times.items()}, ratio
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--batches", default="1,8,32")
-  ap.add_argument("--contexts", default="512,4096")
-  ap.add_argument("--steps", type=int, default=10)
-  ap.add_argument("--d", type=int, default=1024)
-  ap.add_argument("--ffn", type=int, default=4096)
-  ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--heads", type=int, default=16)
-  ap.add_argument("--kv_heads", type=int, default=4)
-  ap.add_argument("--head_dim", type=int, default=64)
-  ap.add_argument("--vocab", type=int, default=8192)
-  ap.add_argument("--window", type=int, default=64)
-  ap.add_argument("--layout", default="stacked", choices=("stacked", "per_layer"),
-                  help="stacked [L, ...] layer params scanned over (default), or L separate buffers "
-                       "(model.unstack_layers: on CPU 2-4x faster at batch 1-8 and short contexts, slower "
-                       "at long ones)")
-  args = ap.parse_args(argv)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    batches = [int(x) for x in args.batches.split(",")]
-    contexts = [int(x) for x in args.contexts.split(",")]
+    run(types.SimpleNamespace(**{f.name: f.value for f in _FLAGS}))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(args):
+  try:
+    batches = [int(x) for x in args.batches]
+    contexts = [int(x) for x in args.contexts]
   except ValueError:
-    raise ValueError(f"--batches/--contexts must be comma-separated integers, got {args.batches!r}, "
-                     f"{args.contexts!r}") from None
+    batches = contexts = []
+  if not batches or not contexts:
+    raise ValueError(f"--batches/--contexts must be comma-separated integers, got {','.join(args.batches)!r}, "
+                     f"{','.join(args.contexts)!r}")
   if args.steps < 1 or min(batches) < 1 or min(contexts) < args.steps + 3:
     raise ValueError("need --steps >= 1, batches >= 1 and every context >= steps + 3")
 
@@ -144,4 +160,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main, flags_parser=train_config.parse_flags)

@@ -21,21 +21,46 @@ Prints a table and, as the last line, one JSON object.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
+import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from loopcoder_jax import flops, optim, sharding, train_step  # noqa: E402
+from loopcoder_jax import flops, optim, sharding, train_config, train_step  # noqa: E402
 from loopcoder_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, PLTConfig  # noqa: E402
+
+# bench_cfg / bench_loops read these as attributes of one namespace named like the flags.
+_FLAGS = (
+    flags.DEFINE_list("loops", ["1", "2", "3"], "Loop counts R to benchmark."),
+    flags.DEFINE_integer("steps", 6, "Timed steps per R (after one warm-up step)."),
+    flags.DEFINE_integer("batch", 8, "Batch size."),
+    flags.DEFINE_integer("seq", 256, "Sequence length."),
+    flags.DEFINE_integer("layers", 4, "Layers."),
+    flags.DEFINE_integer("d", 256, "Hidden size."),
+    flags.DEFINE_integer("heads", 4, "Query heads."),
+    flags.DEFINE_integer("kv_heads", 4, "KV heads."),
+    flags.DEFINE_integer("head_dim", 64, "Head dim."),
+    flags.DEFINE_integer("ffn", 1024, "SwiGLU intermediate size."),
+    flags.DEFINE_integer("vocab", 32000, "Vocabulary size."),
+    flags.DEFINE_integer("window", 64, "Local attention window."),
+    flags.DEFINE_enum("dtype", "float32", DTYPES, "Compute dtype (also the dtype of the measured matmul peak)."),
+    flags.DEFINE_enum("attention_impl", "reference", ATTENTION_IMPLS, "Attention implementation."),
+    flags.DEFINE_enum("remat", "none", REMAT_POLICIES, "Remat policy."),
+    flags.DEFINE_integer("scan_layers", 0, "1: nn.scan over layers; 0 (default): unrolled, ~15% faster on CPU "
+                         "(no stacked residual slicing in the backward pass).", lower_bound=0, upper_bound=1),
+    flags.DEFINE_integer("loss_chunk", 0, "Sequence positions per step of the fused head + cross-entropy "
+                         "(0: plain logits path)."),
+    flags.DEFINE_integer("peak_n", 2048, "Matmul size for the measured peak."),
+)
 
 
 def bench_cfg(args, loops: int) -> PLTConfig:
@@ -91,34 +116,23 @@ def bench_loops(args, loops: int, device, peak_dtype) -> dict:
           "mfu_paired_best": max(paired), "mfu_paired_median": statistics.median(paired), "loss": loss}
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--loops", default="1,2,3")
-  ap.add_argument("--steps", type=int, default=6, help="timed steps per R (after one warm-up step)")
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--seq", type=int, default=256)
-  ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--d", type=int, default=256)
-  ap.add_argument("--heads", type=int, default=4)
-  ap.add_argument("--kv_heads", type=int, default=4)
-  ap.add_argument("--head_dim", type=int, default=64)
-  ap.add_argument("--ffn", type=int, default=1024)
-  ap.add_argument("--vocab", type=int, default=32000)
-  ap.add_argument("--window", type=int, default=64)
-  ap.add_argument("--dtype", default="float32", choices=DTYPES)
-  ap.add_argument("--attention_impl", default="reference", choices=ATTENTION_IMPLS)
-  ap.add_argument("--remat", default="none", choices=REMAT_POLICIES)
-  ap.add_argument("--scan_layers", type=int, default=0, choices=(0, 1),
-                  help="1: nn.scan over layers; 0 (default): unrolled, ~15%% faster on CPU (no stacked "
-                       "residual slicing in the backward pass)")
-  ap.add_argument("--loss_chunk", type=int, default=0,
-                  help="sequence positions per step of the fused head + cross-entropy (0: plain logits path)")
-  ap.add_argument("--peak_n", type=int, default=2048, help="matmul size for the measured peak")
-  args = ap.parse_args(argv)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    loops = [int(x) for x in args.loops.split(",")]
+    run(types.SimpleNamespace(**{f.name: f.value for f in _FLAGS}))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(args):
+  try:
+    loops = [int(x) for x in args.loops]
   except ValueError:
-    raise ValueError(f"--loops must be comma-separated integers, got {args.loops!r}") from None
+    loops = []
+  if not loops:
+    raise ValueError(f"--loops must be comma-separated integers, got {','.join(args.loops)!r}")
   if min(loops) < 1 or args.steps < 1 or args.batch < 1 or args.seq < 2:
     raise ValueError("need --loops >= 1, --steps >= 1, --batch >= 1 and --seq >= 2")
 
@@ -148,8 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  app.run(main, flags_parser=train_config.parse_flags)
