@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 import ml_collections
 
@@ -56,33 +55,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator_address="", num_processes=0,
                                                  process_id=-1, cpu_collectives="gloo"))
   return c
-
-
-def exit_on_bad_flags(e: Exception):
-  """A bad flag, config file or override: one line on stderr (not a traceback), exit 2."""
-  lines = [ln.strip() for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
-  print(f"error: bad flags or config: {lines[-1].strip(chr(39)) if lines else type(e).__name__}", file=sys.stderr)
-  sys.exit(2)
-
-
-def define_config_flag(default_file: str):
-  """`--config` (+ `--config.<key>=<value>` overrides); config_flags reads them at definition."""
-  from ml_collections import config_flags
-
-  try:
-    config_flags.DEFINE_config_file("config", default_file, "Training config file.", lock_config=True)
-  except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError/KeyError/ValueError/...
-    exit_on_bad_flags(e)
-
-
-def parse_flags(argv):
-  """absl's flag parsing for `app.run(flags_parser=...)`, a bad flag or override in one line."""
-  from absl import flags
-
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # noqa: BLE001
-    exit_on_bad_flags(e)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

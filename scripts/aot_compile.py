@@ -19,10 +19,10 @@ from absl import app, flags
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; TPU devices are compile-only
 
-from loopcoder_jax import train_config  # noqa: E402
+from loopcoder_jax import cli, train_config  # noqa: E402
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-train_config.define_config_flag(os.path.join(_CONFIGS, "tiny_cpu.py"))
+cli.define_config_flag(os.path.join(_CONFIGS, "tiny_cpu.py"))
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, CHIP:AxB[xC] (v5e, v5p, v6e).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (the data axis spans them).")
 _WHAT = flags.DEFINE_list("what", ["train"], "Any of train, prefill, decode.")
@@ -87,4 +87,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-  app.run(_main, flags_parser=train_config.parse_flags)
+  app.run(_main, flags_parser=cli.parse_flags)

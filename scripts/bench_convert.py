@@ -18,9 +18,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import types
 
 from absl import app, flags, logging
+
+from loopcoder_jax import cli
 
 PHASES = ("baseline", "write_hf", "hf_to_hf", "hf_to_orbax", "orbax_to_hf", "verify")
 
@@ -103,32 +104,21 @@ def dir_bytes(path: str, suffix: str = "") -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffix))
 
 
-def parse_flags(argv):
-  """absl's parsing; a bad flag in one line, exit 2 (train_config, with its imports, only on that path)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    from loopcoder_jax import train_config
-    train_config.exit_on_bad_flags(e)
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
-  args = types.SimpleNamespace(**{f.name: f.value for f in _FLAGS})
+  return cli.run_with_flags(run, _FLAGS, argv)
+
+
+def run(args):
   if args.phase:
     return run_phase(args, args.phase)
   from loopcoder_jax import convert
 
-  try:  # before the children start: a bad size would otherwise fail inside write_hf
-    convert.parse_size(args.shard_size)
-    if args.params <= 0:
-      raise ValueError(f"--params must be positive, got {args.params}")
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  # before the children start: a bad size would otherwise fail inside write_hf
+  convert.parse_size(args.shard_size)
+  if args.params <= 0:
+    raise ValueError(f"--params must be positive, got {args.params}")
   own = args.workdir is None
   args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_convert-")
   try:
@@ -151,4 +141,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

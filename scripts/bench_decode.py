@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from loopcoder_jax import decode, train_config
+from loopcoder_jax import cli, decode
 from loopcoder_jax.config import PLTConfig
 from loopcoder_jax.model import init_params, unstack_layers
 
@@ -92,13 +90,7 @@ def time_interleaved(runners, steps):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    run(types.SimpleNamespace(**{f.name: f.value for f in _FLAGS}))
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  return cli.run_with_flags(run, _FLAGS, argv)
 
 
 def run(args):
@@ -160,4 +152,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train_config.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -24,9 +24,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
-import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -35,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from loopcoder_jax import flops, optim, sharding, train_config, train_step  # noqa: E402
+from loopcoder_jax import cli, flops, optim, sharding, train_step  # noqa: E402
 from loopcoder_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, PLTConfig  # noqa: E402
 
 # bench_cfg / bench_loops read these as attributes of one namespace named like the flags.
@@ -117,13 +115,7 @@ def bench_loops(args, loops: int, device, peak_dtype) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    run(types.SimpleNamespace(**{f.name: f.value for f in _FLAGS}))
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  return cli.run_with_flags(run, _FLAGS, argv)
 
 
 def run(args):
@@ -162,4 +154,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train_config.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -8,10 +8,10 @@ import tempfile
 
 from absl import app, flags, logging
 
-from loopcoder_jax import train_config
+from loopcoder_jax import cli
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-train_config.define_config_flag(os.path.join(_CONFIGS, "tiny_cpu.py"))
+cli.define_config_flag(os.path.join(_CONFIGS, "tiny_cpu.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: <tmp>/loopcoder_runs/<config.name>).")
 
 
@@ -26,7 +26,7 @@ def main(argv):
     config = flags.FLAGS.config
     name = config.name  # a config file that failed to load raises only when first used
   except Exception as e:  # noqa: BLE001
-    train_config.exit_on_bad_flags(e)
+    cli.exit_on_bad_flags(e)
   workdir = _WORKDIR.value or os.path.join(tempfile.gettempdir(), "loopcoder_runs", name)
   try:
     trainer.train(config, workdir)
@@ -36,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train_config.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
