@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-_NEG_INF = -1e30
+NEG_INF = -1e30  # masked scores: finite, so a fully masked row gives no NaN
 
 
 def window_visible(q_idx, k_idx, left: int | None):
@@ -41,7 +41,7 @@ def masked_attention(q, k, v, mask):
   qg = _group(q, k.shape[2])
   scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
   scores = scores / math.sqrt(d)
-  scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+  scores = jnp.where(mask[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(b, s, h, d).astype(q.dtype)

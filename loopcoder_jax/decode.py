@@ -11,13 +11,17 @@ Decode modes (same numbers, different cost):
   "batched": the R loops of the new token are R rows of ONE pass over the L layers (PLT);
   "serial":  one pass over the weights per loop, loops one after another (vanilla looped profile).
 The math comes from the model's own pieces (`PLTLayer.project/finish`, `PLTAttention.gate`,
-`PLTForCausalLM.embed/clp_state/clp_input/logits`, `attention.masked_attention/blend`); the L layers
-are a `lax.scan` over the stacked layer params, or a loop over `model.unstack_layers(params)` (on
-CPU 1.3-3x faster at batch 1-8 and short contexts; every function here takes either).
+`PLTForCausalLM.embed/clp_state/clp_input/logits`, `attention.masked_attention/blend`).
+
+Layouts (same numbers; the cache follows the params, see `_over_layers`): stacked layer params and
+cache, a `lax.scan` over one compiled layer (accelerators; what checkpoints hold), or per-layer
+buffers from `model.unstack_layers(params)`, a Python loop over the layers that XLA:CPU runs 2-5x
+faster (no per-step copies of weight or cache slices). `generation.complete` picks per-layer on CPU.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax
@@ -38,6 +42,12 @@ class Cache:
   """Decode state of a batch (spec section 4: functional cache with stored positions).
 
   k1, v1     [L, B, S, K, D]      loop 1's K/V, the shared global KV, preallocated to max length
+                                  (XLA:TPU writes a chunk into this order in place; with K before S
+                                  it copies the cache for every chunk). With per-layer params
+                                  (`model.unstack_layers`): a tuple of L [K*B, S, D] buffers (rows
+                                  k*B + b), which XLA:CPU writes and reads in place (it copies slices
+                                  of stacked arrays, transposes [B, S, K, D] for the attention
+                                  matmuls, and copies a [.., 1, S, D] buffer to drop the size-1 dim)
   ring_k/v   [R-1, L, B, W, K, D] each loop >= 2's own K/V for its local window (ring of W slots)
   ring_pos   [B, W] int32         position held by each ring slot (-1 = empty); all loops >= 2 and
                                   layers write the same positions, so one table serves them all
@@ -54,8 +64,12 @@ class Cache:
   lengths: jax.Array
 
   @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k1, (tuple, list))
+
+  @property
   def max_len(self) -> int:
-    return self.k1.shape[2]
+    return self.k1[0].shape[1] if self.per_layer else self.k1.shape[2]
 
 
 def ring_slots(cfg: PLTConfig) -> int:
@@ -68,20 +82,24 @@ def cache_entries_per_sequence(cfg: PLTConfig, max_len: int) -> int:
   return l * max_len + (r - 1) * l * ring_slots(cfg)
 
 
-def cache_shapes(cfg: PLTConfig, batch: int, max_len: int) -> Cache:
-  """ShapeDtypeStructs of the cache (for AOT compilation and sizing)."""
+def cache_shapes(cfg: PLTConfig, batch: int, max_len: int, per_layer: bool = False) -> Cache:
+  """ShapeDtypeStructs of the cache (for AOT compilation and sizing); `per_layer` for per-layer params."""
   l, r, w, d = cfg.num_hidden_layers, cfg.plt_num_loops, ring_slots(cfg), cfg.hidden_size
   kd = (cfg.num_key_value_heads, cfg.head_size)
   dt = jnp.dtype(cfg.runtime.dtype)
   sds = jax.ShapeDtypeStruct
-  return Cache(k1=sds((l, batch, max_len, *kd), dt), v1=sds((l, batch, max_len, *kd), dt),
+  if per_layer:
+    kv1 = (sds((kd[0] * batch, max_len, kd[1]), dt),) * l
+  else:
+    kv1 = sds((l, batch, max_len, *kd), dt)
+  return Cache(k1=kv1, v1=kv1,
                ring_k=sds((r - 1, l, batch, w, *kd), dt), ring_v=sds((r - 1, l, batch, w, *kd), dt),
                ring_pos=sds((batch, w), jnp.int32), carry=sds((r - 1, batch, d), dt),
                lengths=sds((batch,), jnp.int32))
 
 
-def init_cache(cfg: PLTConfig, batch: int, max_len: int) -> Cache:
-  shapes = cache_shapes(cfg, batch, max_len)
+def init_cache(cfg: PLTConfig, batch: int, max_len: int, per_layer: bool = False) -> Cache:
+  shapes = cache_shapes(cfg, batch, max_len, per_layer)
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   return cache.replace(ring_pos=jnp.full(shapes.ring_pos.shape, -1, jnp.int32))
 
@@ -111,14 +129,48 @@ def _rows(b):
   return jnp.arange(b)[:, None]
 
 
+def _write_kv1(k1, v1, pos_BxC, k_new, v_new):
+  """Write a chunk's loop-1 K/V at `pos` into the cache, in place (positions >= S are dropped).
+
+  k1/v1: a per-layer buffer `[K*B, S, D]` (k_new/v_new `[B, C, K, D]`), or the stacked cache
+  `[L, B, S, K, D]` (k_new/v_new `[L, B, C, K, D]`, all layers at once).
+  """
+  b = pos_BxC.shape[0]
+  if k1.ndim == 3:
+    kh = k_new.shape[-2]
+    at = (jnp.arange(kh * b)[:, None], jnp.tile(pos_BxC, (kh, 1)))
+    to_cache = lambda x: jnp.transpose(x, (2, 0, 1, 3)).reshape(kh * b, x.shape[1], x.shape[3])
+  else:
+    at = (slice(None), _rows(b), pos_BxC)
+    to_cache = lambda x: x
+  write = lambda c, x: c.at[at].set(to_cache(x).astype(c.dtype), mode="drop")
+  return write(k1, k_new), write(v1, v_new)
+
+
 def _global(q_BxNxHxD, qpos_BxN, k1_BxSxKxD, v1_BxSxKxD, k_BxCxKxD, v_BxCxKxD, pos_BxC):
-  """Global branch: the new loop-1 keys are written into this layer's shared cache, then read."""
+  """Global branch over a layer of the stacked loop-1 cache: the new loop-1 keys are written into
+  this layer's slice (a copy; the stacked cache is written once, by `_commit`), then read."""
   rows = _rows(q_BxNxHxD.shape[0])
-  k = k1_BxSxKxD.at[rows, pos_BxC].set(k_BxCxKxD, mode="drop")
-  v = v1_BxSxKxD.at[rows, pos_BxC].set(v_BxCxKxD, mode="drop")
+  k = k1_BxSxKxD.at[rows, pos_BxC].set(k_BxCxKxD.astype(k1_BxSxKxD.dtype), mode="drop")
+  v = v1_BxSxKxD.at[rows, pos_BxC].set(v_BxCxKxD.astype(v1_BxSxKxD.dtype), mode="drop")
   kpos = jnp.arange(k.shape[1])
   mask = attention.window_visible(qpos_BxN[:, :, None], kpos[None, None, :], None)
   return attention.masked_attention(q_BxNxHxD, k, v, mask)
+
+
+def _global_per_layer(q_BxNxHxD, qpos_BxN, k1_XxSxD, v1_XxSxD):
+  """Global branch over a per-layer loop-1 buffer `[K*B, S, D]` (rows k*B + b), new keys written."""
+  b, n, h, d = q_BxNxHxD.shape
+  x, s = k1_XxSxD.shape[:2]
+  kh, g = x // b, h * b // x
+  f32 = jnp.float32
+  q = jnp.transpose(q_BxNxHxD.reshape(b, n, kh, g, d), (2, 0, 3, 1, 4)).reshape(x, g * n, d)
+  scores = jnp.einsum("xmd,xsd->xms", q, k1_XxSxD, preferred_element_type=f32).reshape(kh, b, g, n, s)
+  visible = attention.window_visible(qpos_BxN[:, :, None], jnp.arange(s)[None, None, :], None)  # [B, N, S]
+  scores = jnp.where(visible[None, :, None], scores / math.sqrt(d), attention.NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v1_XxSxD.dtype).reshape(x, g * n, s)
+  out = jnp.einsum("xms,xsd->xmd", probs, v1_XxSxD, preferred_element_type=f32).reshape(kh, b, g, n, d)
+  return jnp.transpose(out, (1, 3, 0, 2, 4)).reshape(b, n, h, d).astype(q_BxNxHxD.dtype)
 
 
 def _local(left, q_BxNxHxD, qpos_BxN, rk_BxWxKxD, rv_BxWxKxD, rpos_BxW, k_BxCxKxD, v_BxCxKxD, pos_BxC):
@@ -130,30 +182,60 @@ def _local(left, q_BxNxHxD, qpos_BxN, rk_BxWxKxD, rv_BxWxKxD, rpos_BxW, k_BxCxKx
   return attention.masked_attention(q_BxNxHxD, k, v, mask)
 
 
-def _over_layers(layer, h, layers, *xs):
-  """`layer(h, (params_i, *xs_i)) -> (h, y_i)` over the L layers; the y_i come back stacked.
+def _per_layer(params) -> bool:
+  return isinstance(params["layers"], (tuple, list))
 
-  Stacked params: a `lax.scan` (one compiled layer). Per-layer params (`model.unstack_layers`): a
-  Python loop, each layer's weights read in place rather than sliced out of the stacked arrays.
+
+def _over_layers(layer, h, layers, cache, *xs):
+  """`layer(h, (params_i, k1_i, v1_i, *xs_i)) -> (h, (k1_i, v1_i), y_i)` over the L layers.
+
+  Returns h, the loop-1 cache (k1, v1) and the y_i stacked. Two layouts, same numbers:
+  - stacked params and cache: a `lax.scan` (one compiled layer) that leaves the cache as it was
+    (each layer attends over a copy of its slice with the new loop-1 K/V; `_commit` writes them
+    after the pass: writing into the scanned cache costs XLA:TPU a copy of the whole cache);
+  - per-layer params and cache (`model.unstack_layers`; the cache follows the params): a Python
+    loop in which each layer writes into its own buffer and then reads it, both in place (XLA:CPU
+    copies slices out of stacked arrays, and copies a buffer written after it was read).
   """
-  if not isinstance(layers, (tuple, list)):
-    return jax.lax.scan(layer, h, (layers, *xs))
-  ys = []
+  per_layer = isinstance(layers, (tuple, list))
+  if per_layer != cache.per_layer:
+    raise ValueError(f"the cache layout (per_layer={cache.per_layer}) must match the params layout "
+                     f"(per_layer={per_layer}): build the cache from the same params")
+  if not per_layer:
+    def body(h, xs_i):
+      h, _, y = layer(h, xs_i)
+      return h, y
+
+    h, ys = jax.lax.scan(body, h, (layers, cache.k1, cache.v1, *xs))
+    return h, (cache.k1, cache.v1), ys
+  k1s, v1s, ys = [], [], []
   for i, p in enumerate(layers):
-    # The cache etc. stay stacked: slice them at a traced index, as the scan does (a constant index
-    # becomes a static slice, which XLA:CPU copies more slowly).
+    # The other stacked inputs (rings, new K/V) are sliced at a traced index, as the scan does (a
+    # constant index becomes a static slice, which XLA:CPU copies more slowly).
     idx = jax.lax.optimization_barrier(jnp.int32(i))
     at_i = lambda a: jax.lax.dynamic_index_in_dim(a, idx, keepdims=False)  # noqa: B023 - used at once
-    h, y = layer(h, (p, *(jax.tree.map(at_i, x) for x in xs)))
+    h, (k1, v1), y = layer(h, (p, cache.k1[i], cache.v1[i], *(jax.tree.map(at_i, x) for x in xs)))
+    k1s.append(k1)
+    v1s.append(v1)
     ys.append(y)
-  return h, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+  return h, (tuple(k1s), tuple(v1s)), jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def _attend_loop1(cache, q, qpos, k1, v1, pos_BxC, k_new, v_new):
+  """Loop 1's global attention with its new K/V at `pos`: a per-layer buffer takes them in place and
+  is returned updated; a stacked layer's slice takes them in a copy (`_commit` writes the cache)."""
+  if cache.per_layer:
+    k1, v1 = _write_kv1(k1, v1, pos_BxC, k_new, v_new)
+    return _global_per_layer(q, qpos, k1, v1), (k1, v1)
+  return _global(q, qpos, k1, v1, k_new, v_new, pos_BxC), (k1, v1)
 
 
 def _loop_pass(cfg, params, cache, h_BxCxd, pos_BxC, loop, kv1=None):
   """One loop (0-based `loop`) over a chunk of C tokens: one pass over the L layers.
 
-  `kv1` ([L,B,C,K,D] each) is loop 1's new K/V of the chunk, required for loop >= 1.
-  Returns h and this loop's new K/V per layer.
+  Loop 1 adds the chunk's K/V to the shared cache (in place for per-layer buffers; stacked ones
+  take `kv1` = loop 1's new K/V `[L,B,C,K,D]` each, required for loop >= 1, until `_commit`).
+  Returns h, the cache and this loop's new K/V per layer `[L,B,C,K,D]`.
   """
   cos, sin = rope_tables(cfg, pos_BxC)
 
@@ -161,22 +243,26 @@ def _loop_pass(cfg, params, cache, h_BxCxd, pos_BxC, loop, kv1=None):
     p, k1, v1, new1, ring = xs
     q, k, v = _project(cfg, p, h, cos, sin)
     if loop == 0:
-      y = _global(q, pos_BxC, k1, v1, k, v, pos_BxC)
+      y, (k1, v1) = _attend_loop1(cache, q, pos_BxC, k1, v1, pos_BxC, k, v)
     else:
-      glob = _global(q, pos_BxC, k1, v1, *new1, pos_BxC)
+      if cache.per_layer:
+        glob = _global_per_layer(q, pos_BxC, k1, v1)
+      else:
+        glob = _global(q, pos_BxC, k1, v1, *new1, pos_BxC)
       loc = _local(cfg.window_left, q, pos_BxC, *ring, cache.ring_pos, k, v, pos_BxC)
       y = attention.blend(_gate(cfg, p, h, q), glob, loc)
-    return _finish(cfg, p, h, y), (k, v)
+    return _finish(cfg, p, h, y), (k1, v1), (k, v)
 
   ring = None if loop == 0 else (cache.ring_k[loop - 1], cache.ring_v[loop - 1])
-  return _over_layers(layer, h_BxCxd, params["layers"], cache.k1, cache.v1, kv1, ring)
+  h, (k1, v1), kv = _over_layers(layer, h_BxCxd, params["layers"], cache, kv1, ring)
+  return h, cache.replace(k1=k1, v1=v1), kv
 
 
 def _batched_pass(cfg, params, cache, h_BxRxd, pos_B):
   """All R loops of one token as R rows of ONE pass over the L layers (PLT decoding).
 
-  Row 0 is loop 1; rows >= 1 share its just-written K/V (one attention read of the shared cache
-  for all rows) and each reads its own ring. Returns h and new K/V per layer `[L,B,R,K,D]`.
+  Row 0 is loop 1; all rows read the shared cache with its new K/V in one attention, and rows >= 1
+  also read their own rings. Returns h, the cache and new K/V per layer `[L,B,R,K,D]`.
   """
   r = cfg.plt_num_loops
   pos_Bx1 = pos_B[:, None]
@@ -187,47 +273,45 @@ def _batched_pass(cfg, params, cache, h_BxRxd, pos_B):
   def layer(h, xs):
     p, k1, v1, rk, rv = xs
     q, k, v = _project(cfg, p, h, cos, sin)
-    y = _global(q, pos_BxR, k1, v1, k[:, :1], v[:, :1], pos_Bx1)
+    y, (k1, v1) = _attend_loop1(cache, q, pos_BxR, k1, v1, pos_Bx1, k[:, :1], v[:, :1])
     if r > 1:
       loops_first = lambda x: jnp.moveaxis(x[:, 1:, None], 1, 0)  # [B,R,..] -> [R-1,B,1,..]
       loc = local(loops_first(q), pos_Bx1, rk, rv, cache.ring_pos, loops_first(k), loops_first(v), pos_Bx1)
       loc = jnp.moveaxis(loc[:, :, 0], 0, 1)
       mixed = attention.blend(_gate(cfg, p, h[:, 1:], q[:, 1:]), y[:, 1:], loc)
       y = jnp.concatenate([y[:, :1], mixed], axis=1)
-    return _finish(cfg, p, h, y), (k, v)
+    return _finish(cfg, p, h, y), (k1, v1), (k, v)
 
   rings = (jnp.moveaxis(cache.ring_k, 1, 0), jnp.moveaxis(cache.ring_v, 1, 0))  # [L,R-1,...]
-  return _over_layers(layer, h_BxRxd, params["layers"], cache.k1, cache.v1, *rings)
+  h, (k1, v1), kv = _over_layers(layer, h_BxRxd, params["layers"], cache, *rings)
+  return h, cache.replace(k1=k1, v1=v1), kv
 
 
 def _commit(cfg, cache, k_RxLxBxCxKxD, v_RxLxBxCxKxD, p_Rm1xBxCxd, n_B):
   """Write a chunk's new state into the cache; row b's first `n_B[b]` chunk tokens are real.
 
-  Loop 1's K/V go to positions `lengths + i` (padding lands beyond the row's length, never visible);
-  each ring slot keeps the latest real position that maps to it; the carry becomes P(r) of the
-  row's last real token. Rows with n = 0 keep their ring and carry.
+  Loop 1's K/V go to positions `lengths + i` (per-layer buffers already hold them; padding lands
+  beyond the row's length, never visible); the last W real tokens go to ring slots `pos % W`; the
+  carry becomes P(r) of the row's last real token. Rows with n = 0 keep ring and carry. All in
+  place: one indexed write per array.
   """
   b, c = k_RxLxBxCxKxD.shape[2:4]
   start = cache.lengths
-  pos_BxC = start[:, None] + jnp.arange(c)
-  rows = _rows(b)
-  k1 = cache.k1.at[:, rows, pos_BxC].set(k_RxLxBxCxKxD[0], mode="drop")
-  v1 = cache.v1.at[:, rows, pos_BxC].set(v_RxLxBxCxKxD[0], mode="drop")
-  last = start + n_B - 1
+  i = jnp.arange(c)
+  pos_BxC = start[:, None] + i
+  if not cache.per_layer:
+    k1, v1 = _write_kv1(cache.k1, cache.v1, pos_BxC, k_RxLxBxCxKxD[0], v_RxLxBxCxKxD[0])
+    cache = cache.replace(k1=k1, v1=v1)
   w = ring_slots(cfg)
-  slot_pos = last[:, None] - jnp.mod(last[:, None] - jnp.arange(w), w)  # [B, W]
-  take = (n_B[:, None] > 0) & (slot_pos >= start[:, None])
-  idx = jnp.clip(slot_pos - start[:, None], 0, c - 1)
-
-  def ring(old, new):  # old [R-1,L,B,W,K,D], new [R-1,L,B,C,K,D]
-    picked = jnp.take_along_axis(new, idx[None, None, :, :, None, None], axis=3)
-    return jnp.where(take[None, None, :, :, None, None], picked, old)
-
+  keep = (i < n_B[:, None]) & (i >= n_B[:, None] - w)  # distinct slots; the others are dropped
+  slot_BxC = jnp.where(keep, pos_BxC % w, w)  # slot W does not exist: mode="drop" skips it
+  rows = _rows(b)
+  ring = lambda old, new: old.at[:, :, rows, slot_BxC].set(new.astype(old.dtype), mode="drop")
   last_idx = jnp.clip(n_B - 1, 0, c - 1)
   p_last = jnp.take_along_axis(p_Rm1xBxCxd, last_idx[None, :, None, None], axis=2)[:, :, 0]
   return cache.replace(
-      k1=k1, v1=v1, ring_k=ring(cache.ring_k, k_RxLxBxCxKxD[1:]), ring_v=ring(cache.ring_v, v_RxLxBxCxKxD[1:]),
-      ring_pos=jnp.where(take, slot_pos, cache.ring_pos),
+      ring_k=ring(cache.ring_k, k_RxLxBxCxKxD[1:]), ring_v=ring(cache.ring_v, v_RxLxBxCxKxD[1:]),
+      ring_pos=cache.ring_pos.at[rows, slot_BxC].set(pos_BxC, mode="drop"),
       carry=jnp.where((n_B > 0)[None, :, None], p_last.astype(cache.carry.dtype), cache.carry),
       lengths=start + n_B)
 
@@ -238,27 +322,31 @@ def _check_mode(mode):
 
 
 # ------------------------------------------------------------------------------------- extend
-def extend(cfg: PLTConfig, params, cache: Cache, tokens_BxC, n_B=None):
+def extend(cfg: PLTConfig, params, cache: Cache, tokens_BxC, n_B=None, logits_at=None):
   """Run a chunk through the loops one after another (the training computation) from the cache.
 
   Each row's chunk starts at its `lengths`; its first position takes the carry saved by the previous
-  chunk. Returns logits `[B, C, V]` and the updated cache. Serial decoding is this with C = 1.
+  chunk. Returns logits `[B, C, V]` (with `logits_at` `[B]`: only those chunk indices', `[B, V]`)
+  and the updated cache. Serial decoding is this with C = 1.
   """
   b, c = tokens_BxC.shape
   n_B = jnp.full((b,), c, jnp.int32) if n_B is None else n_B.astype(jnp.int32)
   pos_BxC = cache.lengths[:, None] + jnp.arange(c)
   e = _model(cfg, params, "embed", tokens_BxC)
-  h, kv1 = _loop_pass(cfg, params, cache, e, pos_BxC, 0)
+  h, cache_1, kv1 = _loop_pass(cfg, params, cache, e, pos_BxC, 0)
   ks, vs, ps = [kv1[0]], [kv1[1]], []
   for loop in range(1, cfg.plt_num_loops):
     ps.append(_model(cfg, params, "clp_state", h))
     x = _model(cfg, params, "clp_input", e, shift_right(ps[-1], None, cache.carry[loop - 1]))
-    h, (k, v) = _loop_pass(cfg, params, cache, x, pos_BxC, loop, kv1)
+    h, _, (k, v) = _loop_pass(cfg, params, cache_1, x, pos_BxC, loop, kv1)
     ks.append(k)
     vs.append(v)
   p = jnp.stack(ps) if ps else jnp.zeros((0, *h.shape), h.dtype)
+  if logits_at is not None:  # the head on B rows, not B*C
+    h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)
   logits = _model(cfg, params, "logits", h)
-  return logits, _commit(cfg, cache, jnp.stack(ks), jnp.stack(vs), p, n_B)
+  logits = logits if logits_at is None else logits[:, 0]
+  return logits, _commit(cfg, cache_1, jnp.stack(ks), jnp.stack(vs), p, n_B)
 
 
 def decode_step(cfg: PLTConfig, params, cache: Cache, tokens_B, mode: str = "batched"):
@@ -270,7 +358,7 @@ def decode_step(cfg: PLTConfig, params, cache: Cache, tokens_B, mode: str = "bat
   r = cfg.plt_num_loops
   e = _model(cfg, params, "embed", tokens_B[:, None])  # [B, 1, d]
   rows = [e] + [_model(cfg, params, "clp_input", e, cache.carry[i][:, None]) for i in range(r - 1)]
-  h, (k, v) = _batched_pass(cfg, params, cache, jnp.concatenate(rows, axis=1), cache.lengths)
+  h, cache, (k, v) = _batched_pass(cfg, params, cache, jnp.concatenate(rows, axis=1), cache.lengths)
   p = _model(cfg, params, "clp_state", h[:, : r - 1])  # [B, R-1, d]: P(r) of rows 1..R-1
   logits = _model(cfg, params, "logits", h[:, r - 1:])[:, 0]
   to_loops = lambda x: jnp.moveaxis(x, 2, 0)[:, :, :, None]  # [L,B,R,K,D] -> [R,L,B,1,K,D]
@@ -290,12 +378,17 @@ def prefill(cfg: PLTConfig, params, tokens_BxP, lengths_B, max_len: int, chunk: 
   if plen > max_len:
     raise ValueError(f"prompt length {plen} exceeds the cache length max_len={max_len}")
   lengths_B = lengths_B.astype(jnp.int32)
-  cache = init_cache(cfg, b, max_len)
+  cache = init_cache(cfg, b, max_len, _per_layer(params))
   # Only the last prompt token's logits are kept unless asked: all of them are B*P*V floats.
   if chunk <= 0 or chunk >= plen:
     logits, extra = PLTForCausalLM(cfg).apply({"params": params}, tokens_BxP, return_kv=True,
                                               logits_at=None if return_all_logits else lengths_B - 1)
-    k, v = extra["kv"]
+    k, v = extra["kv"]  # [R, L, B, P, K, D]
+    if cache.per_layer:  # `_commit` writes stacked caches only
+      pos_BxP = jnp.broadcast_to(jnp.arange(plen), (b, plen))
+      k1, v1 = zip(*(_write_kv1(k1_i, v1_i, pos_BxP, k[0, i], v[0, i])
+                     for i, (k1_i, v1_i) in enumerate(zip(cache.k1, cache.v1))))
+      cache = cache.replace(k1=k1, v1=v1)
     cache = _commit(cfg, cache, k, v, extra["clp"][: cfg.plt_num_loops - 1], lengths_B)
     return logits, cache
   n_chunks = -(-plen // chunk)
@@ -306,12 +399,12 @@ def prefill(cfg: PLTConfig, params, tokens_BxP, lengths_B, max_len: int, chunk: 
     cache, last_BxV = carry
     i, toks = xs
     n_B = jnp.clip(lengths_B - i * chunk, 0, chunk)
-    logits, cache = extend(cfg, params, cache, toks, n_B)
     if return_all_logits:
+      logits, cache = extend(cfg, params, cache, toks, n_B)
       return (cache, last_BxV), logits
+    logits, cache = extend(cfg, params, cache, toks, n_B, logits_at=(lengths_B - 1) % chunk)
     here = (lengths_B - 1) // chunk == i  # this chunk holds the row's last prompt token
-    at = jnp.take_along_axis(logits, ((lengths_B - 1) % chunk)[:, None, None], axis=1)[:, 0]
-    return (cache, jnp.where(here[:, None], at, last_BxV)), None
+    return (cache, jnp.where(here[:, None], logits, last_BxV)), None
 
   last = jnp.zeros((b, cfg.vocab_size), jnp.float32)
   (cache, last), all_logits = jax.lax.scan(step, (cache, last), (jnp.arange(n_chunks), tokens))

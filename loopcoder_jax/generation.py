@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from loopcoder_jax import decode, sampling
 from loopcoder_jax.config import PLTConfig
+from loopcoder_jax.model import unstack_layers
 from loopcoder_jax.tokenizer import Tokenizer
 
 
@@ -62,6 +63,11 @@ def complete(cfg: PLTConfig, params, tok: Tokenizer, prompts: Sequence[str], *, 
       if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
         on_text(text[len(shown[0]):])
         shown[0] = text
+
+  if jax.default_backend() == "cpu":
+    # XLA:CPU decodes 2-5x faster with per-layer weight and cache buffers (it copies slices of
+    # stacked ones at every step); accelerators keep the stacked layout (one compiled layer).
+    params = unstack_layers(params)
 
   @jax.jit
   def run(params, tokens, lengths, key):

@@ -4,9 +4,12 @@
 
 Model (defaults): d=1024, I=4096, L=4, H=16, K=4, D=64, V=8192, window 64, f32: 15M params (60 MB) per
 layer, 310 MB in all. A decode step multiplies each weight with B*R rows, i.e. R*B/2 flops per weight
-byte: at batch 1-8 that is far below what a CPU core computes per byte it can read, so the step is bound
-by moving the weights (and, at long context and large batch, the K/V cache). The R=1 run uses the R=2
-weights (the gate is unused). Timing: the cache is filled to `context - steps - 2` tokens (values do not
+byte: at batch 1-8 an accelerator is bound by moving the weights (and, at long context and large batch,
+the K/V cache), so R=2 rows cost what R=1 rows cost. XLA:CPU's matmuls are not: their time grows with
+the rows (`layer_matmuls`: the layers' weight matmuls alone on B and 2B rows, timed in the same rounds),
+which bounds PLT2/R1 from below on a CPU. The R=1 run uses the R=2 weights (the gate is unused).
+`--layout`: per-layer buffers (default, what `generation.complete` uses on CPU) or stacked arrays (the
+accelerator layout). Timing: the cache is filled to `context - steps - 2` tokens (values do not
 change the cost: every step reads the whole preallocated cache), then `steps` rounds of one jitted
 decode step (donated cache) per variant, interleaved so that load changes on a shared machine hit all
 variants alike. Latency = median step time; ratios = median of the per-round ratios, and (`_min`) the
@@ -26,7 +29,7 @@ from absl import app, flags
 
 from loopcoder_jax import cli, decode
 from loopcoder_jax.config import PLTConfig
-from loopcoder_jax.model import init_params, unstack_layers
+from loopcoder_jax.model import init_params, proj, unstack_layers
 
 VARIANTS = (("R1", 1, "batched"), ("PLT2", 2, "batched"), ("serial2", 2, "serial"))
 
@@ -44,10 +47,10 @@ _FLAGS = (
     flags.DEFINE_integer("head_dim", 64, "Head dim."),
     flags.DEFINE_integer("vocab", 8192, "Vocabulary size."),
     flags.DEFINE_integer("window", 64, "Local attention window."),
-    flags.DEFINE_enum("layout", "stacked", ["stacked", "per_layer"],
-                      "stacked [L, ...] layer params scanned over (default), or L separate buffers "
-                      "(model.unstack_layers: on CPU 1.3-3x faster at batch 1-8 and short contexts, slower at "
-                      "long ones)."),
+    flags.DEFINE_enum("layout", "per_layer", ["per_layer", "stacked"],
+                      "per_layer: L separate weight and cache buffers (model.unstack_layers), what "
+                      "generation.complete uses on CPU (default); stacked: [L, ...] arrays scanned over, the "
+                      "accelerator layout (on CPU 1.5-4x slower: XLA:CPU copies each layer's slices)."),
 )
 
 
@@ -62,7 +65,8 @@ def bench_cfg(args, loops):
 def make_runner(cfg, params, batch, context, steps, mode):
   """A jitted step with a donated cache filled to `context - steps - 2` tokens; call it to time one step."""
   step = jax.jit(lambda p, c, t: decode.decode_step(cfg, p, c, t, mode), donate_argnums=1)
-  state = {"cache": decode.init_cache(cfg, batch, context).replace(
+  per_layer = isinstance(params["layers"], tuple)
+  state = {"cache": decode.init_cache(cfg, batch, context, per_layer).replace(
       lengths=jnp.full((batch,), context - steps - 2, jnp.int32))}
   tok = jnp.zeros((batch,), jnp.int32)
 
@@ -74,6 +78,26 @@ def make_runner(cfg, params, batch, context, steps, mode):
 
   run()  # compile + warm up
   return run, state
+
+
+def make_gemm_runner(params, rows):
+  """The layers' weight matmuls alone (`model.proj`, each weight as one [in, out] matrix) on `rows`
+  rows: what a decode step's L layers multiply, without attention or the cache."""
+  layers = params["layers"]
+  layers = layers if isinstance(layers, tuple) else unstack_layers(params)["layers"]
+  d = params["embed_tokens"]["embedding"].shape[1]
+  mats = [w.reshape(w.shape[0], -1) if w.shape[0] == d else w.reshape(-1, w.shape[-1])
+          for w in jax.tree.leaves(layers) if w.ndim >= 2]
+  fn = jax.jit(lambda ws, x: [proj(x[:, : w.shape[0]], w) for w in ws])
+  x = jnp.ones((rows, max(w.shape[0] for w in mats)), mats[0].dtype)
+
+  def run():
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(mats, x))
+    return time.perf_counter() - t0
+
+  run()
+  return run, None
 
 
 def time_interleaved(runners, steps):
@@ -115,21 +139,27 @@ def run(args):
                    "results": []}
   print(f"# device={out['device']} weights={weight_bytes / 2**20:.0f} MiB  {out['config']}", flush=True)
   hdr = (f"{'batch':>5} {'ctx':>5} | {'R1 ms':>8} {'PLT2 ms':>8} {'ser2 ms':>8} | {'R1 tok/s':>9} "
-         f"{'PLT2 tok/s':>10} {'ser2 tok/s':>10} | {'PLT2/R1':>7} {'PLT2/ser2':>9} {'(min)':>11} | {'R1 cache MiB':>12} "
+         f"{'PLT2 tok/s':>10} {'ser2 tok/s':>10} | {'PLT2/R1':>7} {'PLT2/ser2':>9} {'(min)':>11} {'mm 2B/B':>7} | {'R1 cache MiB':>12} "
          f"{'PLT2 MiB':>9} {'vanilla2 MiB':>12} {'PLT2/R1 bytes':>13}")
   for batch in batches:
     for ctx in contexts:
       res = {"batch": batch, "context": ctx}
       runners = {name: make_runner(bench_cfg(args, loops), params, batch, ctx, args.steps, mode)
                  for name, loops, mode in VARIANTS}
-      sec, ratio = time_interleaved(runners, args.steps)
+      gemms = {"gemm_B": make_gemm_runner(params, batch), "gemm_2B": make_gemm_runner(params, 2 * batch)}
+      sec, ratio = time_interleaved({**runners, **gemms}, args.steps)
+      # PLT2 multiplies the layers' weights with 2B rows where R1 uses B: on a device that streams
+      # the weights at its memory bandwidth both cost the same, so this ratio is ~1; above 1 it is
+      # the matmul cost that bounds PLT2/R1 from below on this machine
+      res["layer_matmuls"] = {"ms_B_rows": sec["gemm_B"][0] * 1e3, "ms_2B_rows": sec["gemm_2B"][0] * 1e3,
+                              "ratio_2B_over_B": ratio("gemm_2B", "gemm_B")}
       for name, (_, state) in runners.items():
         nbytes = decode.cache_bytes(state["cache"])
         med, best = sec[name]
         res[name] = {"ms_per_token": med * 1e3, "min_ms_per_token": best * 1e3,
                      "tokens_per_s": batch / med, "cache_bytes": nbytes}
       c1 = runners["R1"][1]["cache"]
-      res["vanilla2_cache_bytes"] = 2 * (c1.k1.nbytes + c1.v1.nbytes)  # R*L*S entries, no carry
+      res["vanilla2_cache_bytes"] = 2 * sum(x.nbytes for x in jax.tree.leaves((c1.k1, c1.v1)))  # R*L*S, no carry
       del runners, c1
       res["plt2_over_r1_latency"] = ratio("PLT2", "R1")
       res["plt2_over_serial2_latency"] = ratio("PLT2", "serial2")
@@ -142,7 +172,8 @@ def run(args):
                   f"{res['serial2']['ms_per_token']:>8.2f} | {res['R1']['tokens_per_s']:>9.1f} "
                   f"{res['PLT2']['tokens_per_s']:>10.1f} {res['serial2']['tokens_per_s']:>10.1f} | "
                   f"{res['plt2_over_r1_latency']:>7.3f} {res['plt2_over_serial2_latency']:>9.3f} "
-                  f"{res['plt2_over_r1_latency_min']:>5.2f}/{res['plt2_over_serial2_latency_min']:<5.2f} | "
+                  f"{res['plt2_over_r1_latency_min']:>5.2f}/{res['plt2_over_serial2_latency_min']:<5.2f} "
+                  f"{res['layer_matmuls']['ratio_2B_over_B']:>7.3f} | "
                   f"{res['R1']['cache_bytes'] / 2**20:>12.1f} {res['PLT2']['cache_bytes'] / 2**20:>9.1f} "
                   f"{res['vanilla2_cache_bytes'] / 2**20:>12.1f} {res['plt2_over_r1_cache']:>13.4f}")
       print(rows[-1] if len(rows) > 1 else hdr + "\n" + rows[-1], flush=True)

@@ -62,3 +62,22 @@ def test_refusal_is_reported_not_raised():
   r = aot.compile_train(config, "v5e:2x2")
   assert r["fits"] is False
   assert "\n" not in r["error"] and r["error"]
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+def test_tiny_serving_v5e_2x2_keeps_the_cache_in_place():
+  """Chunked prefill and the decode step compile for a slice with batch and kv heads sharded; the
+  decode step writes the donated cache in place (its temporaries are a small part of the cache: a
+  cache copy per step is what the cache layout and write order avoid)."""
+  from loopcoder_jax.config import PLTConfig
+
+  # small, but with TPU-sized head dims (a head_dim of 8 would be padded to the 128-lane tile)
+  cfg = PLTConfig.tiny(loops=2, hidden_size=512, num_attention_heads=4, num_key_value_heads=4, head_dim=128,
+                       max_position_embeddings=4096)
+  prefill, step = aot.compile_serving(cfg, "v5e:2x2", batch=8, max_len=2048, prefill_len=256, chunk=64,
+                                      mesh_cfg={"data": 2, "fsdp": 1, "tensor": 2})
+  assert prefill["what"] == "prefill" and prefill["fits"] and step["fits"]
+  assert step["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert step["alias_bytes"] >= step["cache_bytes_per_device"]
+  assert step["temp_bytes"] < step["cache_bytes_per_device"] / 4, step

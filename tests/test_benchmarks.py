@@ -60,11 +60,15 @@ def test_bench_train():
   assert rows[1]["params"] > rows[0]["params"] and rows[1]["flops_per_token"] > rows[0]["flops_per_token"]
 
 
-def test_bench_decode():
-  out = summary(run_script("bench_decode.py", *TINY_DECODE))
-  assert out["config"]["steps"] == 2 and out["config"]["layout"] == "stacked" and "batches" not in out["config"]
+@pytest.mark.parametrize("layout", [None, "stacked"])
+def test_bench_decode(layout):
+  out = summary(run_script("bench_decode.py", *TINY_DECODE, *([f"--layout={layout}"] if layout else [])))
+  assert out["config"]["steps"] == 2 and "batches" not in out["config"]
+  assert out["config"]["layout"] == (layout or "per_layer")
   [res] = out["results"]
   assert (res["batch"], res["context"]) == (1, 64)
+  mm = res["layer_matmuls"]
+  assert positive(mm["ms_B_rows"]) and positive(mm["ms_2B_rows"]) and positive(mm["ratio_2B_over_B"])
   for name in ("R1", "PLT2", "serial2"):
     assert positive(res[name]["ms_per_token"]) and positive(res[name]["tokens_per_s"]), res[name]
     assert res[name]["min_ms_per_token"] <= res[name]["ms_per_token"]

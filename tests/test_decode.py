@@ -94,10 +94,28 @@ def test_batched_equals_serial(loops):
 
 @pytest.mark.parametrize("mode, chunk", [("batched", CHUNK), ("serial", CHUNK), ("batched", 0)])
 def test_per_layer_params_give_the_same_numbers(mode, chunk):
-  """`unstack_layers` (L separate weight buffers, a Python loop over layers) changes no number."""
-  got = _teacher_forced(2, mode, chunk, per_layer=True)
-  want = _teacher_forced(2, mode, chunk)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=ATOL), got, want)
+  """`unstack_layers` (L weight and cache buffers, a Python loop over layers) changes no number."""
+  prompt, steps, pos, cache = _teacher_forced(2, mode, chunk, per_layer=True)
+  prompt_w, steps_w, pos_w, cache_w = _teacher_forced(2, mode, chunk)
+  np.testing.assert_allclose(prompt, prompt_w, atol=ATOL)
+  np.testing.assert_array_equal(pos, pos_w)
+  # steps of a row past the cache's end (ignored by the other tests too) may differ: there the
+  # per-layer cache drops the new key before attending, the stacked one attends to it unstored
+  valid = np.array(LENGTHS)[None, :] + np.arange(steps.shape[0])[:, None] < SEQ
+  np.testing.assert_allclose(steps[valid], steps_w[valid], atol=ATOL)
+  assert cache.per_layer and len(cache.k1) == PLTConfig.tiny().num_hidden_layers
+  l, b, s, k, d = cache_w.k1.shape  # per-layer buffers are [K*B, S, D], rows k*B + b
+  stacked = lambda layers: np.stack(layers).reshape(l, k, b, s, d).transpose(0, 2, 3, 1, 4)
+  np.testing.assert_allclose(stacked(cache.k1), cache_w.k1, atol=ATOL)
+  np.testing.assert_allclose(stacked(cache.v1), cache_w.v1, atol=ATOL)
+  np.testing.assert_array_equal(cache.lengths, cache_w.lengths)
+
+
+def test_cache_layout_must_match_params():
+  cfg, params, tokens, _ = _setup(2)
+  cache = decode.init_cache(cfg, len(LENGTHS), MAX_LEN)
+  with pytest.raises(ValueError, match="cache layout"):
+    jax.eval_shape(lambda p, c: decode.decode_step(cfg, p, c, tokens[:, 0]), unstack_layers(params), cache)
 
 
 def test_whole_prompt_prefill_matches_chunked():
@@ -177,6 +195,9 @@ def test_cache_size_formula():
   cache = decode.init_cache(cfg, batch, s)
   assert decode.cache_bytes(cache) == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
   assert (np.asarray(cache.ring_pos) == -1).all()
+  per_layer = decode.cache_shapes(cfg, batch, s, per_layer=True)
+  assert len(per_layer.k1) == 3 and per_layer.k1[0].shape == (cfg.num_key_value_heads * batch, s, cfg.head_size)
+  assert decode.cache_bytes(decode.init_cache(cfg, batch, s, per_layer=True)) == decode.cache_bytes(cache)
 
 
 def test_serving_fns_shapes():
