@@ -50,7 +50,7 @@ _FLAGS = (
     flags.DEFINE_enum("layout", "per_layer", ["per_layer", "stacked"],
                       "per_layer: L separate weight and cache buffers (model.unstack_layers), what "
                       "generation.complete uses on CPU (default); stacked: [L, ...] arrays scanned over, the "
-                      "accelerator layout (on CPU 1.5-4x slower: XLA:CPU copies each layer's slices)."),
+                      "accelerator layout (on CPU 1.2-2.6x slower: XLA:CPU copies each layer's slices)."),
 )
 
 
