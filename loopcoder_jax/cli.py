@@ -36,6 +36,17 @@ def parse_flags(argv):
     exit_on_bad_flags(e)
 
 
+def int_list(name: str, values: Sequence[str]) -> list[int]:
+  """A `DEFINE_list` flag's values as integers; a ValueError naming the flag if any is not one."""
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    out = []
+  if not out:
+    raise ValueError(f"--{name} must be comma-separated integers, got {','.join(values)!r}")
+  return out
+
+
 def run_with_flags(run: Callable[[types.SimpleNamespace], object], flag_holders: Sequence[flags.FlagHolder],
                    argv: Sequence[str]):
   """A benchmark's `main`: `run(args)` with the flags as attributes; a ValueError is one line, exit 2."""

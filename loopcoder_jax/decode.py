@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from loopcoder_jax import attention
 from loopcoder_jax.config import PLTConfig
-from loopcoder_jax.model import PLTForCausalLM, PLTLayer, abstract_params, rope_tables, shift_right
+from loopcoder_jax.model import PLTForCausalLM, PLTLayer, abstract_params, is_per_layer, rope_tables, shift_right
 from loopcoder_jax.sampling import StopRule
 
 MODES = ("batched", "serial")
@@ -182,10 +182,6 @@ def _local(left, q_BxNxHxD, qpos_BxN, rk_BxWxKxD, rv_BxWxKxD, rpos_BxW, k_BxCxKx
   return attention.masked_attention(q_BxNxHxD, k, v, mask)
 
 
-def _per_layer(params) -> bool:
-  return isinstance(params["layers"], (tuple, list))
-
-
 def _over_layers(layer, h, layers, cache, *xs):
   """`layer(h, (params_i, k1_i, v1_i, *xs_i)) -> (h, (k1_i, v1_i), y_i)` over the L layers.
 
@@ -197,7 +193,7 @@ def _over_layers(layer, h, layers, cache, *xs):
     loop in which each layer writes into its own buffer and then reads it, both in place (XLA:CPU
     copies slices out of stacked arrays, and copies a buffer written after it was read).
   """
-  per_layer = isinstance(layers, (tuple, list))
+  per_layer = is_per_layer(layers)
   if per_layer != cache.per_layer:
     raise ValueError(f"the cache layout (per_layer={cache.per_layer}) must match the params layout "
                      f"(per_layer={per_layer}): build the cache from the same params")
@@ -254,7 +250,8 @@ def _loop_pass(cfg, params, cache, h_BxCxd, pos_BxC, loop, kv1=None):
     return _finish(cfg, p, h, y), (k1, v1), (k, v)
 
   ring = None if loop == 0 else (cache.ring_k[loop - 1], cache.ring_v[loop - 1])
-  h, (k1, v1), kv = _over_layers(layer, h_BxCxd, params["layers"], cache, kv1, ring)
+  new1 = None if cache.per_layer else kv1  # per-layer buffers already hold loop 1's new K/V
+  h, (k1, v1), kv = _over_layers(layer, h_BxCxd, params["layers"], cache, new1, ring)
   return h, cache.replace(k1=k1, v1=v1), kv
 
 
@@ -378,7 +375,7 @@ def prefill(cfg: PLTConfig, params, tokens_BxP, lengths_B, max_len: int, chunk: 
   if plen > max_len:
     raise ValueError(f"prompt length {plen} exceeds the cache length max_len={max_len}")
   lengths_B = lengths_B.astype(jnp.int32)
-  cache = init_cache(cfg, b, max_len, _per_layer(params))
+  cache = init_cache(cfg, b, max_len, is_per_layer(params["layers"]))
   # Only the last prompt token's logits are kept unless asked: all of them are B*P*V floats.
   if chunk <= 0 or chunk >= plen:
     logits, extra = PLTForCausalLM(cfg).apply({"params": params}, tokens_BxP, return_kv=True,

@@ -319,7 +319,7 @@ class PLTForCausalLM(nn.Module):
     Params in the per-layer layout (`unstack_layers`) always take the Python loop.
     """
     layers = None if self.is_initializing() else self.variables["params"]["layers"]
-    per_layer = isinstance(layers, (tuple, list))
+    per_layer = is_per_layer(layers)
     if (self.cfg.runtime.scan_layers and not per_layer) or self.is_initializing():
       return self.layers(h_BxSxd, rope, segment_ids, kv1)
     layer = _remat(PLTLayer, self.cfg, prevent_cse=True)(self.cfg, parent=None)
@@ -417,6 +417,11 @@ def head_weight(cfg: PLTConfig, params):
   return params["lm_head"]["kernel"]
 
 
+def is_per_layer(layers) -> bool:
+  """Whether `params["layers"]` is in the per-layer layout (`unstack_layers`) rather than stacked."""
+  return isinstance(layers, (tuple, list))
+
+
 def unstack_layers(params):
   """The per-layer layout: `layers` as a tuple of L trees (separate buffers) instead of stacked arrays.
 
@@ -425,7 +430,7 @@ def unstack_layers(params):
   `stack_layers` inverts it. Checkpoints and training keep the stacked layout.
   """
   layers = params["layers"]
-  if isinstance(layers, (tuple, list)):
+  if is_per_layer(layers):
     return params
   n = jax.tree.leaves(layers)[0].shape[0]
   return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n))}
@@ -433,7 +438,7 @@ def unstack_layers(params):
 
 def stack_layers(params):
   layers = params["layers"]
-  if not isinstance(layers, (tuple, list)):
+  if not is_per_layer(layers):
     return params
   return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 

@@ -29,7 +29,7 @@ from absl import app, flags
 
 from loopcoder_jax import cli, decode
 from loopcoder_jax.config import PLTConfig
-from loopcoder_jax.model import init_params, proj, unstack_layers
+from loopcoder_jax.model import init_params, is_per_layer, proj, unstack_layers
 
 VARIANTS = (("R1", 1, "batched"), ("PLT2", 2, "batched"), ("serial2", 2, "serial"))
 
@@ -65,8 +65,7 @@ def bench_cfg(args, loops):
 def make_runner(cfg, params, batch, context, steps, mode):
   """A jitted step with a donated cache filled to `context - steps - 2` tokens; call it to time one step."""
   step = jax.jit(lambda p, c, t: decode.decode_step(cfg, p, c, t, mode), donate_argnums=1)
-  per_layer = isinstance(params["layers"], tuple)
-  state = {"cache": decode.init_cache(cfg, batch, context, per_layer).replace(
+  state = {"cache": decode.init_cache(cfg, batch, context, is_per_layer(params["layers"])).replace(
       lengths=jnp.full((batch,), context - steps - 2, jnp.int32))}
   tok = jnp.zeros((batch,), jnp.int32)
 
@@ -83,8 +82,7 @@ def make_runner(cfg, params, batch, context, steps, mode):
 def make_gemm_runner(params, rows):
   """The layers' weight matmuls alone (`model.proj`, each weight as one [in, out] matrix) on `rows`
   rows: what a decode step's L layers multiply, without attention or the cache."""
-  layers = params["layers"]
-  layers = layers if isinstance(layers, tuple) else unstack_layers(params)["layers"]
+  layers = unstack_layers(params)["layers"]
   d = params["embed_tokens"]["embedding"].shape[1]
   mats = [w.reshape(w.shape[0], -1) if w.shape[0] == d else w.reshape(-1, w.shape[-1])
           for w in jax.tree.leaves(layers) if w.ndim >= 2]
@@ -118,14 +116,7 @@ def main(argv):
 
 
 def run(args):
-  try:
-    batches = [int(x) for x in args.batches]
-    contexts = [int(x) for x in args.contexts]
-  except ValueError:
-    batches = contexts = []
-  if not batches or not contexts:
-    raise ValueError(f"--batches/--contexts must be comma-separated integers, got {','.join(args.batches)!r}, "
-                     f"{','.join(args.contexts)!r}")
+  batches, contexts = cli.int_list("batches", args.batches), cli.int_list("contexts", args.contexts)
   if args.steps < 1 or min(batches) < 1 or min(contexts) < args.steps + 3:
     raise ValueError("need --steps >= 1, batches >= 1 and every context >= steps + 3")
 
@@ -139,7 +130,8 @@ def run(args):
                    "results": []}
   print(f"# device={out['device']} weights={weight_bytes / 2**20:.0f} MiB  {out['config']}", flush=True)
   hdr = (f"{'batch':>5} {'ctx':>5} | {'R1 ms':>8} {'PLT2 ms':>8} {'ser2 ms':>8} | {'R1 tok/s':>9} "
-         f"{'PLT2 tok/s':>10} {'ser2 tok/s':>10} | {'PLT2/R1':>7} {'PLT2/ser2':>9} {'(min)':>11} {'mm 2B/B':>7} | {'R1 cache MiB':>12} "
+         f"{'PLT2 tok/s':>10} {'ser2 tok/s':>10} | {'PLT2/R1':>7} {'PLT2/ser2':>9} {'(min)':>11} {'mm 2B/B':>7} | "
+         f"{'R1 cache MiB':>12} "
          f"{'PLT2 MiB':>9} {'vanilla2 MiB':>12} {'PLT2/R1 bytes':>13}")
   for batch in batches:
     for ctx in contexts:

@@ -119,12 +119,7 @@ def main(argv):
 
 
 def run(args):
-  try:
-    loops = [int(x) for x in args.loops]
-  except ValueError:
-    loops = []
-  if not loops:
-    raise ValueError(f"--loops must be comma-separated integers, got {','.join(args.loops)!r}")
+  loops = cli.int_list("loops", args.loops)
   if min(loops) < 1 or args.steps < 1 or args.batch < 1 or args.seq < 2:
     raise ValueError("need --loops >= 1, --steps >= 1, --batch >= 1 and --seq >= 2")
 

@@ -14,6 +14,13 @@ def test_bad_flags_exit_2_with_the_last_line(capsys):
   assert capsys.readouterr().err == "error: bad flags or config: bogus\n"
 
 
+def test_int_list():
+  assert cli.int_list("loops", ["1", "2"]) == [1, 2]
+  for bad in (["x"], [], ["1", ""]):
+    with pytest.raises(ValueError, match="--loops must be comma-separated integers"):
+      cli.int_list("loops", bad)
+
+
 def test_run_with_flags_passes_values_and_reports_value_errors(capsys):
   holder = types.SimpleNamespace(name="steps", value=3)
   assert cli.run_with_flags(lambda args: args.steps * 2, [holder], ["prog"]) == 6
