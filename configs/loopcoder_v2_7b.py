@@ -6,18 +6,26 @@ checkpointing. The paper reports neither batch size nor sequence length: 4M-toke
 are used here. Give the released tokenizer (`--config.tokenizer.path=.../tokenizer.model`) and a
 real corpus (`--config.data.source=...`); docs/scaling.md lists the TPU slices each R fits on.
 """
-from loopcoder_jax.train_config import base_config
+
+from loopcoder_jax.train.config import base_config
 
 
 def get_config(loops: str = "2"):
   c = base_config()
   r = int(loops)
   if not 1 <= r <= 4:
-    raise ValueError(f"loopcoder_v2_7b: the paper's family is R = 1..4, got {r}")
+    raise ValueError(
+        f"loopcoder_v2_7b: the paper's family is R = 1..4, got {r}"
+    )
   c.name = f"loopcoder_v2_7b_r{r}"
   c.model.preset = "loopcoder_v2_7b"
   c.model.loops = r
-  c.model.runtime.update(dtype="bfloat16", param_dtype="float32", remat_policy="full", attention_impl="pallas")
+  c.model.runtime.update(
+      dtype="bfloat16",
+      param_dtype="float32",
+      remat_policy="full",
+      attention_impl="pallas",
+  )
   c.tokenizer.vocab_size = 76800
   c.data.seq_len = 4096
   c.data.add_bos = True  # the released SentencePiece tokenizer prepends <s>

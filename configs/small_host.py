@@ -3,18 +3,36 @@
 Run: python scripts/train.py --config=configs/small_host.py --config.data.source=GLOB --workdir=DIR
 (the stdlib corpus is the default source: enough for a smoke run, far too little for this model).
 """
-from loopcoder_jax.train_config import base_config
+
+from loopcoder_jax.train.config import base_config
 
 
 def get_config():
   c = base_config()
   c.name = "small_host"
-  c.model.preset = "tiny"  # the tiny preset's field defaults, fully overridden below
+  c.model.preset = (
+      "tiny"  # the tiny preset's field defaults, fully overridden below
+  )
   c.model.loops = 2
-  c.model.overrides = dict(vocab_size=16384, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                           num_attention_heads=16, num_key_value_heads=4, head_dim=64, plt_window_size=(64, 0),
-                           max_position_embeddings=4096, rope_theta=500000.0, torch_dtype="bfloat16")
-  c.model.runtime.update(dtype="bfloat16", param_dtype="float32", remat_policy="dots", attention_impl="xla")
+  c.model.overrides = dict(
+      vocab_size=16384,
+      hidden_size=1024,
+      intermediate_size=2816,
+      num_hidden_layers=16,
+      num_attention_heads=16,
+      num_key_value_heads=4,
+      head_dim=64,
+      plt_window_size=(64, 0),
+      max_position_embeddings=4096,
+      rope_theta=500000.0,
+      torch_dtype="bfloat16",
+  )
+  c.model.runtime.update(
+      dtype="bfloat16",
+      param_dtype="float32",
+      remat_policy="dots",
+      attention_impl="xla",
+  )
   c.tokenizer.vocab_size = 16384
   c.data.seq_len = 2048
   c.data.read_threads = 8

@@ -2,19 +2,27 @@
 
 Imports only absl and ml_collections (no JAX), so a script can use it before choosing a backend.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import sys
 import types
-from typing import Callable, Sequence
 
 from absl import app, flags
 
 
 def exit_on_bad_flags(e: Exception):
   """A bad flag, config file or override: one line on stderr (not a traceback), exit 2."""
-  lines = [ln.strip() for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
-  print(f"error: bad flags or config: {lines[-1].strip(chr(39)) if lines else type(e).__name__}", file=sys.stderr)
+  lines = [
+      ln.strip()
+      for ln in str(e).replace("\\n", "\n").splitlines()
+      if ln.strip()
+  ]
+  print(
+      f"error: bad flags or config: {lines[-1].strip(chr(39)) if lines else type(e).__name__}",
+      file=sys.stderr,
+  )
   sys.exit(2)
 
 
@@ -23,7 +31,9 @@ def define_config_flag(default_file: str):
   from ml_collections import config_flags
 
   try:
-    config_flags.DEFINE_config_file("config", default_file, "Training config file.", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", default_file, "Training config file.", lock_config=True
+    )
   except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError/KeyError/ValueError/...
     exit_on_bad_flags(e)
 
@@ -43,12 +53,17 @@ def int_list(name: str, values: Sequence[str]) -> list[int]:
   except ValueError:
     out = []
   if not out:
-    raise ValueError(f"--{name} must be comma-separated integers, got {','.join(values)!r}")
+    raise ValueError(
+        f"--{name} must be comma-separated integers, got {','.join(values)!r}"
+    )
   return out
 
 
-def run_with_flags(run: Callable[[types.SimpleNamespace], object], flag_holders: Sequence[flags.FlagHolder],
-                   argv: Sequence[str]):
+def run_with_flags(
+    run: Callable[[types.SimpleNamespace], object],
+    flag_holders: Sequence[flags.FlagHolder],
+    argv: Sequence[str],
+):
   """A benchmark's `main`: `run(args)` with the flags as attributes; a ValueError is one line, exit 2."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

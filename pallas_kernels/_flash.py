@@ -18,6 +18,7 @@ Masked scores are a finite -1e30: every query sees at least its own key, so a ro
 masked in an early block is corrected by the rescale `exp(m_prev - m_new) = 0` once a visible key
 arrives (the flash-attention argument), with no inf - inf.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,14 +26,15 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.reference import MASK_VALUE, window_visible
 
 LANES, SUBLANES = 128, 8
-MASK_VALUE = -1e30
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
@@ -56,6 +58,7 @@ def _min(a, b):
 @dataclasses.dataclass(frozen=True)
 class Branch:
   """One attention branch: keys `t-left .. t` (`left=None`: `0 .. t`), KV blocks of `block_kv`."""
+
   left: int | None
   block_kv: int
 
@@ -77,7 +80,9 @@ class Branch:
   def q_last(self, j, bq, nq):
     if self.left is None:
       return j * 0 + (nq - 1)
-    return _min(_div(j * self.block_kv + self.block_kv - 1 + self.left, bq), nq - 1)
+    return _min(
+        _div(j * self.block_kv + self.block_kv - 1 + self.left, bq), nq - 1
+    )
 
   def kv_steps(self, bq, nq):
     i = np.arange(nq)
@@ -91,6 +96,7 @@ class Branch:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Static description of one call: branches, query block, gate blend, how to run."""
+
   branches: tuple[Branch, ...]
   block_q: int
   gated: bool  # two branches blended as g * out0 + (1 - g) * out1
@@ -100,21 +106,16 @@ class Plan:
     assert not self.gated or len(self.branches) == 2
 
 
-def _visible(q_pos, k_pos, left):
-  ok = k_pos <= q_pos
-  if left is not None:
-    ok &= k_pos >= q_pos - left
-  return ok
-
-
 def _scores_and_mask(q, k, scale, q_start, k_start, left, segs):
   """Scaled q @ k.T `[bq, bk]` (f32) and its visibility mask for a query block at q_start and a
   key block at k_start; `segs` = (q segment ref, kv segment ref) or None."""
   bq, bk = q.shape[0], k.shape[0]
-  scores = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
+  scores = (
+      lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
+  )
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  mask = _visible(q_pos, k_pos, left)
+  mask = window_visible(q_pos, k_pos, left)
   if segs is not None:
     mask &= segs[0][:, :1] == segs[1][:1, :]
   return scores, mask
@@ -132,8 +133,14 @@ VMEM_LIMIT_BYTES = None
 
 def _params(interpret):
   sem = ("parallel", "parallel", "parallel", "arbitrary")
-  return dict(interpret=interpret, compiler_params=None if interpret else pltpu.CompilerParams(
-      dimension_semantics=sem, vmem_limit_bytes=VMEM_LIMIT_BYTES))
+  return dict(
+      interpret=interpret,
+      compiler_params=None
+      if interpret
+      else pltpu.CompilerParams(
+          dimension_semantics=sem, vmem_limit_bytes=VMEM_LIMIT_BYTES
+      ),
+  )
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -167,18 +174,38 @@ def _fwd_kernel(*refs, plan, offs, scale, seg, residuals):
     count = branch.kv_last(i, bq) - first + 1
 
     @pl.when((s >= 0) & (s < count))
-    def _step(branch=branch, k_ref=k_ref, v_ref=v_ref, kvseg_ref=kvseg_ref, m_ref=m_ref,
-              l_ref=l_ref, acc_ref=acc_ref, bk=bk, s=s, first=first):
+    def _step(
+        branch=branch,
+        k_ref=k_ref,
+        v_ref=v_ref,
+        kvseg_ref=kvseg_ref,
+        m_ref=m_ref,
+        l_ref=l_ref,
+        acc_ref=acc_ref,
+        bk=bk,
+        s=s,
+        first=first,
+    ):
       q, k, v = q_ref[...], k_ref[...], v_ref[...]
-      scores, mask = _scores_and_mask(q, k, scale, i * bq, (first + s) * bk, branch.left,
-                                      (qseg_ref, kvseg_ref) if seg else None)
+      scores, mask = _scores_and_mask(
+          q,
+          k,
+          scale,
+          i * bq,
+          (first + s) * bk,
+          branch.left,
+          (qseg_ref, kvseg_ref) if seg else None,
+      )
       scores = jnp.where(mask, scores, MASK_VALUE)
       m_prev = m_ref[...]
-      m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))  # [bq, 128]
+      # [bq, 128]
+      m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
       alpha = jnp.exp(m_prev - m_next)
       p = jnp.exp(scores - m_next[:, :1])
       l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-      pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+      pv = lax.dot_general(
+          p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32
+      )
       acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv
       m_ref[...] = m_next
 
@@ -186,10 +213,11 @@ def _fwd_kernel(*refs, plan, offs, scale, seg, residuals):
   def _finish():
     outs = []
     for b, (m_ref, l_ref, acc_ref) in enumerate(scratch):
-      l = l_ref[...]
-      outs.append(acc_ref[...] / l[:, :1])
-      if residuals:  # lane-replicated [bq, 128] -> the row [1, bq] the backward reads
-        lse_refs[b][...] = jnp.transpose(m_ref[...] + jnp.log(l))[:1, :]
+      denom = l_ref[...]
+      outs.append(acc_ref[...] / denom[:, :1])
+      # lane-replicated [bq, 128] -> the row [1, bq] the backward reads
+      if residuals:
+        lse_refs[b][...] = jnp.transpose(m_ref[...] + jnp.log(denom))[:1, :]
     if plan.gated:
       g = _col(gate_ref)
       o_ref[...] = (g * outs[0] + (1.0 - g) * outs[1]).astype(o_ref.dtype)
@@ -209,6 +237,7 @@ def _kv_index(branch, off, bq, groups):
     first = branch.kv_first(i, bq)
     last = branch.kv_last(i, bq)
     return b, lax.div(h, groups), jnp.clip(first + j - off, first, last), 0
+
   return index_map
 
 
@@ -216,6 +245,7 @@ def _kvseg_index(branch, off, bq):
   def index_map(b, h, i, j):
     first = branch.kv_first(i, bq)
     return b, 0, jnp.clip(first + j - off, first, branch.kv_last(i, bq))
+
   return index_map
 
 
@@ -223,10 +253,16 @@ def _branch_specs(plan, offs, groups, d, seg):
   bq = plan.block_q
   specs = []
   for branch, off in zip(plan.branches, offs):
-    kv = pl.BlockSpec((None, None, branch.block_kv, d), _kv_index(branch, off, bq, groups))
+    kv = pl.BlockSpec(
+        (None, None, branch.block_kv, d), _kv_index(branch, off, bq, groups)
+    )
     specs += [kv, kv]
     if seg:
-      specs.append(pl.BlockSpec((None, SUBLANES, branch.block_kv), _kvseg_index(branch, off, bq)))
+      specs.append(
+          pl.BlockSpec(
+              (None, SUBLANES, branch.block_kv), _kvseg_index(branch, off, bq)
+          )
+      )
   return specs
 
 
@@ -245,11 +281,17 @@ def forward(plan, q, ks, vs, seg, gate, *, residuals):
   bq, groups = plan.block_q, h // ks[0].shape[1]
   nq = sp // bq
   offs, steps = _offsets(plan, nq)
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0))
-  row_spec = pl.BlockSpec((None, None, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i))
+  q_spec = pl.BlockSpec(
+      (None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0)
+  )
+  row_spec = pl.BlockSpec(
+      (None, None, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i)
+  )
   in_specs, args = [q_spec], [q]
   if seg is not None:
-    in_specs.append(pl.BlockSpec((None, bq, LANES), lambda b_, h_, i, j: (b_, i, 0)))
+    in_specs.append(
+        pl.BlockSpec((None, bq, LANES), lambda b_, h_, i, j: (b_, i, 0))
+    )
     args.append(seg[0])
   if plan.gated:
     in_specs.append(row_spec)
@@ -267,17 +309,33 @@ def forward(plan, q, ks, vs, seg, gate, *, residuals):
       out_specs.append(q_spec)
   scratch = []
   for _ in plan.branches:
-    scratch += [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
-                pltpu.VMEM((bq, d), jnp.float32)]
-  kernel = functools.partial(_fwd_kernel, plan=plan, offs=offs, scale=1.0 / math.sqrt(d),
-                             seg=seg is not None, residuals=residuals)
+    scratch += [
+        pltpu.VMEM((bq, LANES), jnp.float32),
+        pltpu.VMEM((bq, LANES), jnp.float32),
+        pltpu.VMEM((bq, d), jnp.float32),
+    ]
+  kernel = functools.partial(
+      _fwd_kernel,
+      plan=plan,
+      offs=offs,
+      scale=1.0 / math.sqrt(d),
+      seg=seg is not None,
+      residuals=residuals,
+  )
   outs = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(b, h, nq, steps), in_specs=in_specs, out_specs=out_specs,
-      scratch_shapes=scratch, name="plt_attention_fwd", **_params(plan.interpret))(*args)
+      kernel,
+      out_shape=out_shape,
+      grid=(b, h, nq, steps),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=scratch,
+      name="plt_attention_fwd",
+      **_params(plan.interpret),
+  )(*args)
   if not residuals:
     return outs[0]
   n = len(plan.branches)
-  lses = tuple(outs[1:1 + n])
+  lses = tuple(outs[1 : 1 + n])
   return outs[0], lses, (outs[1 + n] if plan.gated else None)
 
 
@@ -287,7 +345,10 @@ def _dq_kernel(*refs, plan, offs, scale, seg):
   q_ref, do_ref = next(it), next(it)
   qseg_ref = next(it) if seg else None
   gate_ref = next(it) if plan.gated else None
-  br = [(next(it), next(it), next(it) if seg else None, next(it), next(it)) for _ in plan.branches]
+  br = [
+      (next(it), next(it), next(it) if seg else None, next(it), next(it))
+      for _ in plan.branches
+  ]
   dq_ref, acc_ref = next(it), next(it)
 
   bq = plan.block_q
@@ -305,18 +366,37 @@ def _dq_kernel(*refs, plan, offs, scale, seg):
     count = branch.kv_last(i, bq) - first + 1
 
     @pl.when((s >= 0) & (s < count))
-    def _step(b=b, branch=branch, k_ref=k_ref, v_ref=v_ref, kvseg_ref=kvseg_ref, lse_ref=lse_ref,
-              di_ref=di_ref, bk=bk, s=s, first=first):
+    def _step(
+        b=b,
+        branch=branch,
+        k_ref=k_ref,
+        v_ref=v_ref,
+        kvseg_ref=kvseg_ref,
+        lse_ref=lse_ref,
+        di_ref=di_ref,
+        bk=bk,
+        s=s,
+        first=first,
+    ):
       q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-      scores, mask = _scores_and_mask(q, k, scale, i * bq, (first + s) * bk, branch.left,
-                                      (qseg_ref, kvseg_ref) if seg else None)
+      scores, mask = _scores_and_mask(
+          q,
+          k,
+          scale,
+          i * bq,
+          (first + s) * bk,
+          branch.left,
+          (qseg_ref, kvseg_ref) if seg else None,
+      )
       p = jnp.exp(jnp.where(mask, scores, MASK_VALUE) - _col(lse_ref))
       dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
       ds = p * (dp - _col(di_ref))
       if plan.gated:
         g = _col(gate_ref)
         ds = ds * (g if b == 0 else 1.0 - g)
-      acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
+      acc_ref[...] += lax.dot_general(
+          ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32
+      )
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -329,11 +409,17 @@ def backward_dq(plan, q, do, ks, vs, seg, gate, lses, dis):
   bq, groups = plan.block_q, h // ks[0].shape[1]
   nq = sp // bq
   offs, steps = _offsets(plan, nq)
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0))
-  row_spec = pl.BlockSpec((None, None, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i))
+  q_spec = pl.BlockSpec(
+      (None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0)
+  )
+  row_spec = pl.BlockSpec(
+      (None, None, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i)
+  )
   in_specs, args = [q_spec, q_spec], [q, do]
   if seg is not None:
-    in_specs.append(pl.BlockSpec((None, bq, LANES), lambda b_, h_, i, j: (b_, i, 0)))
+    in_specs.append(
+        pl.BlockSpec((None, bq, LANES), lambda b_, h_, i, j: (b_, i, 0))
+    )
     args.append(seg[0])
   if plan.gated:
     in_specs.append(row_spec)
@@ -342,18 +428,31 @@ def backward_dq(plan, q, do, ks, vs, seg, gate, lses, dis):
   kv_args = _branch_args(ks, vs, seg)
   per = len(kv_specs) // len(plan.branches)
   for n in range(len(plan.branches)):
-    in_specs += kv_specs[n * per:(n + 1) * per] + [row_spec, row_spec]
-    args += kv_args[n * per:(n + 1) * per] + [lses[n], dis[n]]
-  kernel = functools.partial(_dq_kernel, plan=plan, offs=offs, scale=1.0 / math.sqrt(d),
-                             seg=seg is not None)
+    in_specs += kv_specs[n * per : (n + 1) * per] + [row_spec, row_spec]
+    args += kv_args[n * per : (n + 1) * per] + [lses[n], dis[n]]
+  kernel = functools.partial(
+      _dq_kernel,
+      plan=plan,
+      offs=offs,
+      scale=1.0 / math.sqrt(d),
+      seg=seg is not None,
+  )
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(b, h, nq, steps),
-      in_specs=in_specs, out_specs=q_spec, scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-      name="plt_attention_dq", **_params(plan.interpret))(*args)
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      grid=(b, h, nq, steps),
+      in_specs=in_specs,
+      out_specs=q_spec,
+      scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+      name="plt_attention_dq",
+      **_params(plan.interpret),
+  )(*args)
 
 
 # ------------------------------------------------------------------------------------ dk, dv
-def _dkv_kernel(*refs, branch, bq, nq, qsteps, scale, seg, weighted, complement):
+def _dkv_kernel(
+    *refs, branch, bq, nq, qsteps, scale, seg, weighted, complement
+):
   it = iter(refs)
   q_ref, do_ref, k_ref, v_ref = next(it), next(it), next(it), next(it)
   qseg_ref, kvseg_ref = (next(it), next(it)) if seg else (None, None)
@@ -375,20 +474,27 @@ def _dkv_kernel(*refs, branch, bq, nq, qsteps, scale, seg, weighted, complement)
   @pl.when(s < count)
   def _step():
     q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
-    scores_t = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * scale  # [bk, bq]
+    # [bk, bq]
+    scores_t = (
+        lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * scale
+    )
     k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
     q_pos = (first + s) * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
-    mask = _visible(q_pos, k_pos, branch.left)
+    mask = window_visible(q_pos, k_pos, branch.left)
     if seg:
       mask &= kvseg_ref[:, :1] == qseg_ref[:1, :]
     p_t = jnp.exp(jnp.where(mask, scores_t, MASK_VALUE) - lse_ref[...])
     if weighted:
       w = w_ref[...]
       p_t = p_t * (1.0 - w if complement else w)
-    dv_acc[...] += lax.dot_general(p_t.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32)
+    dv_acc[...] += lax.dot_general(
+        p_t.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32
+    )
     dp_t = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
     ds_t = p_t * (dp_t - di_ref[...])
-    dk_acc[...] += lax.dot_general(ds_t.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32)
+    dk_acc[...] += lax.dot_general(
+        ds_t.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32
+    )
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
@@ -396,7 +502,9 @@ def _dkv_kernel(*refs, branch, bq, nq, qsteps, scale, seg, weighted, complement)
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def backward_dkv(plan, branch, q, do, k, v, seg, lse, di, weight=None, complement=False):
+def backward_dkv(
+    plan, branch, q, do, k, v, seg, lse, di, weight=None, complement=False
+):
   """dk, dv [B,Hkv,Sp,D] of one branch. `weight` [B,H,1,Sp] scales that branch's dO rows
   (the gate; `complement` uses 1 - weight)."""
   b, h, sp, d = q.shape
@@ -411,25 +519,53 @@ def backward_dkv(plan, branch, q, do, k, v, seg, lse, di, weight=None, complemen
   def head(kh, t):
     return kh * groups + lax.div(t, qsteps)
 
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, kh, j, t: (b_, head(kh, t), q_block(j, t), 0))
-  kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, kh, j, t: (b_, kh, j, 0))
-  row_spec = pl.BlockSpec((None, None, 1, bq), lambda b_, kh, j, t: (b_, head(kh, t), 0, q_block(j, t)))
+  q_spec = pl.BlockSpec(
+      (None, None, bq, d),
+      lambda b_, kh, j, t: (b_, head(kh, t), q_block(j, t), 0),
+  )
+  kv_spec = pl.BlockSpec(
+      (None, None, bk, d), lambda b_, kh, j, t: (b_, kh, j, 0)
+  )
+  row_spec = pl.BlockSpec(
+      (None, None, 1, bq),
+      lambda b_, kh, j, t: (b_, head(kh, t), 0, q_block(j, t)),
+  )
   in_specs, args = [q_spec, q_spec, kv_spec, kv_spec], [q, do, k, v]
   if seg is not None:
-    in_specs += [pl.BlockSpec((None, SUBLANES, bq), lambda b_, kh, j, t: (b_, 0, q_block(j, t))),
-                 pl.BlockSpec((None, bk, LANES), lambda b_, kh, j, t: (b_, j, 0))]
+    in_specs += [
+        pl.BlockSpec(
+            (None, SUBLANES, bq), lambda b_, kh, j, t: (b_, 0, q_block(j, t))
+        ),
+        pl.BlockSpec((None, bk, LANES), lambda b_, kh, j, t: (b_, j, 0)),
+    ]
     args += [seg[1], seg[0]]
   in_specs += [row_spec, row_spec]
   args += [lse, di]
   if weight is not None:
     in_specs.append(row_spec)
     args.append(weight)
-  kernel = functools.partial(_dkv_kernel, branch=branch, bq=bq, nq=nq, qsteps=qsteps,
-                             scale=1.0 / math.sqrt(d), seg=seg is not None,
-                             weighted=weight is not None, complement=complement)
+  kernel = functools.partial(
+      _dkv_kernel,
+      branch=branch,
+      bq=bq,
+      nq=nq,
+      qsteps=qsteps,
+      scale=1.0 / math.sqrt(d),
+      seg=seg is not None,
+      weighted=weight is not None,
+      complement=complement,
+  )
   shape = jax.ShapeDtypeStruct(k.shape, k.dtype)
   return pl.pallas_call(
-      kernel, out_shape=[shape, shape], grid=(b, hkv, nk, groups * qsteps), in_specs=in_specs,
+      kernel,
+      out_shape=[shape, shape],
+      grid=(b, hkv, nk, groups * qsteps),
+      in_specs=in_specs,
       out_specs=[kv_spec, kv_spec],
-      scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-      name="plt_attention_dkv", **_params(plan.interpret))(*args)
+      scratch_shapes=[
+          pltpu.VMEM((bk, d), jnp.float32),
+          pltpu.VMEM((bk, d), jnp.float32),
+      ],
+      name="plt_attention_dkv",
+      **_params(plan.interpret),
+  )(*args)

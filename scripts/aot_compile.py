@@ -11,68 +11,109 @@ sharded by the same rules over `--serve_mesh` and the KV cache split over kv hea
 per-device memory against the chip's HBM (or the compiler's refusal, in one line), useful FLOPs per
 device per step, compile time. Prints one line per step and, as the last line, one JSON object.
 """
+
 import json
 import os
 import sys
 
 from absl import app, flags
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; TPU devices are compile-only
+# the host runs nothing; TPU devices are compile-only
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from loopcoder_jax import cli, train_config  # noqa: E402
+from loopcoder_jax import cli  # noqa: E402
+from loopcoder_jax.train import config as train_config
 
-_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+_CONFIGS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "configs"
+)
 cli.define_config_flag(os.path.join(_CONFIGS, "tiny_cpu.py"))
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, CHIP:AxB[xC] (v5e, v5p, v6e).")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (the data axis spans them).")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "v5e:2x2", "TPU slice, CHIP:AxB[xC] (v5e, v5p, v6e)."
+)
+_NUM_SLICES = flags.DEFINE_integer(
+    "num_slices", 1, "Slices joined over DCN (the data axis spans them)."
+)
 _WHAT = flags.DEFINE_list("what", ["train"], "Any of train, prefill, decode.")
-_SERVE_BATCH = flags.DEFINE_integer("serve_batch", 32, "Serving batch (prefill and decode).")
-_SERVE_LEN = flags.DEFINE_integer("serve_len", 8192, "Serving context: cache length and prompt length.")
-_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "Chunked prefill size (0 = whole prompt at once).")
-_SERVE_MESH = flags.DEFINE_string("serve_mesh", "tensor=-1", "Serving mesh, e.g. 'data=2,tensor=2'.")
+_SERVE_BATCH = flags.DEFINE_integer(
+    "serve_batch", 32, "Serving batch (prefill and decode)."
+)
+_SERVE_LEN = flags.DEFINE_integer(
+    "serve_len", 8192, "Serving context: cache length and prompt length."
+)
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", 0, "Chunked prefill size (0 = whole prompt at once)."
+)
+_SERVE_MESH = flags.DEFINE_string(
+    "serve_mesh", "tensor=-1", "Serving mesh, e.g. 'data=2,tensor=2'."
+)
 
 WHATS = ("train", "prefill", "decode")
 
 
 def _parse_mesh(text):
   try:
-    return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+    return {
+        k.strip(): int(v)
+        for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())
+    }
   except ValueError:
-    raise ValueError(f"--serve_mesh must look like 'data=1,tensor=4', got {text!r}") from None
+    raise ValueError(
+        f"--serve_mesh must look like 'data=1,tensor=4', got {text!r}"
+    ) from None
 
 
 def _line(r):
-  head = (f"{r['what']:8s} {r['topology']}x{r['num_slices']} mesh={r['mesh']} R={r['loops']} "
-          f"flops/device={r['flops_per_device']:.3e} compile={r['compile_s']:.1f}s")
+  head = (
+      f"{r['what']:8s} {r['topology']}x{r['num_slices']} mesh={r['mesh']} R={r['loops']} "
+      f"flops/device={r['flops_per_device']:.3e} compile={r['compile_s']:.1f}s"
+  )
   if "peak_bytes" not in r:
     return f"{head}  DOES NOT FIT: {r['error']}"
   gib = 2**30
-  extra = f" cache/device={r['cache_bytes_per_device'] / gib:.2f} GiB" if "cache_bytes_per_device" in r else ""
-  return (f"{head}  peak/device={r['peak_bytes'] / gib:.2f} GiB of {r['hbm_bytes'] / gib:.1f} GiB "
-          f"({r['hbm_fraction']:.0%}) temp={r['temp_bytes'] / gib:.2f} GiB{extra} fits={r['fits']}")
+  extra = (
+      f" cache/device={r['cache_bytes_per_device'] / gib:.2f} GiB"
+      if "cache_bytes_per_device" in r
+      else ""
+  )
+  return (
+      f"{head}  peak/device={r['peak_bytes'] / gib:.2f} GiB of {r['hbm_bytes'] / gib:.1f} GiB "
+      f"({r['hbm_fraction']:.0%}) temp={r['temp_bytes'] / gib:.2f} GiB{extra} fits={r['fits']}"
+  )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from loopcoder_jax import aot
+  from loopcoder_jax.scaling import aot
 
   config = flags.FLAGS.config
   what = [w.strip() for w in _WHAT.value]
   bad = set(what) - set(WHATS)
   if bad or not what:
-    raise ValueError(f"--what: unknown steps {sorted(bad)}; expected a list of {WHATS}")
+    raise ValueError(
+        f"--what: unknown steps {sorted(bad)}; expected a list of {WHATS}"
+    )
   aot.parse_topology(_TOPOLOGY.value)
   reports = []
   if "train" in what:
-    reports.append(aot.compile_train(config, _TOPOLOGY.value, _NUM_SLICES.value))
+    reports.append(
+        aot.compile_train(config, _TOPOLOGY.value, _NUM_SLICES.value)
+    )
     print(_line(reports[-1]), flush=True)
   serve = [w for w in what if w != "train"]
   if serve:
     cfg = train_config.model_config_from(config)
-    for r in aot.compile_serving(cfg, _TOPOLOGY.value, batch=_SERVE_BATCH.value, max_len=_SERVE_LEN.value,
-                                 chunk=_PREFILL_CHUNK.value, mesh_cfg=_parse_mesh(_SERVE_MESH.value),
-                                 num_slices=_NUM_SLICES.value, what=serve):
+    for r in aot.compile_serving(
+        cfg,
+        _TOPOLOGY.value,
+        batch=_SERVE_BATCH.value,
+        max_len=_SERVE_LEN.value,
+        chunk=_PREFILL_CHUNK.value,
+        mesh_cfg=_parse_mesh(_SERVE_MESH.value),
+        num_slices=_NUM_SLICES.value,
+        what=serve,
+    ):
       reports.append(r)
       print(_line(r), flush=True)
   print(json.dumps({"config": config.name, "reports": reports}, default=str))

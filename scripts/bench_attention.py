@@ -4,7 +4,7 @@
         [--kv_heads=2] [--head_dim=128] [--batch=1] [--dtype=auto] [--iters=5] [--modes=fwd,fwd_bwd]
         [--max_dense_gib=2] [--kernels_on_cpu]
 
-Impls: `ref_local` (loopcoder_jax.attention.local_attention_reference, blocked, O(S x window)),
+Impls: `ref_local` (loopcoder_jax.model.attention.local_attention_reference, blocked, O(S x window)),
 `ref_gswa` (dense causal reference + local reference + blend; skipped where the S x S scores
 exceed --max_dense_gib), and on TPU/GPU `local` (sliding_window_attention), `gswa_fused`
 (gswa_attention) and `gswa_separate` (causal kernel + local kernel + blend, run separately).
@@ -13,30 +13,47 @@ references are timed, and the table says so. TFLOP/s count the useful FLOPs of t
 query-key pairs x 4D forward, x 12D forward+backward, no recompute). `ratio_32k_4k` = time(32k) /
 time(4k): 8 is linear in S, a dense mask would be 64. Prints a table, then one JSON line.
 """
+
 import json
 import statistics
 import time
 
+from absl import app, flags
 import jax
 import jax.numpy as jnp
-from absl import app, flags
 
-from loopcoder_jax import attention
-from pallas_kernels import gswa_attention, sliding_window_attention
+from loopcoder_jax.model import attention
+from pallas_kernels import gswa_attention, reference, sliding_window_attention
 
-_SEQ = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384", "32768"], "Sequence lengths.")
-_LEFT = flags.DEFINE_integer("left", 64, "Local window: query t sees keys t-left..t.")
+_SEQ = flags.DEFINE_list(
+    "seq_lens", ["1024", "4096", "16384", "32768"], "Sequence lengths."
+)
+_LEFT = flags.DEFINE_integer(
+    "left", 64, "Local window: query t sees keys t-left..t."
+)
 _HEADS = flags.DEFINE_integer("heads", 8, "Query heads.")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "KV heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch.")
-_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
-                           "auto: bfloat16 on accelerators, float32 on CPU (no native bf16 there).")
-_ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations (median reported) after one warm-up.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    "auto",
+    ["auto", "float32", "bfloat16"],
+    "auto: bfloat16 on accelerators, float32 on CPU (no native bf16 there).",
+)
+_ITERS = flags.DEFINE_integer(
+    "iters", 5, "Timed iterations (median reported) after one warm-up."
+)
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
-_KERNELS_ON_CPU = flags.DEFINE_bool("kernels_on_cpu", False, "Also run the kernels on CPU (interpret mode: "
-                                     "checks this script's kernel path; the times mean nothing).")
-_MAX_DENSE = flags.DEFINE_float("max_dense_gib", 2.0, "Skip dense-causal references above this score size.")
+_KERNELS_ON_CPU = flags.DEFINE_bool(
+    "kernels_on_cpu",
+    False,
+    "Also run the kernels on CPU (interpret mode: "
+    "checks this script's kernel path; the times mean nothing).",
+)
+_MAX_DENSE = flags.DEFINE_float(
+    "max_dense_gib", 2.0, "Skip dense-causal references above this score size."
+)
 
 
 def band_pairs(s, left):
@@ -46,16 +63,38 @@ def band_pairs(s, left):
 
 
 def impls(with_kernels, left):
-  ref_local = lambda q, k1, v1, k, v, g: attention.local_attention_reference(q, k, v, left=left)
-  ref_gswa = lambda q, k1, v1, k, v, g: attention.gswa_attention(q, k1, v1, k, v, g, left=left)
-  out = {"ref_local": (ref_local, "local", True), "ref_gswa": (ref_gswa, "gswa", True)}
+  def ref_local(q, k1, v1, k, v, g):
+    return attention.local_attention_reference(q, k, v, left=left)
+
+  def ref_gswa(q, k1, v1, k, v, g):
+    return attention.gswa_attention(q, k1, v1, k, v, g, left=left)
+
+  out = {
+      "ref_local": (ref_local, "local", True),
+      "ref_gswa": (ref_gswa, "gswa", True),
+  }
   if with_kernels:
-    out["local"] = (lambda q, k1, v1, k, v, g: sliding_window_attention(q, k, v, left=left), "local", False)
-    out["gswa_fused"] = (lambda q, k1, v1, k, v, g: gswa_attention(q, k1, v1, k, v, g, left=left), "gswa",
-                         False)
-    out["gswa_separate"] = (lambda q, k1, v1, k, v, g: attention.blend(
-        g, sliding_window_attention(q, k1, v1, left=None), sliding_window_attention(q, k, v, left=left)),
-        "gswa", False)
+    out["local"] = (
+        lambda q, k1, v1, k, v, g: sliding_window_attention(q, k, v, left=left),
+        "local",
+        False,
+    )
+    out["gswa_fused"] = (
+        lambda q, k1, v1, k, v, g: gswa_attention(
+            q, k1, v1, k, v, g, left=left
+        ),
+        "gswa",
+        False,
+    )
+    out["gswa_separate"] = (
+        lambda q, k1, v1, k, v, g: reference.blend(
+            g,
+            sliding_window_attention(q, k1, v1, left=None),
+            sliding_window_attention(q, k, v, left=left),
+        ),
+        "gswa",
+        False,
+    )
   return out
 
 
@@ -72,17 +111,33 @@ def timed(fn, args, iters):
 def main(argv):
   del argv
   backend = jax.default_backend()
-  dtype = jnp.dtype(_DTYPE.value if _DTYPE.value != "auto" else ("float32" if backend == "cpu" else "bfloat16"))
-  b, h, hk, d, left = _BATCH.value, _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value, _LEFT.value
+  dtype = jnp.dtype(
+      _DTYPE.value
+      if _DTYPE.value != "auto"
+      else ("float32" if backend == "cpu" else "bfloat16")
+  )
+  b, h, hk, d, left = (
+      _BATCH.value,
+      _HEADS.value,
+      _KV_HEADS.value,
+      _HEAD_DIM.value,
+      _LEFT.value,
+  )
   seqs = [int(s) for s in _SEQ.value]
   for m in _MODES.value:
     if m not in ("fwd", "fwd_bwd"):
       raise ValueError(f"--modes entries must be fwd or fwd_bwd, got {m!r}")
   kernels = backend != "cpu" or _KERNELS_ON_CPU.value
-  note = (f"{backend}: references and kernels" if backend != "cpu" else
-          "CPU: kernels in interpret mode, times meaningless" if kernels else
-          "CPU: only the XLA references are timed (the kernels would run in interpret mode)")
-  print(f"backend={backend} dtype={dtype.name} B={b} H={h} Hkv={hk} D={d} left={left}  [{note}]")
+  note = (
+      f"{backend}: references and kernels"
+      if backend != "cpu"
+      else "CPU: kernels in interpret mode, times meaningless"
+      if kernels
+      else "CPU: only the XLA references are timed (the kernels would run in interpret mode)"
+  )
+  print(
+      f"backend={backend} dtype={dtype.name} B={b} H={h} Hkv={hk} D={d} left={left}  [{note}]"
+  )
   print(f"{'impl':14s} {'mode':8s} {'S':>6s} {'ms':>10s} {'TFLOP/s':>8s}")
   rows = []
   for s in seqs:
@@ -95,28 +150,66 @@ def main(argv):
     dense_gib = b * h * s * s * 4 / 2**30
     for name, (fn, kind, dense) in impls(kernels, left).items():
       if kind == "gswa" and dense and dense_gib > _MAX_DENSE.value:
-        print(f"{name:14s} {'-':8s} {s:6d}  skipped: dense S x S scores need {dense_gib:.1f} GiB")
+        print(
+            f"{name:14s} {'-':8s} {s:6d}  skipped: dense S x S scores need {dense_gib:.1f} GiB"
+        )
         continue
       pairs = b * h * (local_pairs + (causal_pairs if kind == "gswa" else 0))
       for mode in _MODES.value:
         if mode == "fwd":
           run = jax.jit(fn)
         else:
-          run = jax.jit(jax.grad(lambda *a, fn=fn: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4, 5)))
+          run = jax.jit(
+              jax.grad(
+                  lambda *a, fn=fn: fn(*a).astype(jnp.float32).sum(),
+                  argnums=(0, 1, 2, 3, 4, 5),
+              )
+          )
         sec = timed(run, args, _ITERS.value)
         flops = pairs * d * (4 if mode == "fwd" else 12)
-        rows.append(dict(impl=name, mode=mode, seq=s, ms=sec * 1e3, tflops=flops / sec / 1e12))
-        print(f"{name:14s} {mode:8s} {s:6d} {sec * 1e3:10.2f} {flops / sec / 1e12:8.3f}")
+        rows.append(
+            dict(
+                impl=name,
+                mode=mode,
+                seq=s,
+                ms=sec * 1e3,
+                tflops=flops / sec / 1e12,
+            )
+        )
+        print(
+            f"{name:14s} {mode:8s} {s:6d} {sec * 1e3:10.2f} {flops / sec / 1e12:8.3f}"
+        )
   ratios = {}
   for r in rows:
     if r["seq"] == 32768:
-      base = [x for x in rows if x["seq"] == 4096 and x["impl"] == r["impl"] and x["mode"] == r["mode"]]
+      base = [
+          x
+          for x in rows
+          if x["seq"] == 4096
+          and x["impl"] == r["impl"]
+          and x["mode"] == r["mode"]
+      ]
       if base:
         ratios[f"{r['impl']}/{r['mode']}"] = r["ms"] / base[0]["ms"]
   for key, val in ratios.items():
     print(f"time(32k)/time(4k) {key}: {val:.2f}")
-  print(json.dumps(dict(backend=backend, dtype=dtype.name, batch=b, heads=h, kv_heads=hk, head_dim=d, left=left,
-                        kernels_timed=kernels, note=note, results=rows, ratio_32k_4k=ratios)))
+  print(
+      json.dumps(
+          dict(
+              backend=backend,
+              dtype=dtype.name,
+              batch=b,
+              heads=h,
+              kv_heads=hk,
+              head_dim=d,
+              left=left,
+              kernels_timed=kernels,
+              note=note,
+              results=rows,
+              ratio_32k_4k=ratios,
+          )
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ rusage, ru_maxrss) next to a baseline process that only imports the converter an
 Streaming target: peak RSS about one copy of the weights (checkpoint bytes) plus the baseline. The
 round trip is checked tensor by tensor (bytes equal). Prints a table and, as the last line, one JSON object.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,29 +24,62 @@ from absl import app, flags, logging
 
 from loopcoder_jax import cli
 
-PHASES = ("baseline", "write_hf", "hf_to_hf", "hf_to_orbax", "orbax_to_hf", "verify")
+PHASES = (
+    "baseline",
+    "write_hf",
+    "hf_to_hf",
+    "hf_to_orbax",
+    "orbax_to_hf",
+    "verify",
+)
 
 # run_phase / measure read these as attributes of one namespace named like the flags.
 _FLAGS = (
     flags.DEFINE_float("params", 1.05e9, "Synthetic model size (parameters)."),
-    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Checkpoint dtype."),
-    flags.DEFINE_string("shard_size", "1GB", "Safetensors shard size of the written checkpoints."),
-    flags.DEFINE_string("workdir", None, "Scratch directory (default: a temp dir, removed)."),
-    flags.DEFINE_enum("phase", None, PHASES, "Internal: run one phase in this process (the parent starts "
-                      "one child per phase)."),
+    flags.DEFINE_enum(
+        "dtype",
+        "bfloat16",
+        ["bfloat16", "float32", "float16"],
+        "Checkpoint dtype.",
+    ),
+    flags.DEFINE_string(
+        "shard_size",
+        "1GB",
+        "Safetensors shard size of the written checkpoints.",
+    ),
+    flags.DEFINE_string(
+        "workdir", None, "Scratch directory (default: a temp dir, removed)."
+    ),
+    flags.DEFINE_enum(
+        "phase",
+        None,
+        PHASES,
+        "Internal: run one phase in this process (the parent starts "
+        "one child per phase).",
+    ),
 )
 
 
 def bench_cfg(params_target: float, dtype: str):
-  from loopcoder_jax.config import PLTConfig
+  from loopcoder_jax.model.config import PLTConfig
 
-  base = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
-              num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, plt_num_loops=2,
-              torch_dtype=dtype)
+  base = dict(
+      vocab_size=32000,
+      hidden_size=2048,
+      intermediate_size=5632,
+      num_attention_heads=16,
+      num_key_value_heads=8,
+      head_dim=128,
+      max_position_embeddings=4096,
+      plt_num_loops=2,
+      torch_dtype=dtype,
+  )
   one = PLTConfig(num_hidden_layers=1, **base)
   two = PLTConfig(num_hidden_layers=2, **base)
   per_layer = two.num_params() - one.num_params()
-  layers = max(1, -int(-(params_target - (one.num_params() - per_layer)) // per_layer))
+  layers = max(
+      1, -int(-(params_target - (one.num_params() - per_layer)) // per_layer)
+  )
   return PLTConfig(num_hidden_layers=layers, **base)
 
 
@@ -53,24 +87,32 @@ def run_phase(args, phase: str) -> None:
   """Body of one child process."""
   import numpy as np
 
-  from loopcoder_jax import convert
+  from loopcoder_jax.interop import convert
 
-  hf, orbax, hf2, resharded = (os.path.join(args.workdir, n) for n in ("hf", "orbax", "hf2", "resharded"))
+  hf, orbax, hf2, resharded = (
+      os.path.join(args.workdir, n) for n in ("hf", "orbax", "hf2", "resharded")
+  )
   if phase == "baseline":
     import jax
+
     jax.numpy.zeros(1).block_until_ready()
   elif phase == "write_hf":
     cfg = bench_cfg(args.params, args.dtype)
     os.makedirs(hf)
     entries = []
     for i, s in enumerate(convert.plan(cfg)):
+
       def produce(s=s, i=i):
         rng = np.random.default_rng(i)
-        return (rng.standard_normal(s.hf_shape, np.float32) * 0.02).astype(convert.DTYPES[args.dtype])
+        return (rng.standard_normal(s.hf_shape, np.float32) * 0.02).astype(
+            convert.DTYPES[args.dtype]
+        )
+
       entries.append(convert.Entry(s.key, s.hf_shape, args.dtype, produce))
     convert.write_sharded(hf, entries, args.shard_size)
     cfg.to_hf_file(os.path.join(hf, "config.json"))
-  elif phase == "hf_to_hf":  # our streaming path alone (re-shard): no Orbax in the process
+  # our streaming path alone (re-shard): no Orbax in the process
+  elif phase == "hf_to_hf":
     convert.convert_checkpoint(hf, resharded, "hf", shard_size="300MB")
     shutil.rmtree(resharded)
   elif phase == "hf_to_orbax":
@@ -79,6 +121,7 @@ def run_phase(args, phase: str) -> None:
     convert.convert_checkpoint(orbax, hf2, "hf", shard_size=args.shard_size)
   elif phase == "verify":
     from safetensors import safe_open
+
     a, b = convert.hf_weight_files(hf), convert.hf_weight_files(hf2)
     if sorted(a) != sorted(b):
       raise SystemExit("round trip changed the key set")
@@ -91,8 +134,15 @@ def run_phase(args, phase: str) -> None:
 
 def measure(args, phase: str) -> int:
   """Peak RSS in bytes of a child process running `phase`."""
-  cmd = [sys.executable, os.path.abspath(__file__), f"--phase={phase}", f"--workdir={args.workdir}",
-         f"--params={args.params}", f"--dtype={args.dtype}", f"--shard_size={args.shard_size}"]
+  cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      f"--phase={phase}",
+      f"--workdir={args.workdir}",
+      f"--params={args.params}",
+      f"--dtype={args.dtype}",
+      f"--shard_size={args.shard_size}",
+  ]
   proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   _, status, usage = os.wait4(proc.pid, 0)
   if os.waitstatus_to_exitcode(status) != 0:
@@ -101,19 +151,25 @@ def measure(args, phase: str) -> int:
 
 
 def dir_bytes(path: str, suffix: str = "") -> int:
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffix))
+  return sum(
+      os.path.getsize(os.path.join(d, f))
+      for d, _, fs in os.walk(path)
+      for f in fs
+      if f.endswith(suffix)
+  )
 
 
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+    # Orbax logs every save and restore at INFO
+    logging.set_verbosity(logging.WARNING)
   return cli.run_with_flags(run, _FLAGS, argv)
 
 
 def run(args):
   if args.phase:
     return run_phase(args, args.phase)
-  from loopcoder_jax import convert
+  from loopcoder_jax.interop import convert
 
   # before the children start: a bad size would otherwise fail inside write_hf
   convert.parse_size(args.shard_size)
@@ -128,16 +184,33 @@ def run(args):
   finally:
     if own:
       shutil.rmtree(args.workdir, ignore_errors=True)
-  gib = 2.0 ** 30
-  print(f"synthetic checkpoint: {cfg.num_params() / 1e9:.3f}B params, L={cfg.num_hidden_layers}, {args.dtype}, "
-        f"{weights / gib:.2f} GiB of safetensors, shards <= {args.shard_size}")
-  print(f"{'phase':<14}{'peak RSS GiB':>14}{'minus baseline':>16}{'/ checkpoint':>14}")
+  gib = 2.0**30
+  print(
+      f"synthetic checkpoint: {cfg.num_params() / 1e9:.3f}B params, L={cfg.num_hidden_layers}, {args.dtype}, "
+      f"{weights / gib:.2f} GiB of safetensors, shards <= {args.shard_size}"
+  )
+  print(
+      f"{'phase':<14}{'peak RSS GiB':>14}{'minus baseline':>16}{'/ checkpoint':>14}"
+  )
   for p in PHASES:
     extra = rss[p] - rss["baseline"]
-    print(f"{p:<14}{rss[p] / gib:>14.2f}{extra / gib:>16.2f}{extra / weights:>14.2f}")
-  print(json.dumps({"params": cfg.num_params(), "dtype": args.dtype, "checkpoint_bytes": weights,
-                    "peak_rss_bytes": rss, "over_baseline_per_checkpoint_byte":
-                        {p: round((rss[p] - rss["baseline"]) / weights, 3) for p in PHASES}}))
+    print(
+        f"{p:<14}{rss[p] / gib:>14.2f}{extra / gib:>16.2f}{extra / weights:>14.2f}"
+    )
+  print(
+      json.dumps(
+          {
+              "params": cfg.num_params(),
+              "dtype": args.dtype,
+              "checkpoint_bytes": weights,
+              "peak_rss_bytes": rss,
+              "over_baseline_per_checkpoint_byte": {
+                  p: round((rss[p] - rss["baseline"]) / weights, 3)
+                  for p in PHASES
+              },
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

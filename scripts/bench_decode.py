@@ -17,28 +17,45 @@ ratio of the fastest steps, the figure closest to an unloaded machine. Cache byt
 the cache pytree; the vanilla figure is what `R*L*S` K/V entries take (twice R=1's K/V).
 Prints a table and, as the last line, one JSON object.
 """
+
 from __future__ import annotations
 
 import json
 import statistics
 import time
 
+from absl import app, flags
 import jax
 import jax.numpy as jnp
-from absl import app, flags
 
-from loopcoder_jax import cli, decode
-from loopcoder_jax.config import PLTConfig
-from loopcoder_jax.model import init_params, is_per_layer, proj, unstack_layers
+from loopcoder_jax import cli
+from loopcoder_jax.inference import decode
+from loopcoder_jax.model.config import PLTConfig
+from loopcoder_jax.model.transformer import (
+    init_params,
+    is_per_layer,
+    proj,
+    unstack_layers,
+)
 
-VARIANTS = (("R1", 1, "batched"), ("PLT2", 2, "batched"), ("serial2", 2, "serial"))
+VARIANTS = (
+    ("R1", 1, "batched"),
+    ("PLT2", 2, "batched"),
+    ("serial2", 2, "serial"),
+)
 
 # bench_cfg reads these as attributes of one namespace named like the flags; the JSON "config" lists them
 # (all but batches and contexts) in this order.
 _FLAGS = (
     flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes."),
-    flags.DEFINE_list("contexts", ["512", "4096"], "Cache lengths (preallocated K/V entries per sequence)."),
-    flags.DEFINE_integer("steps", 10, "Timed decode steps per variant (after one warm-up step)."),
+    flags.DEFINE_list(
+        "contexts",
+        ["512", "4096"],
+        "Cache lengths (preallocated K/V entries per sequence).",
+    ),
+    flags.DEFINE_integer(
+        "steps", 10, "Timed decode steps per variant (after one warm-up step)."
+    ),
     flags.DEFINE_integer("d", 1024, "Hidden size."),
     flags.DEFINE_integer("ffn", 4096, "SwiGLU intermediate size."),
     flags.DEFINE_integer("layers", 4, "Layers."),
@@ -47,26 +64,44 @@ _FLAGS = (
     flags.DEFINE_integer("head_dim", 64, "Head dim."),
     flags.DEFINE_integer("vocab", 8192, "Vocabulary size."),
     flags.DEFINE_integer("window", 64, "Local attention window."),
-    flags.DEFINE_enum("layout", "per_layer", ["per_layer", "stacked"],
-                      "per_layer: L separate weight and cache buffers (model.unstack_layers), what "
-                      "generation.complete uses on CPU (default); stacked: [L, ...] arrays scanned over, the "
-                      "accelerator layout (on CPU 1.2-2.6x slower: XLA:CPU copies each layer's slices)."),
+    flags.DEFINE_enum(
+        "layout",
+        "per_layer",
+        ["per_layer", "stacked"],
+        "per_layer: L separate weight and cache buffers (model.unstack_layers), what "
+        "generation.complete uses on CPU (default); stacked: [L, ...] arrays scanned over, the "
+        "accelerator layout (on CPU 1.2-2.6x slower: XLA:CPU copies each layer's slices).",
+    ),
 )
 
 
 def bench_cfg(args, loops):
-  return PLTConfig(vocab_size=args.vocab, hidden_size=args.d, intermediate_size=args.ffn,
-                   num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                   num_key_value_heads=args.kv_heads, head_dim=args.head_dim, max_position_embeddings=65536,
-                   plt_window_size=(args.window, 0), plt_num_loops=loops, torch_dtype="float32",
-                   rope_theta=10000.0)
+  return PLTConfig(
+      vocab_size=args.vocab,
+      hidden_size=args.d,
+      intermediate_size=args.ffn,
+      num_hidden_layers=args.layers,
+      num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads,
+      head_dim=args.head_dim,
+      max_position_embeddings=65536,
+      plt_window_size=(args.window, 0),
+      plt_num_loops=loops,
+      torch_dtype="float32",
+      rope_theta=10000.0,
+  )
 
 
 def make_runner(cfg, params, batch, context, steps, mode):
   """A jitted step with a donated cache filled to `context - steps - 2` tokens; call it to time one step."""
-  step = jax.jit(lambda p, c, t: decode.decode_step(cfg, p, c, t, mode), donate_argnums=1)
-  state = {"cache": decode.init_cache(cfg, batch, context, is_per_layer(params["layers"])).replace(
-      lengths=jnp.full((batch,), context - steps - 2, jnp.int32))}
+  step = jax.jit(
+      lambda p, c, t: decode.decode_step(cfg, p, c, t, mode), donate_argnums=1
+  )
+  state = {
+      "cache": decode.init_cache(
+          cfg, batch, context, is_per_layer(params["layers"])
+      ).replace(lengths=jnp.full((batch,), context - steps - 2, jnp.int32))
+  }
   tok = jnp.zeros((batch,), jnp.int32)
 
   def run():
@@ -81,11 +116,17 @@ def make_runner(cfg, params, batch, context, steps, mode):
 
 def make_gemm_runner(params, rows):
   """The layers' weight matmuls alone (`model.proj`, each weight as one [in, out] matrix) on `rows`
-  rows: what a decode step's L layers multiply, without attention or the cache."""
+  rows: what a decode step's L layers multiply, without attention or the cache.
+  """
   layers = unstack_layers(params)["layers"]
   d = params["embed_tokens"]["embedding"].shape[1]
-  mats = [w.reshape(w.shape[0], -1) if w.shape[0] == d else w.reshape(-1, w.shape[-1])
-          for w in jax.tree.leaves(layers) if w.ndim >= 2]
+  mats = [
+      w.reshape(w.shape[0], -1)
+      if w.shape[0] == d
+      else w.reshape(-1, w.shape[-1])
+      for w in jax.tree.leaves(layers)
+      if w.ndim >= 2
+  ]
   fn = jax.jit(lambda ws, x: [proj(x[:, : w.shape[0]], w) for w in ws])
   x = jnp.ones((rows, max(w.shape[0] for w in mats)), mats[0].dtype)
 
@@ -107,7 +148,10 @@ def time_interleaved(runners, steps):
   for _ in range(steps):
     for name, (run, _) in runners.items():
       times[name].append(run())
-  ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+  def ratio(a, b):
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
   return {n: (statistics.median(t), min(t)) for n, t in times.items()}, ratio
 
 
@@ -116,58 +160,99 @@ def main(argv):
 
 
 def run(args):
-  batches, contexts = cli.int_list("batches", args.batches), cli.int_list("contexts", args.contexts)
+  batches, contexts = cli.int_list("batches", args.batches), cli.int_list(
+      "contexts", args.contexts
+  )
   if args.steps < 1 or min(batches) < 1 or min(contexts) < args.steps + 3:
-    raise ValueError("need --steps >= 1, batches >= 1 and every context >= steps + 3")
+    raise ValueError(
+        "need --steps >= 1, batches >= 1 and every context >= steps + 3"
+    )
 
   cfg2 = bench_cfg(args, 2)
   params = init_params(cfg2, jax.random.key(0))
   if args.layout == "per_layer":
     params = unstack_layers(params)
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-  rows, out = [], {"device": jax.devices()[0].device_kind, "weight_bytes": weight_bytes,
-                   "config": {k: v for k, v in vars(args).items() if k not in ("batches", "contexts")},
-                   "results": []}
-  print(f"# device={out['device']} weights={weight_bytes / 2**20:.0f} MiB  {out['config']}", flush=True)
-  hdr = (f"{'batch':>5} {'ctx':>5} | {'R1 ms':>8} {'PLT2 ms':>8} {'ser2 ms':>8} | {'R1 tok/s':>9} "
-         f"{'PLT2 tok/s':>10} {'ser2 tok/s':>10} | {'PLT2/R1':>7} {'PLT2/ser2':>9} {'(min)':>11} {'mm 2B/B':>7} | "
-         f"{'R1 cache MiB':>12} "
-         f"{'PLT2 MiB':>9} {'vanilla2 MiB':>12} {'PLT2/R1 bytes':>13}")
+  rows, out = [], {
+      "device": jax.devices()[0].device_kind,
+      "weight_bytes": weight_bytes,
+      "config": {
+          k: v
+          for k, v in vars(args).items()
+          if k not in ("batches", "contexts")
+      },
+      "results": [],
+  }
+  print(
+      f"# device={out['device']} weights={weight_bytes / 2**20:.0f} MiB  {out['config']}",
+      flush=True,
+  )
+  hdr = (
+      f"{'batch':>5} {'ctx':>5} | {'R1 ms':>8} {'PLT2 ms':>8} {'ser2 ms':>8} | {'R1 tok/s':>9} "
+      f"{'PLT2 tok/s':>10} {'ser2 tok/s':>10} | {'PLT2/R1':>7} {'PLT2/ser2':>9} {'(min)':>11} {'mm 2B/B':>7} | "
+      f"{'R1 cache MiB':>12} "
+      f"{'PLT2 MiB':>9} {'vanilla2 MiB':>12} {'PLT2/R1 bytes':>13}"
+  )
   for batch in batches:
     for ctx in contexts:
       res = {"batch": batch, "context": ctx}
-      runners = {name: make_runner(bench_cfg(args, loops), params, batch, ctx, args.steps, mode)
-                 for name, loops, mode in VARIANTS}
-      gemms = {"gemm_B": make_gemm_runner(params, batch), "gemm_2B": make_gemm_runner(params, 2 * batch)}
+      runners = {
+          name: make_runner(
+              bench_cfg(args, loops), params, batch, ctx, args.steps, mode
+          )
+          for name, loops, mode in VARIANTS
+      }
+      gemms = {
+          "gemm_B": make_gemm_runner(params, batch),
+          "gemm_2B": make_gemm_runner(params, 2 * batch),
+      }
       sec, ratio = time_interleaved({**runners, **gemms}, args.steps)
       # PLT2 multiplies the layers' weights with 2B rows where R1 uses B: on a device that streams
       # the weights at its memory bandwidth both cost the same, so this ratio is ~1; above 1 it is
       # the matmul cost that bounds PLT2/R1 from below on this machine
-      res["layer_matmuls"] = {"ms_B_rows": sec["gemm_B"][0] * 1e3, "ms_2B_rows": sec["gemm_2B"][0] * 1e3,
-                              "ratio_2B_over_B": ratio("gemm_2B", "gemm_B")}
+      res["layer_matmuls"] = {
+          "ms_B_rows": sec["gemm_B"][0] * 1e3,
+          "ms_2B_rows": sec["gemm_2B"][0] * 1e3,
+          "ratio_2B_over_B": ratio("gemm_2B", "gemm_B"),
+      }
       for name, (_, state) in runners.items():
         nbytes = decode.cache_bytes(state["cache"])
         med, best = sec[name]
-        res[name] = {"ms_per_token": med * 1e3, "min_ms_per_token": best * 1e3,
-                     "tokens_per_s": batch / med, "cache_bytes": nbytes}
+        res[name] = {
+            "ms_per_token": med * 1e3,
+            "min_ms_per_token": best * 1e3,
+            "tokens_per_s": batch / med,
+            "cache_bytes": nbytes,
+        }
       c1 = runners["R1"][1]["cache"]
-      res["vanilla2_cache_bytes"] = 2 * sum(x.nbytes for x in jax.tree.leaves((c1.k1, c1.v1)))  # R*L*S, no carry
+      # R*L*S, no carry
+      res["vanilla2_cache_bytes"] = 2 * sum(
+          x.nbytes for x in jax.tree.leaves((c1.k1, c1.v1))
+      )
       del runners, c1
       res["plt2_over_r1_latency"] = ratio("PLT2", "R1")
       res["plt2_over_serial2_latency"] = ratio("PLT2", "serial2")
       # the fastest step of each variant: closest to an unloaded machine
-      res["plt2_over_r1_latency_min"] = res["PLT2"]["min_ms_per_token"] / res["R1"]["min_ms_per_token"]
-      res["plt2_over_serial2_latency_min"] = res["PLT2"]["min_ms_per_token"] / res["serial2"]["min_ms_per_token"]
-      res["plt2_over_r1_cache"] = res["PLT2"]["cache_bytes"] / res["R1"]["cache_bytes"]
+      res["plt2_over_r1_latency_min"] = (
+          res["PLT2"]["min_ms_per_token"] / res["R1"]["min_ms_per_token"]
+      )
+      res["plt2_over_serial2_latency_min"] = (
+          res["PLT2"]["min_ms_per_token"] / res["serial2"]["min_ms_per_token"]
+      )
+      res["plt2_over_r1_cache"] = (
+          res["PLT2"]["cache_bytes"] / res["R1"]["cache_bytes"]
+      )
       out["results"].append(res)
-      rows.append(f"{batch:>5} {ctx:>5} | {res['R1']['ms_per_token']:>8.2f} {res['PLT2']['ms_per_token']:>8.2f} "
-                  f"{res['serial2']['ms_per_token']:>8.2f} | {res['R1']['tokens_per_s']:>9.1f} "
-                  f"{res['PLT2']['tokens_per_s']:>10.1f} {res['serial2']['tokens_per_s']:>10.1f} | "
-                  f"{res['plt2_over_r1_latency']:>7.3f} {res['plt2_over_serial2_latency']:>9.3f} "
-                  f"{res['plt2_over_r1_latency_min']:>5.2f}/{res['plt2_over_serial2_latency_min']:<5.2f} "
-                  f"{res['layer_matmuls']['ratio_2B_over_B']:>7.3f} | "
-                  f"{res['R1']['cache_bytes'] / 2**20:>12.1f} {res['PLT2']['cache_bytes'] / 2**20:>9.1f} "
-                  f"{res['vanilla2_cache_bytes'] / 2**20:>12.1f} {res['plt2_over_r1_cache']:>13.4f}")
+      rows.append(
+          f"{batch:>5} {ctx:>5} | {res['R1']['ms_per_token']:>8.2f} {res['PLT2']['ms_per_token']:>8.2f} "
+          f"{res['serial2']['ms_per_token']:>8.2f} | {res['R1']['tokens_per_s']:>9.1f} "
+          f"{res['PLT2']['tokens_per_s']:>10.1f} {res['serial2']['tokens_per_s']:>10.1f} | "
+          f"{res['plt2_over_r1_latency']:>7.3f} {res['plt2_over_serial2_latency']:>9.3f} "
+          f"{res['plt2_over_r1_latency_min']:>5.2f}/{res['plt2_over_serial2_latency_min']:<5.2f} "
+          f"{res['layer_matmuls']['ratio_2B_over_B']:>7.3f} | "
+          f"{res['R1']['cache_bytes'] / 2**20:>12.1f} {res['PLT2']['cache_bytes'] / 2**20:>9.1f} "
+          f"{res['vanilla2_cache_bytes'] / 2**20:>12.1f} {res['plt2_over_r1_cache']:>13.4f}"
+      )
       print(rows[-1] if len(rows) > 1 else hdr + "\n" + rows[-1], flush=True)
   print(hdr)
   print("\n".join(rows))

@@ -19,6 +19,7 @@ measured just before and just after it (MFU paired: the best and the median pair
 paired median is the figure to read on a shared host.
 Prints a table and, as the last line, one JSON object.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,18 +29,29 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
 
-from loopcoder_jax import cli, flops, optim, sharding, train_step  # noqa: E402
-from loopcoder_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, PLTConfig  # noqa: E402
+from loopcoder_jax import cli  # noqa: E402
+from loopcoder_jax.model import sharding
+from loopcoder_jax.model.config import (  # noqa: E402
+    ATTENTION_IMPLS,
+    DTYPES,
+    REMAT_POLICIES,
+    PLTConfig,
+)
+from loopcoder_jax.scaling import flops
+from loopcoder_jax.train import optim
+from loopcoder_jax.train import step as train_step
 
 # bench_cfg / bench_loops read these as attributes of one namespace named like the flags.
 _FLAGS = (
     flags.DEFINE_list("loops", ["1", "2", "3"], "Loop counts R to benchmark."),
-    flags.DEFINE_integer("steps", 6, "Timed steps per R (after one warm-up step)."),
+    flags.DEFINE_integer(
+        "steps", 6, "Timed steps per R (after one warm-up step)."
+    ),
     flags.DEFINE_integer("batch", 8, "Batch size."),
     flags.DEFINE_integer("seq", 256, "Sequence length."),
     flags.DEFINE_integer("layers", 4, "Layers."),
@@ -50,48 +62,101 @@ _FLAGS = (
     flags.DEFINE_integer("ffn", 1024, "SwiGLU intermediate size."),
     flags.DEFINE_integer("vocab", 32000, "Vocabulary size."),
     flags.DEFINE_integer("window", 64, "Local attention window."),
-    flags.DEFINE_enum("dtype", "float32", DTYPES, "Compute dtype (also the dtype of the measured matmul peak)."),
-    flags.DEFINE_enum("attention_impl", "reference", ATTENTION_IMPLS, "Attention implementation."),
+    flags.DEFINE_enum(
+        "dtype",
+        "float32",
+        DTYPES,
+        "Compute dtype (also the dtype of the measured matmul peak).",
+    ),
+    flags.DEFINE_enum(
+        "attention_impl",
+        "reference",
+        ATTENTION_IMPLS,
+        "Attention implementation.",
+    ),
     flags.DEFINE_enum("remat", "none", REMAT_POLICIES, "Remat policy."),
-    flags.DEFINE_integer("scan_layers", 0, "1: nn.scan over layers; 0 (default): unrolled, ~15% faster on CPU "
-                         "(no stacked residual slicing in the backward pass).", lower_bound=0, upper_bound=1),
-    flags.DEFINE_integer("loss_chunk", 0, "Sequence positions per step of the fused head + cross-entropy "
-                         "(0: plain logits path)."),
+    flags.DEFINE_integer(
+        "scan_layers",
+        0,
+        "1: nn.scan over layers; 0 (default): unrolled, ~15% faster on CPU "
+        "(no stacked residual slicing in the backward pass).",
+        lower_bound=0,
+        upper_bound=1,
+    ),
+    flags.DEFINE_integer(
+        "loss_chunk",
+        0,
+        "Sequence positions per step of the fused head + cross-entropy "
+        "(0: plain logits path).",
+    ),
     flags.DEFINE_integer("peak_n", 2048, "Matmul size for the measured peak."),
 )
 
 
 def bench_cfg(args, loops: int) -> PLTConfig:
-  return PLTConfig(vocab_size=args.vocab, hidden_size=args.d, intermediate_size=args.ffn,
-                   num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                   num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-                   max_position_embeddings=max(4096, args.seq), plt_window_size=(args.window, 0),
-                   plt_num_loops=loops, rope_theta=10000.0, torch_dtype="float32").with_runtime(
-                       dtype=args.dtype, attention_impl=args.attention_impl, remat_policy=args.remat,
-                       scan_layers=bool(args.scan_layers), loss_chunk=args.loss_chunk)
+  return PLTConfig(
+      vocab_size=args.vocab,
+      hidden_size=args.d,
+      intermediate_size=args.ffn,
+      num_hidden_layers=args.layers,
+      num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads,
+      head_dim=args.head_dim,
+      max_position_embeddings=max(4096, args.seq),
+      plt_window_size=(args.window, 0),
+      plt_num_loops=loops,
+      rope_theta=10000.0,
+      torch_dtype="float32",
+  ).with_runtime(
+      dtype=args.dtype,
+      attention_impl=args.attention_impl,
+      remat_policy=args.remat,
+      scan_layers=bool(args.scan_layers),
+      loss_chunk=args.loss_chunk,
+  )
 
 
-def random_batch(cfg: PLTConfig, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_batch(
+    cfg: PLTConfig, batch: int, seq: int, seed: int = 0
+) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-          "loss_mask": np.ones((batch, seq), np.float32)}
+  return {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "segment_ids": np.ones((batch, seq), np.int32),
+      "positions": np.broadcast_to(
+          np.arange(seq, dtype=np.int32), (batch, seq)
+      ).copy(),
+      "loss_mask": np.ones((batch, seq), np.float32),
+  }
 
 
 def bench_loops(args, loops: int, device, peak_dtype) -> dict:
   cfg = bench_cfg(args, loops)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
+  mesh = sharding.make_mesh(
+      {"data": 1, "fsdp": 1, "tensor": 1}, devices=[device]
+  )
   tx, _ = optim.make_optimizer(optim.default_optim_config(), total_steps=1000)
-  init_fn, step_fn, _ = train_step.make_train_fns(cfg, tx, mesh, sharding.DEFAULT_RULES)
+  init_fn, step_fn, _ = train_step.make_train_fns(
+      cfg, tx, mesh, sharding.DEFAULT_RULES
+  )
   state = init_fn(jax.random.key(0))
-  batch = {k: jax.device_put(v, device) for k, v in random_batch(cfg, args.batch, args.seq).items()}
+  batch = {
+      k: jax.device_put(v, device)
+      for k, v in random_batch(cfg, args.batch, args.seq).items()
+  }
   t0 = time.perf_counter()
   state, metrics = step_fn(state, batch)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
   step_times, peaks, cpu_times = [], [], []
-  measure_peak = lambda: flops.measure_matmul_peak(peak_dtype, n=args.peak_n, repeats=2, device=device)
+
+  def measure_peak():
+    return flops.measure_matmul_peak(
+        peak_dtype, n=args.peak_n, repeats=2, device=device
+    )
+
   peaks.append(measure_peak())
   for _ in range(args.steps):
     t0, c0 = time.perf_counter(), time.process_time()
@@ -106,12 +171,24 @@ def bench_loops(args, loops: int, device, peak_dtype) -> dict:
   fpt = flops.train_flops_per_token(cfg, args.seq)
   tokens = args.batch * args.seq
   # Each step against the mean of the peaks measured just before and just after it.
-  paired = [flops.mfu(tokens / t, fpt, (p0 + p1) / 2) for t, p0, p1 in zip(step_times, peaks, peaks[1:])]
-  return {"loops": loops, "params": cfg.num_params(), "flops_per_token": fpt,
-          "step_s_best": min(step_times), "step_s_median": statistics.median(step_times),
-          "step_cpu_s_median": statistics.median(cpu_times), "compile_s": compile_s,
-          "peak_flops": max(peaks), "peak_flops_median": statistics.median(peaks),
-          "mfu_paired_best": max(paired), "mfu_paired_median": statistics.median(paired), "loss": loss}
+  paired = [
+      flops.mfu(tokens / t, fpt, (p0 + p1) / 2)
+      for t, p0, p1 in zip(step_times, peaks, peaks[1:])
+  ]
+  return {
+      "loops": loops,
+      "params": cfg.num_params(),
+      "flops_per_token": fpt,
+      "step_s_best": min(step_times),
+      "step_s_median": statistics.median(step_times),
+      "step_cpu_s_median": statistics.median(cpu_times),
+      "compile_s": compile_s,
+      "peak_flops": max(peaks),
+      "peak_flops_median": statistics.median(peaks),
+      "mfu_paired_best": max(paired),
+      "mfu_paired_median": statistics.median(paired),
+      "loss": loss,
+  }
 
 
 def main(argv):
@@ -121,31 +198,52 @@ def main(argv):
 def run(args):
   loops = cli.int_list("loops", args.loops)
   if min(loops) < 1 or args.steps < 1 or args.batch < 1 or args.seq < 2:
-    raise ValueError("need --loops >= 1, --steps >= 1, --batch >= 1 and --seq >= 2")
+    raise ValueError(
+        "need --loops >= 1, --steps >= 1, --batch >= 1 and --seq >= 2"
+    )
 
   device = jax.devices()[0]
   peak_dtype = jnp.dtype(args.dtype)
   rows = [bench_loops(args, r, device, peak_dtype) for r in loops]
-  peak = max(r["peak_flops"] for r in rows)  # the machine's peak: best seen over the whole run
+  # the machine's peak: best seen over the whole run
+  peak = max(r["peak_flops"] for r in rows)
   tokens = args.batch * args.seq
   for r in rows:
     r["tokens_per_s"] = tokens / r["step_s_best"]
     r["tokens_per_s_median"] = tokens / r["step_s_median"]
     r["mfu"] = flops.mfu(r["tokens_per_s"], r["flops_per_token"], peak)
 
-  print(f"backend={device.platform} ({device.device_kind}), {args.dtype}, attention={args.attention_impl}, "
-        f"remat={args.remat}, scan_layers={args.scan_layers}, batch={args.batch} x seq={args.seq}, measured {args.dtype} matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s")
-  print(f"{'R':>2} {'params':>10} {'MFLOP/tok':>10} {'step s':>8} {'(median)':>8} {'tok/s':>8} "
-        f"{'(median)':>8} {'MFU':>6} {'paired best':>11} {'(median)':>8} {'compile s':>9}")
+  print(
+      f"backend={device.platform} ({device.device_kind}), {args.dtype}, attention={args.attention_impl}, "
+      f"remat={args.remat}, scan_layers={args.scan_layers}, batch={args.batch} x seq={args.seq}, measured {args.dtype} matmul peak "
+      f"{peak / 1e9:.1f} GFLOP/s"
+  )
+  print(
+      f"{'R':>2} {'params':>10} {'MFLOP/tok':>10} {'step s':>8} {'(median)':>8} {'tok/s':>8} "
+      f"{'(median)':>8} {'MFU':>6} {'paired best':>11} {'(median)':>8} {'compile s':>9}"
+  )
   for r in rows:
-    print(f"{r['loops']:>2} {r['params']:>10,} {r['flops_per_token'] / 1e6:>10.1f} {r['step_s_best']:>8.3f} "
-          f"{r['step_s_median']:>8.3f} {r['tokens_per_s']:>8.0f} {r['tokens_per_s_median']:>8.0f} "
-          f"{r['mfu']:>6.1%} {r['mfu_paired_best']:>11.1%} {r['mfu_paired_median']:>8.1%} {r['compile_s']:>9.1f}")
-  print(json.dumps({"backend": device.platform, "device_kind": device.device_kind, "dtype": args.dtype,
-                    "attention_impl": args.attention_impl, "remat": args.remat,
-                    "scan_layers": args.scan_layers, "batch": args.batch,
-                    "seq": args.seq, "peak_flops": peak, "results": rows}))
+    print(
+        f"{r['loops']:>2} {r['params']:>10,} {r['flops_per_token'] / 1e6:>10.1f} {r['step_s_best']:>8.3f} "
+        f"{r['step_s_median']:>8.3f} {r['tokens_per_s']:>8.0f} {r['tokens_per_s_median']:>8.0f} "
+        f"{r['mfu']:>6.1%} {r['mfu_paired_best']:>11.1%} {r['mfu_paired_median']:>8.1%} {r['compile_s']:>9.1f}"
+    )
+  print(
+      json.dumps(
+          {
+              "backend": device.platform,
+              "device_kind": device.device_kind,
+              "dtype": args.dtype,
+              "attention_impl": args.attention_impl,
+              "remat": args.remat,
+              "scan_layers": args.scan_layers,
+              "batch": args.batch,
+              "seq": args.seq,
+              "peak_flops": peak,
+              "results": rows,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -8,34 +8,63 @@ config.json + safetensors). Tokenizer files and the chat template are copied thr
 carries the PyTorch modeling files, so `AutoModelForCausalLM.from_pretrained(dst,
 trust_remote_code=True)` loads it. Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
 """
+
 import os
 import sys
 
 from absl import app, flags
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; keep accelerators free
+# conversion is host work; keep accelerators free
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-_SRC = flags.DEFINE_string("src", None, "Source checkpoint directory (format detected).", required=True)
-_DST = flags.DEFINE_string("dst", None, "Destination directory (must be empty unless --overwrite).", required=True)
-_TO = flags.DEFINE_enum("to", None, ["orbax", "hf"], "Output format.", required=True)
-_SHARD_SIZE = flags.DEFINE_string("shard_size", "5GB", "Max bytes per safetensors shard, e.g. 5GB, 500MB (HF output).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float16", "float32"],
-                           "Output dtype (default: keep every tensor's stored dtype).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty destination.")
+_SRC = flags.DEFINE_string(
+    "src", None, "Source checkpoint directory (format detected).", required=True
+)
+_DST = flags.DEFINE_string(
+    "dst",
+    None,
+    "Destination directory (must be empty unless --overwrite).",
+    required=True,
+)
+_TO = flags.DEFINE_enum(
+    "to", None, ["orbax", "hf"], "Output format.", required=True
+)
+_SHARD_SIZE = flags.DEFINE_string(
+    "shard_size",
+    "5GB",
+    "Max bytes per safetensors shard, e.g. 5GB, 500MB (HF output).",
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["bfloat16", "float16", "float32"],
+    "Output dtype (default: keep every tensor's stored dtype).",
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace a non-empty destination."
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from loopcoder_jax import convert
+  from loopcoder_jax.interop import convert
 
   try:
-    fmt = convert.convert_checkpoint(_SRC.value, _DST.value, _TO.value, shard_size=_SHARD_SIZE.value,
-                                     dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+    fmt = convert.convert_checkpoint(
+        _SRC.value,
+        _DST.value,
+        _TO.value,
+        shard_size=_SHARD_SIZE.value,
+        dtype=_DTYPE.value,
+        overwrite=_OVERWRITE.value,
+    )
   except ValueError as e:
     print(f"convert_checkpoint: error: {e}", file=sys.stderr)
     return 2
-  print(f"converted {fmt} {os.path.abspath(_SRC.value)} -> {_TO.value} {os.path.abspath(_DST.value)}")
+  print(
+      f"converted {fmt} {os.path.abspath(_SRC.value)} -> {_TO.value} {os.path.abspath(_DST.value)}"
+  )
   return 0
 
 

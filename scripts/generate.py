@@ -9,50 +9,96 @@ directory (config.json + safetensors); the tokenizer is read from there (or --to
 Temperature 0 is greedy. Several --prompt flags make a batch (printed when done); a single prompt
 streams token by token.
 """
+
 import os
 import sys
 
 from absl import app, flags
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.", required=True)
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt; repeat for a batch.", required=True)
-_CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in the tokenizer's chat template.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Checkpoint directory.", required=True
+)
+_PROMPT = flags.DEFINE_multi_string(
+    "prompt", None, "Prompt; repeat for a batch.", required=True
+)
+_CHAT = flags.DEFINE_bool(
+    "chat", False, "Wrap the prompt in the tokenizer's chat template."
+)
+_MAX_NEW = flags.DEFINE_integer(
+    "max_new_tokens", 128, "Tokens to generate at most."
+)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = off).")
+_TOP_K = flags.DEFINE_integer(
+    "top_k", 0, "Sample from the k most likely tokens (0 = off)."
+)
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_LOOPS = flags.DEFINE_integer("loops", 0, "Loops to run (default: the checkpoint's).")
-_MODE = flags.DEFINE_enum("mode", "batched", ["batched", "serial"], "All loops of a token in one pass, or one per loop.")
-_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "Prefill chunk size (0 = whole prompt).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param and compute dtype.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory (default: from the checkpoint).")
+_LOOPS = flags.DEFINE_integer(
+    "loops", 0, "Loops to run (default: the checkpoint's)."
+)
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "batched",
+    ["batched", "serial"],
+    "All loops of a token in one pass, or one per loop.",
+)
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", 0, "Prefill chunk size (0 = whole prompt)."
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "Param and compute dtype."
+)
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer",
+    None,
+    "Tokenizer file or directory (default: from the checkpoint).",
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from loopcoder_jax import convert, generation, sampling, tokenizer
+  from loopcoder_jax.data import tokenizer
+  from loopcoder_jax.inference import generation, sampling
+  from loopcoder_jax.interop import convert
 
   try:
-    sampler = sampling.make_sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    sampler = sampling.make_sampler(
+        _TEMPERATURE.value, _TOP_K.value, _TOP_P.value
+    )
     path = _CHECKPOINT.value
     cfg, params, weights_dir = convert.load_checkpoint(path, _DTYPE.value)
-    tok = (tokenizer.load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else
-           tokenizer.find_tokenizer(weights_dir, path, os.path.join(path, "tokenizer")))
+    tok = (
+        tokenizer.load_tokenizer(_TOKENIZER.value)
+        if _TOKENIZER.value
+        else tokenizer.find_tokenizer(
+            weights_dir, path, os.path.join(path, "tokenizer")
+        )
+    )
     tokenizer.check_vocab(tok, cfg.vocab_size)
     if _LOOPS.value:
       if _LOOPS.value > 1 and cfg.plt_num_loops == 1:
-        raise ValueError(f"--loops={_LOOPS.value}: the checkpoint has no PLT gate (trained with 1 loop)")
+        raise ValueError(
+            f"--loops={_LOOPS.value}: the checkpoint has no PLT gate (trained with 1 loop)"
+        )
       cfg = cfg.replace(plt_num_loops=_LOOPS.value)
     prompts, _ = generation.encode_prompts(tok, _PROMPT.value, _CHAT.value)
     stream = len(prompts) == 1
     if stream:
       print(prompts[0], end="", flush=True)
     texts = generation.complete(
-        cfg, params, tok, _PROMPT.value, max_new_tokens=_MAX_NEW.value, sampler=sampler, chat=_CHAT.value,
-        mode=_MODE.value, prefill_chunk=_PREFILL_CHUNK.value, seed=_SEED.value,
-        on_text=(lambda s: print(s, end="", flush=True)) if stream else None)
+        cfg,
+        params,
+        tok,
+        _PROMPT.value,
+        max_new_tokens=_MAX_NEW.value,
+        sampler=sampler,
+        chat=_CHAT.value,
+        mode=_MODE.value,
+        prefill_chunk=_PREFILL_CHUNK.value,
+        seed=_SEED.value,
+        on_text=(lambda s: print(s, end="", flush=True)) if stream else None,
+    )
   except ValueError as e:
     sys.exit(f"error: {e}")
   if stream:

@@ -2,6 +2,7 @@
 
 With no flags it trains the tiny CPU default on the built-in stdlib corpus (see configs/tiny_cpu.py).
 """
+
 import os
 import sys
 import tempfile
@@ -10,9 +11,15 @@ from absl import app, flags, logging
 
 from loopcoder_jax import cli
 
-_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+_CONFIGS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "configs"
+)
 cli.define_config_flag(os.path.join(_CONFIGS, "tiny_cpu.py"))
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: <tmp>/loopcoder_runs/<config.name>).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run directory (default: <tmp>/loopcoder_runs/<config.name>).",
+)
 
 
 def main(argv):
@@ -20,14 +27,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  from loopcoder_jax import trainer
+  from loopcoder_jax.train import trainer
 
   try:
     config = flags.FLAGS.config
-    name = config.name  # a config file that failed to load raises only when first used
+    # a config file that failed to load raises only when first used
+    name = config.name
   except Exception as e:  # noqa: BLE001
     cli.exit_on_bad_flags(e)
-  workdir = _WORKDIR.value or os.path.join(tempfile.gettempdir(), "loopcoder_runs", name)
+  workdir = _WORKDIR.value or os.path.join(
+      tempfile.gettempdir(), "loopcoder_runs", name
+  )
   try:
     trainer.train(config, workdir)
   except (ValueError, trainer.TrainingDiverged) as e:

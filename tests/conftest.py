@@ -2,24 +2,36 @@
 
 Both must be set before JAX initialises its backends, hence at import time here.
 """
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  os.environ["XLA_FLAGS"] = (
+      _flags + " --xla_force_host_platform_device_count=8"
+  ).strip()
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("LOOPCODER_TEST_CACHE", os.path.expanduser("~/.cache/loopcoder_jax/xla")))
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get(
+        "LOOPCODER_TEST_CACHE", os.path.expanduser("~/.cache/loopcoder_jax/xla")
+    ),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 try:  # property tests: keep them deterministic and bounded on 2 cores
   from hypothesis import HealthCheck, settings
 
-  settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
-                            suppress_health_check=[HealthCheck.too_slow])
+  settings.register_profile(
+      "ci",
+      max_examples=12,
+      deadline=None,
+      derandomize=True,
+      suppress_health_check=[HealthCheck.too_slow],
+  )
   settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # pragma: no cover
   pass

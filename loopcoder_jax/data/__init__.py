@@ -1,0 +1,33 @@
+"""Text in, token batches out: the built-in corpus, tokenizers and the grain packing pipeline."""
+
+from loopcoder_jax.data.corpus import stdlib_files
+from loopcoder_jax.data.pipeline import (
+    default_data_config,
+    document_texts,
+    load_documents,
+    make_eval_batches,
+    make_train_iterator,
+)
+from loopcoder_jax.data.tokenizer import (
+    Tokenizer,
+    check_vocab,
+    find_tokenizer,
+    get_or_train_tokenizer,
+    load_tokenizer,
+    train_bpe,
+)
+
+__all__ = [
+    "Tokenizer",
+    "check_vocab",
+    "default_data_config",
+    "document_texts",
+    "find_tokenizer",
+    "get_or_train_tokenizer",
+    "load_documents",
+    "load_tokenizer",
+    "make_eval_batches",
+    "make_train_iterator",
+    "stdlib_files",
+    "train_bpe",
+]

@@ -1,0 +1,407 @@
+"""Typed model configuration: HF `config.json` fields plus JAX-side runtime options.
+
+`PLTConfig` fields are named exactly like the HF `config.json` keys of LoopCoder-V2, so a
+checkpoint's config round-trips without a renaming table. Everything that only matters to
+how *we* run the model (compute dtype, remat, scan, attention kernel) lives in `RuntimeConfig`
+and never reaches `config.json`.
+
+Window convention (stated once, used everywhere): `plt_window_size = [left, 0]` is flash-attn
+style, query t sees its own loop's keys t-left .. t (left + 1 keys). See `window_left`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import json
+import os
+from typing import Any
+
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "save_attn_out", "save_qkv_proj")
+ATTENTION_IMPLS = ("reference", "pallas", "xla")
+ROPE_SCALING_TYPES = ("linear", "llama3")
+
+# Written by to_hf_dict; read back only when they differ (then kept verbatim in extra_hf).
+_HF_META = {
+    "architectures": ["IQuestPLTCoderForCausalLM"],
+    "model_type": "iquest_plt",
+}
+
+
+def _fail(field: str, msg: str) -> None:
+  raise ValueError(f"PLTConfig.{field}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+  """How the model is computed here; not part of the checkpoint."""
+
+  dtype: str = "float32"  # activation / matmul dtype
+  param_dtype: str = "float32"
+  remat_policy: str = "none"  # see REMAT_POLICIES
+  scan_layers: bool = True  # False: Python loop over the same stacked params
+  attention_impl: str = "reference"  # see ATTENTION_IMPLS
+  # Block size of the O(S x window) reference local attention (0 = pick from window).
+  local_block_size: int = 0
+  # Sequence positions per step of the fused output projection + cross-entropy (0: plain logits path).
+  loss_chunk: int = 0
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      _fail(
+          "runtime.dtype",
+          f"unknown dtype {self.dtype!r}; expected one of {DTYPES}",
+      )
+    if self.param_dtype not in DTYPES:
+      _fail(
+          "runtime.param_dtype",
+          f"unknown dtype {self.param_dtype!r}; expected one of {DTYPES}",
+      )
+    if self.remat_policy not in REMAT_POLICIES:
+      _fail(
+          "runtime.remat_policy",
+          f"unknown policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}",
+      )
+    if self.attention_impl not in ATTENTION_IMPLS:
+      _fail(
+          "runtime.attention_impl",
+          f"unknown implementation {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}",
+      )
+    if self.loss_chunk < 0:
+      _fail("runtime.loss_chunk", f"must be >= 0, got {self.loss_chunk}")
+    if self.local_block_size < 0:
+      _fail(
+          "runtime.local_block_size",
+          f"must be >= 0, got {self.local_block_size}",
+      )
+
+  def replace(self, **kw) -> RuntimeConfig:
+    return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class PLTConfig:
+  """LoopCoder-V2 / PLT model config. Field names are the HF `config.json` keys."""
+
+  vocab_size: int = 76800
+  hidden_size: int = 5120
+  intermediate_size: int = 27648
+  num_hidden_layers: int = 14
+  num_attention_heads: int = 40
+  num_key_value_heads: int = 8
+  head_dim: int | None = 128
+  hidden_act: str = "silu"
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 500000.0
+  rope_scaling: Mapping[str, Any] | None = None
+  max_position_embeddings: int = 131072
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  bos_token_id: int | None = 1
+  eos_token_id: int | list[int] | None = 2
+  pad_token_id: int | None = None
+  torch_dtype: str = "bfloat16"
+  plt_num_loops: int = 2
+  plt_window_size: tuple[int, int] = (64, 0)
+  plt_normalize_per_loop: bool = True
+  plt_emb_scale: float | None = None
+  plt_hidden_scale: float | None = None
+  plt_gate_use_hidden_states: bool = True
+  # HF keys we do not model (kept verbatim so to_hf_dict loses nothing).
+  extra_hf: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+  # ---------------------------------------------------------------- validation
+  def __post_init__(self):
+    # Normalise JSON lists to tuples so the config stays hashable (it is a Flax attribute).
+    object.__setattr__(self, "plt_window_size", tuple(self.plt_window_size))
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", _FrozenDict(self.rope_scaling))
+    if isinstance(self.extra_hf, dict) and not isinstance(
+        self.extra_hf, _FrozenDict
+    ):
+      object.__setattr__(self, "extra_hf", _FrozenDict(self.extra_hf))
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+    ):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        _fail(name, f"must be a positive integer, got {value!r}")
+    if self.head_dim is not None and (
+        not isinstance(self.head_dim, int) or self.head_dim <= 0
+    ):
+      _fail(
+          "head_dim",
+          f"must be a positive integer or null, got {self.head_dim!r}",
+      )
+    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+      _fail(
+          "head_dim",
+          f"is null but hidden_size={self.hidden_size} is not divisible by "
+          f"num_attention_heads={self.num_attention_heads}",
+      )
+    if self.head_dim is not None and self.head_dim % 2:
+      _fail(
+          "head_dim", f"must be even for rotary embeddings, got {self.head_dim}"
+      )
+    if self.num_attention_heads % self.num_key_value_heads:
+      _fail(
+          "num_key_value_heads",
+          f"num_attention_heads={self.num_attention_heads} is not "
+          f"divisible by num_key_value_heads={self.num_key_value_heads}",
+      )
+    if self.hidden_act not in ACTIVATIONS:
+      _fail(
+          "hidden_act",
+          f"unknown activation {self.hidden_act!r}; expected one of {ACTIVATIONS}",
+      )
+    if self.torch_dtype not in DTYPES:
+      _fail(
+          "torch_dtype",
+          f"unknown dtype {self.torch_dtype!r}; expected one of {DTYPES}",
+      )
+    if not (self.rms_norm_eps > 0):
+      _fail("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps!r}")
+    if not (self.rope_theta > 0):
+      _fail("rope_theta", f"must be > 0, got {self.rope_theta!r}")
+    if self.rope_scaling is not None:
+      kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+      if kind not in ROPE_SCALING_TYPES:
+        _fail(
+            "rope_scaling",
+            f"unsupported rope type {kind!r}; expected one of {ROPE_SCALING_TYPES} or null",
+        )
+      if not self.rope_scaling.get("factor", 0) > 0:
+        _fail("rope_scaling", "needs a positive 'factor'")
+    if self.attention_bias or self.mlp_bias:
+      _fail(
+          "attention_bias" if self.attention_bias else "mlp_bias",
+          "biases are not part of LoopCoder-V2 and are not supported",
+      )
+    if not isinstance(self.plt_num_loops, int) or self.plt_num_loops < 1:
+      _fail(
+          "plt_num_loops",
+          f"must be an integer >= 1, got {self.plt_num_loops!r}",
+      )
+    ws = self.plt_window_size
+    if len(ws) != 2 or not all(isinstance(w, int) for w in ws):
+      _fail(
+          "plt_window_size",
+          f"must be [left, 0] with integer left, got {list(ws)}",
+      )
+    if ws[1] != 0:
+      _fail(
+          "plt_window_size", f"right context must be 0 (causal), got {list(ws)}"
+      )
+    if ws[0] < 0:
+      _fail("plt_window_size", f"left must be >= 0, got {list(ws)}")
+    for name in ("plt_emb_scale", "plt_hidden_scale"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, (int, float)):
+        _fail(name, f"must be a number or null, got {value!r}")
+    for name in ("bos_token_id", "pad_token_id"):
+      value = getattr(self, name)
+      if value is not None and not (0 <= value < self.vocab_size):
+        _fail(name, f"{value} is outside the vocabulary [0, {self.vocab_size})")
+    for eos in self.eos_ids:
+      if not 0 <= eos < self.vocab_size:
+        _fail(
+            "eos_token_id",
+            f"{eos} is outside the vocabulary [0, {self.vocab_size})",
+        )
+    if not isinstance(self.runtime, RuntimeConfig):
+      _fail(
+          "runtime",
+          f"must be a RuntimeConfig, got {type(self.runtime).__name__}",
+      )
+
+  # ---------------------------------------------------------------- derived
+  @property
+  def head_size(self) -> int:
+    return (
+        self.head_dim
+        if self.head_dim is not None
+        else self.hidden_size // self.num_attention_heads
+    )
+
+  @property
+  def window_left(self) -> int:
+    """Keys visible to query t in the local branch are t - window_left .. t."""
+    return self.plt_window_size[0]
+
+  @property
+  def emb_scale(self) -> float:
+    return 1.0 if self.plt_emb_scale is None else float(self.plt_emb_scale)
+
+  @property
+  def hidden_scale(self) -> float:
+    return (
+        1.0 if self.plt_hidden_scale is None else float(self.plt_hidden_scale)
+    )
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    if self.eos_token_id is None:
+      return ()
+    if isinstance(self.eos_token_id, int):
+      return (self.eos_token_id,)
+    return tuple(self.eos_token_id)
+
+  def replace(self, **kw) -> PLTConfig:
+    return dataclasses.replace(self, **kw)
+
+  def with_runtime(self, **kw) -> PLTConfig:
+    return dataclasses.replace(self, runtime=self.runtime.replace(**kw))
+
+  def num_params(self) -> int:
+    """Parameter count from the formula (checked against `jax.eval_shape` in the tests)."""
+    d, hd, inter = self.hidden_size, self.head_size, self.intermediate_size
+    h, kvh, v = (
+        self.num_attention_heads,
+        self.num_key_value_heads,
+        self.vocab_size,
+    )
+    attn = d * h * hd * 2 + d * kvh * hd * 2
+    mlp = 3 * d * inter
+    layer = attn + mlp + 2 * d + self.num_gate_params_per_layer()
+    head = 0 if self.tie_word_embeddings else v * d
+    return v * d + self.num_hidden_layers * layer + d + head
+
+  def num_gate_params_per_layer(self) -> int:
+    if self.plt_num_loops == 1:
+      return 0
+    h = self.num_attention_heads
+    if self.plt_gate_use_hidden_states:
+      return h * self.hidden_size + h + self.hidden_size
+    return h * self.head_size + h
+
+  # ---------------------------------------------------------------- HF I/O
+  @classmethod
+  def from_hf_dict(cls, hf: Mapping[str, Any], **runtime_kw) -> PLTConfig:
+    hf = _from_transformers5(hf)
+    known = {f.name for f in dataclasses.fields(cls)} - {"extra_hf", "runtime"}
+    kwargs = {k: v for k, v in hf.items() if k in known}
+    extra = {
+        k: v for k, v in hf.items() if k not in known and _HF_META.get(k) != v
+    }
+    if "head_dim" not in hf:
+      kwargs["head_dim"] = None
+    return cls(**kwargs, extra_hf=extra, runtime=RuntimeConfig(**runtime_kw))
+
+  @classmethod
+  def from_hf_file(cls, path: str | os.PathLike, **runtime_kw) -> PLTConfig:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, "config.json")
+    try:
+      with open(path) as f:
+        hf = json.load(f)
+    except FileNotFoundError:
+      raise ValueError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+      raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+      raise ValueError(f"config file {path} must hold a JSON object")
+    return cls.from_hf_dict(hf, **runtime_kw)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        k: list(v) if isinstance(v, list) else v for k, v in _HF_META.items()
+    }
+    for f in dataclasses.fields(self):
+      if f.name in ("extra_hf", "runtime"):
+        continue
+      value = getattr(self, f.name)
+      if isinstance(value, tuple):
+        value = list(value)
+      elif isinstance(value, _FrozenDict):
+        value = dict(value)
+      out[f.name] = value
+    out.update({k: _thaw(v) for k, v in self.extra_hf.items()})
+    return out
+
+  def to_hf_file(self, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+      json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
+      f.write("\n")
+
+  # ---------------------------------------------------------------- presets
+  @classmethod
+  def loopcoder_v2_7b(cls, loops: int = 2, **runtime_kw) -> PLTConfig:
+    """The released LoopCoder-V2 shape (R=2) and its R = 1, 3, 4 siblings from the paper."""
+    return cls(plt_num_loops=loops, runtime=RuntimeConfig(**runtime_kw))
+
+  @classmethod
+  def tiny(cls, loops: int = 2, **kw) -> PLTConfig:
+    """A few-thousand-parameter config for CPU tests (fp32)."""
+    runtime_kw = {
+        k: kw.pop(k)
+        for k in list(kw)
+        if k in {f.name for f in dataclasses.fields(RuntimeConfig)}
+    }
+    base = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        plt_window_size=(4, 0),
+        torch_dtype="float32",
+    )
+    base.update({"plt_num_loops": loops, **kw})
+    return cls(runtime=RuntimeConfig(**runtime_kw), **base)
+
+
+def _from_transformers5(hf: Mapping[str, Any]) -> Mapping[str, Any]:
+  """transformers 5 `save_pretrained` writes `rope_parameters` (for rope_theta/rope_scaling) and
+  `dtype` (for torch_dtype); read them as the keys the released checkpoint uses.
+  """
+  hf = dict(hf)
+  rope = hf.get("rope_parameters")
+  if isinstance(rope, dict) and "rope_theta" not in hf:
+    del hf["rope_parameters"]
+    hf["rope_theta"] = rope.get("rope_theta", PLTConfig.rope_theta)
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    hf["rope_scaling"] = (
+        None if scaling.get("rope_type", "default") == "default" else scaling
+    )
+  if "torch_dtype" not in hf and isinstance(hf.get("dtype"), str):
+    hf["torch_dtype"] = hf.pop("dtype")
+  return hf
+
+
+class _FrozenDict(dict):
+  """A hashable dict, so configs holding JSON objects can be Flax module attributes."""
+
+  def __hash__(self):
+    return hash(json.dumps(_thaw(self), sort_keys=True, default=str))
+
+  def _readonly(self, *a, **k):
+    raise TypeError("config mappings are read-only")
+
+  __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = (
+      _readonly
+  )
+
+
+def _thaw(v):
+  if isinstance(v, dict):
+    return {k: _thaw(x) for k, x in v.items()}
+  if isinstance(v, tuple):
+    return [_thaw(x) for x in v]
+  return v

@@ -1,0 +1,375 @@
+"""Ahead-of-time compilation for TPU slices on any host: does a step fit, and what does it cost.
+
+`jax.experimental.topologies.get_topology_desc("v5p:4x4x4", "tpu")` gives compile-only TPU devices
+(libtpu from the `[tpu]` extra, no TPU needed); a step jitted with shardings over a mesh of those
+devices is lowered with abstract arguments and compiled by the real TPU compiler. The compiler
+refuses a program that does not fit the chip's HBM: that is reported (`fits=False`, one line), not
+raised. Reported per device: memory from `compiled.memory_analysis()` against the chip's HBM, and
+useful FLOPs per step from `flops.py` (XLA's cost analysis does not multiply scan bodies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+import math
+import os
+import re
+import time
+from typing import Any
+
+# Other JAX processes on a shared host hold libtpu's lock file; compile-only use is safe alongside.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
+import numpy as np  # noqa: E402
+
+from loopcoder_jax.model import sharding
+from loopcoder_jax.model.config import PLTConfig  # noqa: E402
+from loopcoder_jax.scaling import flops  # noqa: E402
+import pallas_kernels  # noqa: E402
+
+_TOPOLOGY = re.compile(r"^(v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+_OOM = re.compile(
+    r"RESOURCE_EXHAUSTED|[Rr]an out of memory|exceeds? .*memory|Out of memory|HBM",
+    re.S,
+)
+
+
+def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
+  """`"v5p:4x4x4"` -> ("v5p", (4, 4, 4)); ValueError naming the accepted form otherwise."""
+  m = _TOPOLOGY.match(topology or "")
+  if not m:
+    raise ValueError(
+        f"topology {topology!r} is not of the form CHIP:AxB[xC] with CHIP one of v5e, v5p, v6e "
+        f"(e.g. v5e:2x2, v5p:4x4x4, v6e:4x8)"
+    )
+  dims = tuple(int(x) for x in m.group(2).split("x"))
+  if m.group(1) == "v5p" and len(dims) != 3:
+    raise ValueError(
+        f"topology {topology!r}: v5p slices are 3-D (e.g. v5p:2x2x1)"
+    )
+  if m.group(1) != "v5p" and len(dims) != 2:
+    raise ValueError(
+        f"topology {topology!r}: {m.group(1)} slices are 2-D (e.g. {m.group(1)}:2x2)"
+    )
+  return m.group(1), dims
+
+
+def topology_devices(
+    topology: str, num_slices: int = 1
+) -> tuple[list[jax.Device], str]:
+  """Compile-only devices of `num_slices` slices of `topology`, and the chip name."""
+  chip, _ = parse_topology(topology)
+  if num_slices < 1:
+    raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    raise ValueError(
+        "AOT compilation for TPU needs libtpu: pip install 'jax[tpu]' (the [tpu] extra)"
+    ) from None
+  from jax.experimental import topologies
+
+  kw = {"num_slices": num_slices} if num_slices > 1 else {}
+  return list(topologies.get_topology_desc(topology, "tpu", **kw).devices), chip
+
+
+def make_mesh(
+    mesh_cfg: Mapping[str, int], devices: list[jax.Device], num_slices: int = 1
+) -> Mesh:
+  """`sharding.make_mesh` on compile-only devices; across slices (DCN) only the data axis grows."""
+  if num_slices == 1:
+    return sharding.make_mesh(mesh_cfg, devices)
+  from jax.experimental import mesh_utils
+
+  per_slice = len(devices) // num_slices
+  ici = sharding.mesh_shape(mesh_cfg, per_slice)
+  dev = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
+  return Mesh(
+      dev,
+      sharding.MESH_AXES,
+      axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES),
+  )
+
+
+def _with_shardings(tree, shardings):
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      tree,
+      shardings,
+  )
+
+
+def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
+  """Per-device bytes from the compiler: arguments, outputs, temporaries, and their peak."""
+  m = compiled.memory_analysis()
+  args, out, alias, temp = (
+      int(getattr(m, f"{k}_size_in_bytes"))
+      for k in ("argument", "output", "alias", "temp")
+  )
+  peak = args + out - alias + temp
+  return {
+      "argument_bytes": args,
+      "output_bytes": out,
+      "alias_bytes": alias,
+      "temp_bytes": temp,
+      "peak_bytes": peak,
+      "hbm_bytes": hbm_bytes,
+      "hbm_fraction": peak / hbm_bytes,
+  }
+
+
+def compile_report(
+    name: str,
+    fn: Callable,
+    args: tuple,
+    *,
+    hbm_bytes: int,
+    flops_per_device: float,
+    donate_argnums=(),
+) -> dict[str, Any]:
+  """Lower and compile `fn` (a function or a jitted one) on abstract sharded `args`; never raises for OOM."""
+  jitted = (
+      fn if hasattr(fn, "lower") else jax.jit(fn, donate_argnums=donate_argnums)
+  )
+  t0 = time.perf_counter()
+  report: dict[str, Any] = {"what": name, "flops_per_device": flops_per_device}
+  # Compile-only TPU executables cannot be read back from the persistent cache: keep them out of it.
+  cache_on = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    # The kernels pick their backend at trace time: compile-only TPU devices need the Mosaic kernels,
+    # not this CPU host's interpret path.
+    with pallas_kernels.default_backend("tpu"):
+      lowered = jitted.lower(*args)
+    compiled = lowered.compile()
+  except (
+      Exception
+  ) as e:  # the TPU compiler reports an HBM overflow as a runtime error
+    msg = str(e)
+    if not _OOM.search(msg):
+      raise
+    first = next(
+        (line for line in msg.splitlines() if _OOM.search(line)),
+        msg.splitlines()[0],
+    )
+    report.update(
+        fits=False,
+        error=first.strip()[:300],
+        compile_s=time.perf_counter() - t0,
+    )
+    return report
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_on)
+  report.update(
+      fits=True,
+      compile_s=time.perf_counter() - t0,
+      **memory_report(compiled, hbm_bytes),
+  )
+  report["fits"] = report["peak_bytes"] <= hbm_bytes
+  return report
+
+
+# ------------------------------------------------------------------------------------- training
+def compile_train(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
+  """Compile the trainer's sharded step for a TPU slice (config: an ml_collections training config)."""
+  from loopcoder_jax.train import config as train_config
+  from loopcoder_jax.train import optim
+  from loopcoder_jax.train import step as train_step
+
+  cfg = train_config.model_config_from(config)
+  devices, chip = topology_devices(topology, num_slices)
+  mesh = make_mesh(dict(config.mesh), devices, num_slices)
+  rules = tuple(tuple(r) for r in config.rules)
+  gb, seq, accum = (
+      config.train.global_batch_size,
+      config.data.seq_len,
+      config.train.grad_accum,
+  )
+  shards = sharding.batch_shards(mesh, rules)
+  if gb % (shards * accum):
+    raise ValueError(
+        f"train.global_batch_size {gb} must be a multiple of grad_accum ({accum}) x the {shards} "
+        f"batch shards of mesh {dict(mesh.shape)}"
+    )
+  if seq > cfg.max_position_embeddings:
+    raise ValueError(
+        f"data.seq_len {seq} exceeds max_position_embeddings {cfg.max_position_embeddings}"
+    )
+  tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
+  _, step_fn, state_sh = train_step.make_train_fns(
+      cfg, tx, mesh, rules, grad_accum=accum, schedule=schedule
+  )
+  abs_state, _ = train_step.state_shardings_for(cfg, tx, mesh, rules)
+  b_sh = sharding.batch_sharding(mesh, rules)
+  batch = {
+      k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=b_sh)
+      for k, s in train_step.batch_spec(gb, seq).items()
+  }
+  step_flops = flops.train_flops_per_token(cfg, seq) * gb * seq
+  report = compile_report(
+      "train",
+      step_fn,
+      (_with_shardings(abs_state, state_sh), batch),
+      hbm_bytes=flops.PEAKS[chip]["hbm_bytes"],
+      flops_per_device=step_flops / len(devices),
+  )
+  report.update(
+      _context(cfg, topology, num_slices, chip, mesh),
+      global_batch=gb,
+      seq_len=seq,
+      grad_accum=accum,
+      remat=cfg.runtime.remat_policy,
+  )
+  return report
+
+
+def _context(
+    cfg: PLTConfig, topology, num_slices, chip, mesh
+) -> dict[str, Any]:
+  return {
+      "topology": topology,
+      "num_slices": num_slices,
+      "chip": chip,
+      "devices": mesh.size,
+      "mesh": dict(mesh.shape),
+      "loops": cfg.plt_num_loops,
+      "params": cfg.num_params(),
+      "dtype": cfg.runtime.dtype,
+      "attention_impl": cfg.runtime.attention_impl,
+  }
+
+
+# ------------------------------------------------------------------------------------- serving
+def serving_shardings(cfg: PLTConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
+  """Params by the training rules; cache K/V split over kv heads on `tensor` and batch over data axes."""
+  from loopcoder_jax.inference import decode
+  from loopcoder_jax.model import transformer as model
+
+  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+  tp = mesh.shape["tensor"]
+  heads = "tensor" if tp > 1 and cfg.num_key_value_heads % tp == 0 else None
+  kv = NamedSharding(mesh, P(None, batch_axes, None, heads, None))
+  ring = NamedSharding(mesh, P(None, None, batch_axes, None, heads, None))
+  rows = NamedSharding(mesh, P(batch_axes))
+  cache_sh = decode.Cache(
+      k1=kv,
+      v1=kv,
+      ring_k=ring,
+      ring_v=ring,
+      ring_pos=NamedSharding(mesh, P(batch_axes, None)),
+      carry=NamedSharding(mesh, P(None, batch_axes, None)),
+      lengths=rows,
+  )
+  return (
+      sharding.param_shardings(model.abstract_params(cfg), mesh, rules),
+      cache_sh,
+      rows,
+  )
+
+
+def compile_serving(
+    cfg: PLTConfig,
+    topology: str,
+    *,
+    batch: int,
+    max_len: int,
+    prefill_len: int | None = None,
+    chunk: int = 0,
+    mesh_cfg: Mapping[str, int] | None = None,
+    num_slices: int = 1,
+    what=("prefill", "decode"),
+) -> list[dict[str, Any]]:
+  """Compile decode.make_serving_fns' prefill and decode step for a slice; one report each."""
+  from loopcoder_jax.inference import decode
+
+  prefill_len = prefill_len or max_len
+  devices, chip = topology_devices(topology, num_slices)
+  mesh = make_mesh(
+      mesh_cfg or {"data": 1, "fsdp": 1, "tensor": -1}, devices, num_slices
+  )
+  p_sh, c_sh, rows = serving_shardings(cfg, mesh)
+  if batch % sharding.batch_shards(
+      mesh, (("activation_batch", ("data", "fsdp")),)
+  ):
+    raise ValueError(
+        f"serving batch {batch} is not divisible by the data axes of mesh {dict(mesh.shape)}"
+    )
+  prefill_fn, decode_fn, abstract = decode.make_serving_fns(
+      cfg,
+      batch=batch,
+      max_len=max_len,
+      prefill_len=prefill_len,
+      chunk=chunk,
+      param_shardings=p_sh,
+      cache_shardings=c_sh,
+      data_sharding=rows,
+  )
+  hbm = flops.PEAKS[chip]["hbm_bytes"]
+  cache_bytes = sum(
+      math.prod(s.shape) * s.dtype.itemsize
+      for s in jax.tree.leaves(decode.cache_shapes(cfg, batch, max_len))
+  )
+  cache_dev = sum(
+      _device_bytes(s, sh)
+      for s, sh in zip(
+          jax.tree.leaves(decode.cache_shapes(cfg, batch, max_len)),
+          jax.tree.leaves(c_sh),
+      )
+  )
+  ctx = _context(cfg, topology, num_slices, chip, mesh)
+  out = []
+  if "prefill" in what:
+    prefill_flops = (
+        flops.forward_flops_per_token(cfg, prefill_len) * batch * prefill_len
+    )
+    jitted = jax.jit(prefill_fn, out_shardings=(rows, c_sh))
+    r = compile_report(
+        "prefill",
+        jitted,
+        abstract["prefill"],
+        hbm_bytes=hbm,
+        flops_per_device=prefill_flops / mesh.size,
+    )
+    out.append(
+        {
+            **r,
+            **ctx,
+            "batch": batch,
+            "max_len": max_len,
+            "prefill_len": prefill_len,
+            "chunk": chunk,
+            "cache_bytes_per_device": cache_dev,
+            "cache_bytes_total": cache_bytes,
+        }
+    )
+  if "decode" in what:
+    jitted = jax.jit(decode_fn, out_shardings=(rows, c_sh), donate_argnums=1)
+    r = compile_report(
+        "decode",
+        jitted,
+        abstract["decode"],
+        hbm_bytes=hbm,
+        flops_per_device=flops.decode_flops_per_token(cfg, max_len)
+        * batch
+        / mesh.size,
+    )
+    out.append(
+        {
+            **r,
+            **ctx,
+            "batch": batch,
+            "max_len": max_len,
+            "cache_bytes_per_device": cache_dev,
+            "cache_bytes_total": cache_bytes,
+        }
+    )
+  return out
+
+
+def _device_bytes(sds: jax.ShapeDtypeStruct, sh: NamedSharding) -> int:
+  shard = sh.shard_shape(sds.shape)
+  return int(np.prod(shard)) * jnp.dtype(sds.dtype).itemsize

@@ -1,0 +1,194 @@
+"""Orbax checkpoints, behind this one module.
+
+A *params directory* holds `config.json` (HF keys) and `params/` (an Orbax PyTree checkpoint of the
+model params). `save_params`/`load_params` read and write it; the converter and `generate.py` use
+them. `TrainCheckpointer` holds the training checkpoints (TrainState, grain iterator state, run
+metadata) in an Orbax CheckpointManager.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from loopcoder_jax.model.config import PLTConfig
+
+
+def is_params_dir(path: str | os.PathLike) -> bool:
+  path = os.fspath(path)
+  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+      os.path.join(path, "params")
+  )
+
+
+def save_params(path: str | os.PathLike, cfg: PLTConfig, params: Any) -> None:
+  """Write `config.json` and `params/` under `path` (which must not hold a checkpoint yet)."""
+  path = os.path.abspath(os.fspath(path))
+  os.makedirs(path, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, "params"), params)
+    ckptr.wait_until_finished()
+  cfg.to_hf_file(os.path.join(path, "config.json"))
+
+
+def stored_dtypes(path: str | os.PathLike) -> set[str]:
+  """dtype names of the arrays under `path/params`, from Orbax metadata (reads no array data)."""
+  path = os.path.abspath(os.fspath(path))
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(os.path.join(path, "params")).item_metadata.tree
+  return {str(m.dtype) for m in jax.tree.leaves(tree)}
+
+
+def load_params(
+    path: str | os.PathLike, shardings: Any = None, **runtime_kw
+) -> tuple[PLTConfig, Any]:
+  """Read a params directory. `shardings` (a pytree like params, or one Sharding) places the arrays;
+  by default they go to the first local device, whatever mesh they were saved from.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not is_params_dir(path):
+    raise ValueError(
+        f"{path} is not a params checkpoint (needs config.json and params/)"
+    )
+  cfg = PLTConfig.from_hf_file(os.path.join(path, "config.json"), **runtime_kw)
+  from loopcoder_jax.model.transformer import (
+      abstract_params,  # local: model imports are heavy
+  )
+
+  target = abstract_params(cfg)
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, target)
+  target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      target,
+      shardings,
+  )
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(path, "params"), target)
+  return cfg, params
+
+
+# ------------------------------------------------------------------------------------- training
+def _snapshot(iterator):
+  """Freezes an iterator's state at save time (the async save may run after the loop moved on)."""
+  import grain  # local: only training needs grain
+
+  class Snapshot(grain.DatasetIterator):
+
+    def __init__(self, state):
+      super().__init__()
+      self._state = state
+
+    def __next__(self):
+      raise StopIteration
+
+    def get_state(self):
+      return self._state
+
+    def set_state(self, state):
+      self._state = state
+
+  return Snapshot(iterator.get_state())
+
+
+class TrainCheckpointer:
+  """Orbax `CheckpointManager` for training: `state` (TrainState), `data` (grain iterator state, one
+  JSON file per process) and `meta` (JSON: model config, run info) in one step directory.
+
+  Saves are asynchronous, every `every_steps` steps (or forced: preemption, end of run); the latest
+  `keep` are kept. `restore` walks back from the latest step and skips unreadable ones with a one-line
+  warning, restoring onto the shardings carried by the abstract target (any mesh).
+  """
+
+  def __init__(
+      self,
+      directory: str | os.PathLike,
+      *,
+      every_steps: int,
+      keep: int,
+      async_save: bool = True,
+      log=print,
+  ):
+    from orbax.checkpoint import checkpoint_managers as cm
+
+    self.directory = os.path.abspath(os.fspath(directory))
+    self._log = log
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=cm.FixedIntervalPolicy(every_steps),
+        preservation_policy=cm.LatestN(keep),
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self._mgr = ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mgr.all_steps())
+
+  def save(
+      self,
+      step: int,
+      state: Any,
+      data_iterator: Any,
+      meta: dict,
+      *,
+      force: bool = False,
+  ) -> bool:
+    """Starts an (async) save when the policy says so or `force`; True if one was started."""
+    import grain.checkpoint as gck
+
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=gck.CheckpointSave(_snapshot(data_iterator)),
+        meta=ocp.args.JsonSave(meta),
+    )
+    return self._mgr.save(step, args=args, force=force)
+
+  def restore(
+      self, abstract_state: Any, data_iterator: Any
+  ) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) from the newest readable checkpoint (sets `data_iterator`'s state), or
+    None when the directory holds none. `abstract_state`'s leaves carry the target shardings.
+    """
+    import grain.checkpoint as gck
+
+    steps = sorted(self._mgr.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        out = self._mgr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=gck.CheckpointRestore(data_iterator),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the previous
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        nxt = (
+            f"using step {steps[i + 1]}"
+            if i + 1 < len(steps)
+            else "no older checkpoint left"
+        )
+        self._log(
+            f"checkpoint step {step} in {self.directory} is unreadable "
+            f"({type(e).__name__}: {first}); {nxt}"
+        )
+        continue
+      return step, out["state"], out["meta"]
+    if steps:
+      raise ValueError(
+          f"no readable checkpoint in {self.directory} (tried steps {steps})"
+      )
+    return None
+
+  def wait_until_finished(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.wait_until_finished()
+    self._mgr.close()

@@ -1,0 +1,221 @@
+"""Training config (ml_collections) -> typed pieces, and up-front validation.
+
+A config file in `configs/` returns a ConfigDict built on `base_config()`. The model is a preset
+name (or a path to an HF `config.json` / params directory) plus field overrides and runtime options:
+
+  config.model.preset = "tiny"            # tiny | loopcoder_v2_7b | PATH
+  config.model.loops = 2                  # plt_num_loops
+  config.model.overrides = {...}          # PLTConfig fields (HF keys)
+  config.model.runtime.update(...)        # RuntimeConfig fields (dtype, remat_policy, ...)
+
+`validate(config)` raises a one-line ValueError for every bad value it can see before any data is
+read or anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+
+from loopcoder_jax.data.pipeline import default_data_config
+from loopcoder_jax.model import sharding
+from loopcoder_jax.model.config import PLTConfig, RuntimeConfig
+from loopcoder_jax.train import optim
+
+PRESETS = ("tiny", "loopcoder_v2_7b")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a training config may set, with defaults."""
+  c = ml_collections.ConfigDict()
+  c.name = "run"
+  c.seed = 0  # param init
+  # runtime holds every RuntimeConfig field, so any of them can be overridden from the command line.
+  c.model = ml_collections.ConfigDict(
+      dict(
+          preset="tiny",
+          loops=2,
+          overrides={},
+          runtime=dataclasses.asdict(RuntimeConfig()),
+      )
+  )
+  # path: a tokenizer.json / tokenizer.model / directory; "" = train a byte-level BPE of `vocab_size`
+  # on the training source on first use and cache it in WORKDIR/tokenizer.
+  c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=1024))
+  c.data = default_data_config()
+  # data_shards: how many data shards the global batch is read from (0 = one per process). A run
+  # with the same data_shards sees the same batches whatever the number of processes.
+  c.train = ml_collections.ConfigDict(
+      dict(
+          global_batch_size=8,
+          total_steps=100,
+          grad_accum=1,
+          log_every=10,
+          data_shards=0,
+      )
+  )
+  c.optim = optim.default_optim_config()
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.rules = sharding.DEFAULT_RULES
+  c.checkpoint = ml_collections.ConfigDict(
+      dict(every_steps=100, keep=3, async_save=True)
+  )
+  # Held-out evaluation (bits per byte) at the start and end of the run, then a greedy completion.
+  c.eval = ml_collections.ConfigDict(
+      dict(
+          max_tokens=16384,
+          batch_size=8,
+          prompt="def fibonacci(n):\n",
+          completion_tokens=48,
+      )
+  )
+  # peak_flops: the per-device peak for MFU; 0 = the chip's table value, or a measured fp32 matmul
+  # peak on CPU; < 0 = no MFU.
+  c.metrics = ml_collections.ConfigDict(
+      dict(peak_flops=0.0, tensorboard=True, progress_bar=True)
+  )
+  # enabled: call jax.distributed.initialize (arguments empty = auto-detect on TPU pods / SLURM).
+  c.distributed = ml_collections.ConfigDict(
+      dict(
+          enabled=False,
+          coordinator_address="",
+          num_processes=0,
+          process_id=-1,
+          cpu_collectives="gloo",
+      )
+  )
+  return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """A config file as `--config` takes it, from Python (notebooks): "configs/x.py" or "configs/x.py:arg"."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path
+  )
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _plain(x):
+  return x.to_dict() if hasattr(x, "to_dict") else dict(x or {})
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> PLTConfig:
+  """The PLTConfig named by `config.model` (preset + overrides + runtime)."""
+  m = config.model
+  overrides = _plain(m.get("overrides", {}))
+  runtime = _plain(m.get("runtime", {}))
+  fields = {f.name for f in dataclasses.fields(PLTConfig)} - {
+      "runtime",
+      "extra_hf",
+  }
+  bad = set(overrides) - fields
+  if bad:
+    raise ValueError(f"model.overrides: unknown PLTConfig fields {sorted(bad)}")
+  bad = set(runtime) - {f.name for f in dataclasses.fields(RuntimeConfig)}
+  if bad:
+    raise ValueError(
+        f"model.runtime: unknown RuntimeConfig fields {sorted(bad)}"
+    )
+  if "plt_window_size" in overrides:
+    overrides["plt_window_size"] = tuple(overrides["plt_window_size"])
+  preset, loops = m.preset, m.get("loops", None)
+  if preset == "tiny":
+    cfg = PLTConfig.tiny(loops=loops or 2, **overrides, **runtime)
+  elif preset == "loopcoder_v2_7b":
+    cfg = PLTConfig.loopcoder_v2_7b(loops=loops or 2, **runtime).replace(
+        **overrides
+    )
+  elif isinstance(preset, str) and os.path.exists(preset):
+    cfg = PLTConfig.from_hf_file(preset, **runtime).replace(**overrides)
+    if loops:
+      cfg = cfg.replace(plt_num_loops=loops)
+  else:
+    raise ValueError(
+        f"model.preset {preset!r} is neither one of {PRESETS} nor an existing config.json path"
+    )
+  return cfg
+
+
+def validate(
+    config: ml_collections.ConfigDict,
+    num_devices: int | None = None,
+    process_count: int | None = None,
+) -> PLTConfig:
+  """One-line ValueError for the first bad value; returns the model config."""
+  import jax  # local: keeps config loading free of backend initialisation
+
+  cfg = model_config_from(config)
+  t, d = config.train, config.data
+  for key in ("global_batch_size", "total_steps", "grad_accum", "log_every"):
+    if not isinstance(t[key], int) or t[key] < 1:
+      raise ValueError(
+          f"train.{key} must be a positive integer, got {t[key]!r}"
+      )
+  if d.seq_len > cfg.max_position_embeddings:
+    raise ValueError(
+        f"data.seq_len {d.seq_len} exceeds the model's max_position_embeddings "
+        f"{cfg.max_position_embeddings}"
+    )
+  if d.seq_len < 2:
+    raise ValueError(f"data.seq_len must be >= 2, got {d.seq_len}")
+  optim.validate_optim_config(config.optim)
+  ck = config.checkpoint
+  if ck.every_steps < 1 or ck.keep < 1:
+    raise ValueError(
+        f"checkpoint.every_steps ({ck.every_steps}) and checkpoint.keep ({ck.keep}) must be >= 1"
+    )
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = (
+      jax.process_count() if process_count is None else process_count
+  )
+  shape = dict(
+      zip(
+          sharding.MESH_AXES,
+          sharding.mesh_shape(_plain(config.mesh), num_devices),
+      )
+  )
+  rules = dict(config.rules)
+  batch_axes = rules.get("activation_batch") or ()
+  batch_axes = (
+      (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  )
+  shards = 1
+  for a in batch_axes:
+    shards *= shape[a]
+  gb, acc = t.global_batch_size, t.grad_accum
+  if gb % (shards * acc):
+    raise ValueError(
+        f"train.global_batch_size {gb} must be a multiple of grad_accum ({acc}) x the "
+        f"{shards} batch shards of mesh {shape}"
+    )
+  data_shards = t.data_shards or process_count
+  if data_shards % process_count or gb % data_shards:
+    raise ValueError(
+        f"train.data_shards {data_shards} must be a multiple of the {process_count} processes "
+        f"and divide train.global_batch_size {gb}"
+    )
+  e = config.eval
+  if e.batch_size < 1 or e.batch_size % shards or e.batch_size % process_count:
+    raise ValueError(
+        f"eval.batch_size {e.batch_size} must be a positive multiple of the {shards} batch "
+        f"shards and {process_count} processes"
+    )
+  if e.max_tokens < 0 or e.completion_tokens < 0:
+    raise ValueError("eval.max_tokens and eval.completion_tokens must be >= 0")
+  if config.tokenizer.path and not os.path.exists(config.tokenizer.path):
+    raise ValueError(f"tokenizer.path {config.tokenizer.path} does not exist")
+  if not config.tokenizer.path and config.tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(
+        f"tokenizer.vocab_size {config.tokenizer.vocab_size} is larger than the model's "
+        f"vocab_size {cfg.vocab_size}"
+    )
+  return cfg

@@ -1,0 +1,477 @@
+"""The training loop behind `scripts/train.py`: config -> tokenizer, data, mesh, state -> steps.
+
+Order of work (every check that can fail does so before anything is compiled): distributed init,
+config validation, tokenizer (trained and cached on first use), vocab check, data iterator and
+held-out batches, mesh and jitted step, checkpoint restore (or init), held-out bits per byte, the
+loop, a final checkpoint, held-out bits per byte again and a greedy completion.
+
+Checkpoints: `WORKDIR/checkpoints/<step>/{state,data,meta}` (see checkpoint.TrainCheckpointer); a
+run restarted with the same workdir resumes from the newest readable one and sees exactly the batch
+it would have seen. SIGTERM saves at the next step boundary and stops. A non-finite loss or
+gradient norm stops the run before that step's state can be saved. The final params are also written
+as a params directory (`WORKDIR/params`, for generate/convert).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from loopcoder_jax.inference import generation
+from loopcoder_jax.model import sharding
+from loopcoder_jax.train import checkpoint, optim
+from loopcoder_jax.train import config as train_config
+from loopcoder_jax.train import step as train_step
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+# ------------------------------------------------------------------------------------- data
+class ShardedBatches:
+  """This process's data shards, read side by side and concatenated along the batch.
+
+  With `data_shards` fixed, the global batch is the same whatever the number of processes: one
+  process reading shards (0, 1) gives the rows that two processes give reading one shard each.
+  """
+
+  def __init__(self, iterators):
+    self._its = list(iterators)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    parts = [next(it) for it in self._its]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self):
+    return {"shards": [it.get_state() for it in self._its]}
+
+  def set_state(self, state):
+    if len(state["shards"]) != len(self._its):
+      raise ValueError(
+          f"checkpointed data state has {len(state['shards'])} shards per process, this run "
+          f"reads {len(self._its)}; keep train.data_shards and the process count"
+      )
+    for it, s in zip(self._its, state["shards"]):
+      it.set_state(s)
+
+
+def _grain_view(batches: ShardedBatches):
+  """A grain DatasetIterator facade (grain's Orbax handler accepts only those)."""
+  import grain
+
+  class View(grain.DatasetIterator):
+
+    def __init__(self):
+      super().__init__()
+
+    def __next__(self):
+      return next(batches)
+
+    def get_state(self):
+      return batches.get_state()
+
+    def set_state(self, state):
+      batches.set_state(state)
+
+  return View()
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _init_distributed(dist: ml_collections.ConfigDict) -> None:
+  if not dist.enabled:
+    return
+  if dist.cpu_collectives:
+    jax.config.update(
+        "jax_cpu_collectives_implementation", dist.cpu_collectives
+    )
+  kw = {}
+  if dist.coordinator_address:
+    kw = dict(
+        coordinator_address=dist.coordinator_address,
+        num_processes=dist.num_processes,
+        process_id=dist.process_id,
+    )
+  jax.distributed.initialize(**kw)
+
+
+class _Log:
+
+  def __init__(self, workdir: str, enabled: bool, tensorboard: bool):
+    self.enabled = enabled
+    self._bar = None
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def info(self, msg: str) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(msg)
+    else:
+      print(msg, flush=True)
+
+  def bar(self, start: int, total: int, show: bool):
+    if self.enabled and show:
+      from tqdm import tqdm
+
+      self._bar = tqdm(
+          initial=start,
+          total=total,
+          unit="step",
+          dynamic_ncols=True,
+          file=sys.stderr,
+      )
+    return self._bar
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(k, v, step)
+
+  def close_bar(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+  def close(self) -> None:
+    self.close_bar()
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _peak_flops(config, log) -> float | None:
+  """Per-device peak FLOP/s for MFU (None: not reported)."""
+  peak = config.metrics.peak_flops
+  if peak < 0:
+    return None
+  if peak > 0:
+    return peak
+  from loopcoder_jax.scaling import flops
+
+  dev = jax.devices()[0]
+  known = flops.chip_peak(dev.device_kind)
+  if known is not None:
+    return known["bf16_flops"]
+  if dev.platform == "cpu":
+    measured = flops.measure_matmul_peak(jnp.float32, n=1024, repeats=3)
+    log.info(
+        f"measured fp32 matmul peak: {measured / 1e9:.1f} GFLOP/s per device (MFU reference)"
+    )
+    return measured
+  return None
+
+
+def _local_rows(batch: dict, process_index: int, process_count: int) -> dict:
+  n = next(iter(batch.values())).shape[0] // process_count
+  return {
+      k: v[process_index * n : (process_index + 1) * n]
+      for k, v in batch.items()
+  }
+
+
+def bits_per_byte(
+    eval_fn, params, batches, num_bytes: int, mesh, rules
+) -> float:
+  pi, pc = jax.process_index(), jax.process_count()
+  total = 0.0
+  for b in batches:
+    ce, _ = eval_fn(
+        params, train_step.global_batch(_local_rows(b, pi, pc), mesh, rules)
+    )
+    total += float(ce)
+  return total / (math.log(2) * num_bytes)
+
+
+# ------------------------------------------------------------------------------------- train
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) training; returns a summary (steps, bits per byte before/after, completion)."""
+  from loopcoder_jax.data import pipeline as data
+  from loopcoder_jax.data import tokenizer as tok_lib
+
+  _init_distributed(config.distributed)
+  cfg = train_config.validate(config)
+  pi, pc = jax.process_index(), jax.process_count()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  log = _Log(workdir, enabled=pi == 0, tensorboard=config.metrics.tensorboard)
+  t_start = time.time()
+  try:
+    return _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start)
+  finally:
+    log.close()
+
+
+def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
+  t, d = config.train, config.data
+  rules = tuple(tuple(r) for r in config.rules)
+  params_dir = os.path.join(workdir, "params")
+  # decided before any process can create it
+  write_params = not os.path.exists(params_dir)
+  log.info(f"workdir: {workdir}")
+  log.info(
+      f"model: {config.model.preset} R={cfg.plt_num_loops} d={cfg.hidden_size} L={cfg.num_hidden_layers} "
+      f"V={cfg.vocab_size}, {cfg.num_params() / 1e6:.2f}M params; {jax.device_count()} "
+      f"{jax.devices()[0].platform} devices, {pc} processes"
+  )
+
+  # -- tokenizer ------------------------------------------------------------------------------
+  if config.tokenizer.path:
+    tok = tok_lib.load_tokenizer(config.tokenizer.path)
+  else:
+    texts = lambda: data.document_texts(d.source, d.text_key)  # noqa: E731
+    if pi == 0:
+      t0 = time.time()
+      tok = tok_lib.get_or_train_tokenizer(
+          workdir, config.tokenizer.vocab_size, texts
+      )
+      log.info(
+          f"tokenizer: {tok.vocab_size} tokens in {workdir}/tokenizer ({time.time() - t0:.1f}s)"
+      )
+    if pc > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("tokenizer")
+    if pi != 0:
+      tok = tok_lib.get_or_train_tokenizer(
+          workdir, config.tokenizer.vocab_size, texts
+      )
+  tok_lib.check_vocab(tok, cfg.vocab_size)
+
+  # -- data (errors here come before any compile) ----------------------------------------------
+  data_shards = t.data_shards or pc
+  per_proc = data_shards // pc
+  batches = ShardedBatches(
+      data.make_train_iterator(
+          d,
+          tok,
+          global_batch_size=t.global_batch_size,
+          process_index=pi * per_proc + j,
+          process_count=data_shards,
+      )
+      for j in range(per_proc)
+  )
+  data_it = _grain_view(batches)
+  e = config.eval
+  eval_batches, eval_bytes = ([], 0)
+  if e.max_tokens > 0:
+    eval_batches, eval_bytes = data.make_eval_batches(
+        d,
+        tok,
+        seq_len=d.seq_len,
+        batch_size=e.batch_size,
+        max_tokens=e.max_tokens,
+    )
+
+  # -- mesh, step, state -------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  tx, schedule = optim.make_optimizer(config.optim, t.total_steps)
+  init_fn, step_fn, state_sh = train_step.make_train_fns(
+      cfg, tx, mesh, rules, grad_accum=t.grad_accum, schedule=schedule
+  )
+  eval_fn = train_step.make_eval_fn(cfg, mesh, rules)
+  abstract, _ = train_step.state_shardings_for(cfg, tx, mesh, rules)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract,
+      state_sh,
+  )
+  meta = {
+      "model": cfg.to_hf_dict(),
+      "data_shards": data_shards,
+      "global_batch_size": t.global_batch_size,
+      "seq_len": d.seq_len,
+      "tokenizer_vocab_size": tok.vocab_size,
+  }
+  ckpt = checkpoint.TrainCheckpointer(
+      os.path.join(workdir, "checkpoints"),
+      every_steps=config.checkpoint.every_steps,
+      keep=config.checkpoint.keep,
+      async_save=config.checkpoint.async_save,
+      log=log.info,
+  )
+  restored = ckpt.restore(abstract, data_it)
+  if restored is None:
+    state = init_fn(jax.random.key(config.seed))
+    log.info(f"initialised a fresh model (seed {config.seed})")
+  else:
+    step0, state, old_meta = restored
+    for key in ("model", "seq_len", "global_batch_size"):
+      if old_meta.get(key) != meta[key]:
+        raise ValueError(
+            f"the checkpoint in {ckpt.directory} was written with a different {key}; "
+            "use a new workdir"
+        )
+    log.info(f"resumed from step {step0}")
+
+  summary: dict[str, Any] = {"workdir": workdir, "start_step": int(state.step)}
+  if eval_batches:
+    summary["bpb_before"] = bits_per_byte(
+        eval_fn, state.params, eval_batches, eval_bytes, mesh, rules
+    )
+    log.info(
+        f"held-out bits per byte at step {int(state.step)}: {summary['bpb_before']:.4f} "
+        f"({eval_bytes} bytes)"
+    )
+
+  # -- loop -------------------------------------------------------------------------------------
+  peak = _peak_flops(config, log)
+  flops_per_token = None
+  if peak is not None:
+    from loopcoder_jax.scaling import flops
+
+    flops_per_token = flops.train_flops_per_token(cfg, d.seq_len)
+  preempted = {"flag": False}
+  old_handler = None
+  if hasattr(signal, "SIGTERM") and _in_main_thread():
+    old_handler = signal.signal(
+        signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True)
+    )
+  step = int(state.step)
+  bar = log.bar(step, t.total_steps, config.metrics.progress_bar)
+  t_prev, timed_tokens, timed_s = None, 0.0, 0.0
+  try:
+    while step < t.total_steps:
+      batch = train_step.global_batch(next(batches), mesh, rules)
+      state, metrics = step_fn(state, batch)
+      m = jax.device_get(metrics)
+      step += 1
+      now = time.time()
+      loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        ckpt.wait_until_finished()
+        last = ckpt.all_steps()
+        raise TrainingDiverged(
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
+            f"{step} (loss {loss}, grad norm {gnorm}); stopped without saving, last good "
+            f"checkpoint: step {last[-1] if last else None} in {ckpt.directory}"
+        )
+      values = {
+          "loss": loss,
+          "grad_norm": gnorm,
+          "lr": float(m["lr"]),
+          "tokens": float(m["tokens"]),
+      }
+      for r, g in enumerate(np.atleast_1d(m["gate_mean"])):
+        values[f"gate_loop{r + 2}"] = float(g)
+      if t_prev is not None:  # the first step of a run includes compilation
+        timed_tokens += t.global_batch_size * d.seq_len
+        timed_s += now - t_prev
+        values["tokens_per_s"] = timed_tokens / timed_s
+        if flops_per_token is not None:
+          values["mfu"] = (
+              values["tokens_per_s"]
+              * flops_per_token
+              / (peak * jax.device_count())
+          )
+      t_prev = now
+      log.scalars(step, values)
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{loss:.3f}", tok_s=f"{values.get('tokens_per_s', 0):.0f}"
+        )
+      if step % t.log_every == 0 or step == t.total_steps:
+        log.info(_line(step, t.total_steps, values))
+      stop = preempted["flag"] or _preemption_sync(step)
+      ckpt.save(step, state, data_it, meta, force=stop or step == t.total_steps)
+      if stop:
+        ckpt.wait_until_finished()
+        log.info(
+            f"preempted: saved step {step} in {ckpt.directory}; rerun the same command to resume"
+        )
+        summary.update(preempted=True, end_step=step)
+        return summary
+  finally:
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
+    log.close_bar()
+    ckpt.close()
+  summary["end_step"] = step
+  summary["train_s"] = timed_s
+
+  if write_params:
+    checkpoint.save_params(params_dir, cfg, state.params)
+  if eval_batches:
+    summary["bpb_after"] = bits_per_byte(
+        eval_fn, state.params, eval_batches, eval_bytes, mesh, rules
+    )
+    log.info(
+        f"held-out bits per byte: {summary.get('bpb_before', float('nan')):.4f} before -> "
+        f"{summary['bpb_after']:.4f} after (step {step})"
+    )
+  if e.completion_tokens > 0 and pc == 1:
+    summary["completion"] = generation.complete(
+        cfg,
+        state.params,
+        tok,
+        [e.prompt],
+        max_new_tokens=e.completion_tokens,
+        add_bos=d.add_bos,
+    )[0]
+    log.info(
+        f"greedy completion of {e.prompt!r}:\n{e.prompt}{summary['completion']}"
+    )
+  summary["wall_s"] = time.time() - t_start
+  log.info(f"done in {summary['wall_s']:.0f}s")
+  return summary
+
+
+def _line(step, total, v) -> str:
+  parts = [
+      f"step {step}/{total}",
+      f"loss {v['loss']:.4f}",
+      f"grad_norm {v['grad_norm']:.3f}",
+      f"lr {v['lr']:.2e}",
+  ]
+  if "tokens_per_s" in v:
+    parts.append(f"tok/s {v['tokens_per_s']:.0f}")
+  if "mfu" in v:
+    parts.append(f"mfu {100 * v['mfu']:.1f}%")
+  gates = [f"{v[k]:.3f}" for k in sorted(v) if k.startswith("gate_loop")]
+  if gates:
+    parts.append("gate/loop " + ",".join(gates))
+  return "  ".join(parts)
+
+
+def _in_main_thread() -> bool:
+  import threading
+
+  return threading.current_thread() is threading.main_thread()
+
+
+def _preemption_sync(step: int) -> bool:
+  """On multi-host runs, JAX's preemption service agrees on one step for all hosts to save at."""
+  if jax.process_count() == 1:
+    return False
+  from jax.experimental import multihost_utils
+
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # the service is not running (e.g. a CPU test cluster)
+    return False

@@ -1,0 +1,190 @@
+"""Helpers shared by the tests (fixtures live in conftest.py files).
+
+- the local-window boundary check shared by the model's and the kernels' tests;
+- kernel comparisons against the f32 reference (relative tolerances per dtype);
+- running scripts/train.py in a subprocess on fake CPU devices.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from hypothesis import Phase
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+SCRIPTS = os.path.join(ROOT, "scripts")
+
+
+# ---------------------------------------------------------------------------- window boundary
+def influence(
+    attn_fn,
+    seq_len: int,
+    *,
+    segment_ids=None,
+    heads=2,
+    kv_heads=1,
+    head_dim=4,
+    seed=0,
+):
+  """I[t, j] = True when value j changes output t. `attn_fn(q, k, v, segment_ids) -> out`."""
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(kq, (1, seq_len, heads, head_dim))
+  k = jax.random.normal(kk, (1, seq_len, kv_heads, head_dim))
+  v = jax.random.normal(kv, (1, seq_len, kv_heads, head_dim))
+  seg = (
+      None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)[None]
+  )
+  # [1,S,H,D, 1,S,K,D]
+  jac = jax.jit(jax.jacrev(lambda v_: attn_fn(q, k, v_, seg)))(v)
+  return np.asarray(jnp.abs(jac).sum(axis=(0, 2, 3, 4, 6, 7)) > 0)
+
+
+def expected_window(seq_len: int, left: int | None, segment_ids=None):
+  t = np.arange(seq_len)[:, None]
+  j = np.arange(seq_len)[None, :]
+  ok = j <= t
+  if left is not None:
+    ok &= j >= t - left
+  if segment_ids is not None:
+    seg = np.asarray(segment_ids)
+    ok &= seg[:, None] == seg[None, :]
+  return ok
+
+
+def assert_window(attn_fn, seq_len: int, left: int | None, segment_ids=None):
+  got = influence(attn_fn, seq_len, segment_ids=segment_ids)
+  want = expected_window(seq_len, left, segment_ids)
+  bad = np.argwhere(got != want)
+  assert not len(bad), (
+      f"window mismatch (left={left}) at (query, key) {bad[:5].tolist()}: "
+      f"got {got[tuple(bad[0])]} want {want[tuple(bad[0])]}"
+  )
+
+
+# ---------------------------------------------------------------------------- kernels
+# Shrinking re-compiles the kernels for every candidate (minutes in interpret mode): report as found.
+NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
+TOL = {"float32": 2e-5, "bfloat16": 3e-2}  # max |err| / max(max |ref|, FLOOR)
+# Inputs are unit normal. Gradients that are exactly zero (a one-key window: softmax = 1) come out as
+# rounding noise of D = rowsum(dO * O) with O in the output dtype (as in every flash attention), so
+# errors are measured against at least unit scale.
+FLOOR = 1.0
+
+
+def assert_close(got, want, dtype, what):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  scale = max(float(np.max(np.abs(want))), FLOOR)
+  err = float(np.max(np.abs(got - want))) / scale
+  assert (
+      err <= TOL[dtype]
+  ), f"{what}: relative max error {err:.2e} > {TOL[dtype]} ({dtype})"
+
+
+def random_segments(rng, b, s, n):
+  """[B, S] non-decreasing ids with up to n segments per row (packed documents)."""
+  cuts = np.sort(rng.integers(0, s + 1, size=(b, n - 1)), axis=1)
+  return jnp.asarray(
+      (np.arange(s)[None, :, None] >= cuts[:, None, :]).sum(-1), jnp.int32
+  )
+
+
+def inputs(seed, shapes, dtype):
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  return [
+      jax.random.normal(k, s, jnp.float32).astype(dtype)
+      for k, s in zip(keys, shapes)
+  ]
+
+
+def value_and_grads(fn, args, ct):
+  """fn(*args) and d<fn(*args), ct>/d(args), jitted (interpret mode is ~250x slower eagerly)."""
+
+  def run(args, ct):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(ct.astype(out.dtype))
+
+  return jax.jit(run)(tuple(args), ct)
+
+
+def check(kernel, reference, args, ct, dtype, names):
+  out, grads = value_and_grads(kernel, args, ct)
+  # The reference runs in f32 on the same (rounded) inputs: it is the exact answer for them.
+  ref_out, ref_grads = value_and_grads(
+      reference, [a.astype(jnp.float32) for a in args], ct
+  )
+  assert out.dtype == args[0].dtype
+  assert_close(out, ref_out, dtype, "output")
+  for name, g, rg in zip(names, grads, ref_grads):
+    assert g.dtype == args[0].dtype or name == "gate"
+    assert_close(g, rg, dtype, f"d{name}")
+
+
+# ---------------------------------------------------------------------------- training runs
+TRAIN_SCRIPT = os.path.join(SCRIPTS, "train.py")
+TINY = dict(
+    vocab_size=320,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+)
+
+
+def train_flags(assets, workdir, **extra):
+  over = {f"model.overrides.{k}": v for k, v in TINY.items()}
+  over.update(
+      {
+          "tokenizer.path": assets["tokenizer"],
+          "data.source": assets["source"],
+          "data.seq_len": 32,
+          "data.shuffle_window": 16,
+          "train.global_batch_size": 8,
+          "train.total_steps": 16,
+          "train.log_every": 4,
+          "checkpoint.every_steps": 4,
+          "eval.max_tokens": 0,
+          "eval.completion_tokens": 0,
+          "metrics.progress_bar": False,
+          "metrics.peak_flops": -1.0,
+          "metrics.tensorboard": False,
+      }
+  )
+  over.update(extra)
+  return [f"--workdir={workdir}"] + [
+      f"--config.{k}={v}" for k, v in over.items()
+  ]
+
+
+def subprocess_env(devices=1):
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+  )
+  return env
+
+
+def run_train(args, timeout=240, devices=1):
+  return subprocess.run(
+      [sys.executable, TRAIN_SCRIPT] + args,
+      env=subprocess_env(devices),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      cwd=ROOT,
+  )
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]

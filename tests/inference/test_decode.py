@@ -1,0 +1,294 @@
+"""Prefill + cached decoding reproduce the full forward; batched-loop decode equals serial decode."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loopcoder_jax.inference import decode, sampling
+from loopcoder_jax.model.config import PLTConfig
+from loopcoder_jax.model.transformer import (
+    PLTForCausalLM,
+    init_params,
+    unstack_layers,
+)
+
+SEQ = 14  # > window (left=4, 5 ring slots): the ring wraps for every row
+PROMPT = 9  # padded prompt width; row lengths below mix short and long prompts
+LENGTHS = (6, 2, 9)
+CHUNK = 4  # chunk boundaries at 4 and 8 fall inside the prompts
+MAX_LEN = 16
+ATOL = 1e-5
+
+
+def _perturbed(params, scale=0.05):
+  """Random gates (they start at zero) and less uniform weights, so every path shows in the logits."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  return jax.tree.unflatten(
+      tree,
+      [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
+  )
+
+
+@functools.cache
+def _setup(loops):
+  cfg = PLTConfig.tiny(loops=loops)
+  params = _perturbed(init_params(cfg, jax.random.key(0)))
+  tokens = jax.random.randint(
+      jax.random.key(1), (len(LENGTHS), SEQ), 0, cfg.vocab_size
+  )
+  full = jax.jit(lambda p, t: PLTForCausalLM(cfg).apply({"params": p}, t))(
+      params, tokens
+  )
+  return cfg, params, tokens, np.asarray(full)
+
+
+@functools.cache
+def _teacher_forced(loops, mode, chunk, per_layer=False):
+  """Chunked prefill of the prompts, then one decode step per remaining token (teacher forcing)."""
+  cfg, params, tokens, _ = _setup(loops)
+  params = unstack_layers(params) if per_layer else params
+  lengths = jnp.array(LENGTHS)
+  steps = SEQ - min(LENGTHS)
+
+  @jax.jit
+  def run(params, tokens):
+    logits, cache = decode.prefill(
+        cfg,
+        params,
+        tokens[:, :PROMPT],
+        lengths,
+        MAX_LEN,
+        chunk,
+        return_all_logits=True,
+    )
+
+    def step(cache, _):
+      pos = jnp.minimum(cache.lengths, SEQ - 1)
+      tok = jnp.take_along_axis(tokens, pos[:, None], axis=1)[:, 0]
+      out, cache = decode.decode_step(cfg, params, cache, tok, mode)
+      return cache, (out, pos)
+
+    cache, (step_logits, pos) = jax.lax.scan(step, cache, None, length=steps)
+    return logits, step_logits, pos, cache
+
+  return jax.tree.map(np.asarray, run(params, tokens))
+
+
+@pytest.mark.parametrize(
+    "loops, mode",
+    [
+        (1, "batched"),
+        (2, "batched"),
+        (2, "serial"),
+        (3, "batched"),
+        (3, "serial"),
+    ],
+)
+def test_prefill_and_decode_match_forward(loops, mode):
+  _, _, _, full = _setup(loops)
+  prompt_logits, step_logits, pos, cache = _teacher_forced(loops, mode, CHUNK)
+  for b, n in enumerate(LENGTHS):
+    np.testing.assert_allclose(prompt_logits[b, :n], full[b, :n], atol=ATOL)
+  # step i of row b predicts after position pos[i, b]; rows reach the end of the sequence at
+  # different steps (then their extra steps are ignored)
+  checked = 0
+  for i in range(step_logits.shape[0]):
+    for b in range(len(LENGTHS)):
+      if LENGTHS[b] + i < SEQ:
+        assert pos[i, b] == LENGTHS[b] + i
+        np.testing.assert_allclose(
+            step_logits[i, b], full[b, pos[i, b]], atol=ATOL
+        )
+        checked += 1
+  assert checked == sum(SEQ - n for n in LENGTHS)
+  w = decode.ring_slots(PLTConfig.tiny(loops=loops))
+  # the ring holds exactly the last W positions of each row, whatever wrapped
+  if loops > 1:
+    for b in range(len(LENGTHS)):
+      n = int(cache.lengths[b])
+      assert sorted(cache.ring_pos[b]) == list(range(n - w, n))
+
+
+@pytest.mark.parametrize("loops", [2, 3])
+def test_batched_equals_serial(loops):
+  _, batched, _, cache_b = _teacher_forced(loops, "batched", CHUNK)
+  _, serial, _, cache_s = _teacher_forced(loops, "serial", CHUNK)
+  np.testing.assert_allclose(batched, serial, atol=ATOL)
+  np.testing.assert_allclose(cache_b.carry, cache_s.carry, atol=ATOL)
+  np.testing.assert_array_equal(cache_b.ring_pos, cache_s.ring_pos)
+
+
+@pytest.mark.parametrize(
+    "mode, chunk", [("batched", CHUNK), ("serial", CHUNK), ("batched", 0)]
+)
+def test_per_layer_params_give_the_same_numbers(mode, chunk):
+  """`unstack_layers` (L weight and cache buffers, a Python loop over layers) changes no number."""
+  prompt, steps, pos, cache = _teacher_forced(2, mode, chunk, per_layer=True)
+  prompt_w, steps_w, pos_w, cache_w = _teacher_forced(2, mode, chunk)
+  np.testing.assert_allclose(prompt, prompt_w, atol=ATOL)
+  np.testing.assert_array_equal(pos, pos_w)
+  # steps of a row past the cache's end (ignored by the other tests too) may differ: there the
+  # per-layer cache drops the new key before attending, the stacked one attends to it unstored
+  valid = np.array(LENGTHS)[None, :] + np.arange(steps.shape[0])[:, None] < SEQ
+  np.testing.assert_allclose(steps[valid], steps_w[valid], atol=ATOL)
+  assert cache.per_layer and len(cache.k1) == PLTConfig.tiny().num_hidden_layers
+  # per-layer buffers are [K*B, S, D], rows k*B + b
+  n_layers, b, s, k, d = cache_w.k1.shape
+
+  def stacked(layers):
+    return (
+        np.stack(layers).reshape(n_layers, k, b, s, d).transpose(0, 2, 3, 1, 4)
+    )
+
+  np.testing.assert_allclose(stacked(cache.k1), cache_w.k1, atol=ATOL)
+  np.testing.assert_allclose(stacked(cache.v1), cache_w.v1, atol=ATOL)
+  np.testing.assert_array_equal(cache.lengths, cache_w.lengths)
+
+
+def test_cache_layout_must_match_params():
+  cfg, params, tokens, _ = _setup(2)
+  cache = decode.init_cache(cfg, len(LENGTHS), MAX_LEN)
+  with pytest.raises(ValueError, match="cache layout"):
+    jax.eval_shape(
+        lambda p, c: decode.decode_step(cfg, p, c, tokens[:, 0]),
+        unstack_layers(params),
+        cache,
+    )
+
+
+def test_whole_prompt_prefill_matches_chunked():
+  """The training forward (return_kv) fills the same cache as chunked prefill."""
+  cfg, params, tokens, full = _setup(2)
+  lengths = jnp.array(LENGTHS)
+  run = jax.jit(lambda p, t: decode.prefill(cfg, p, t, lengths, MAX_LEN))
+  last, cache = run(params, tokens[:, :PROMPT])
+  last_c, cache_c = jax.jit(
+      lambda p, t: decode.prefill(cfg, p, t, lengths, MAX_LEN, CHUNK)
+  )(params, tokens[:, :PROMPT])
+  for b, n in enumerate(LENGTHS):
+    np.testing.assert_allclose(last[b], full[b, n - 1], atol=ATOL)
+    np.testing.assert_allclose(
+        cache.k1[:, b, :n], cache_c.k1[:, b, :n], atol=ATOL
+    )
+  np.testing.assert_allclose(last, last_c, atol=ATOL)
+  np.testing.assert_array_equal(cache.ring_pos, cache_c.ring_pos)
+  np.testing.assert_array_equal(cache.lengths, np.array(LENGTHS))
+  for name in ("ring_k", "ring_v", "carry"):
+    np.testing.assert_allclose(
+        getattr(cache, name), getattr(cache_c, name), atol=ATOL
+    )
+
+
+@functools.cache
+def _generate(mode, stop_ids=()):
+  cfg, params, tokens, _ = _setup(2)
+  streamed = []
+
+  def on_token(step, ids, live):
+    streamed.append((int(step), np.asarray(ids), np.asarray(live)))
+
+  @jax.jit
+  def run(params, tokens):
+    logits, cache = decode.prefill(
+        cfg, params, tokens, jnp.array(LENGTHS), MAX_LEN
+    )
+    return decode.generate(
+        cfg,
+        params,
+        cache,
+        logits,
+        jax.random.key(0),
+        sampling.Greedy(),
+        sampling.StopRule(6, stop_ids),
+        mode,
+        callback=on_token,
+        pad_id=0,
+    )
+
+  ids, counts, _ = run(params, tokens[:, :PROMPT])
+  jax.effects_barrier()
+  return np.asarray(ids), np.asarray(counts), streamed
+
+
+def test_greedy_generation_batched_equals_serial_and_streams():
+  ids, counts, streamed = _generate("batched")
+  ids_s, counts_s, _ = _generate("serial")
+  np.testing.assert_array_equal(ids, ids_s)
+  np.testing.assert_array_equal(counts, [6, 6, 6])
+  np.testing.assert_array_equal(counts_s, counts)
+  assert [s for s, _, _ in streamed] == list(range(6))
+  np.testing.assert_array_equal(
+      np.stack([t for _, t, _ in streamed], axis=1), ids
+  )
+  # the first generated token is the greedy pick after each full prompt
+  _, _, _, full = _setup(2)
+  np.testing.assert_array_equal(
+      ids[:, 0], [full[b, n - 1].argmax() for b, n in enumerate(LENGTHS)]
+  )
+
+
+def test_stop_ids_end_rows():
+  ids, _, _ = _generate("batched")
+  stop = int(ids[0, 2])
+  ids_stop, counts, streamed = _generate("batched", (stop,))
+  for b in range(len(LENGTHS)):
+    hits = np.flatnonzero(ids[b] == stop)
+    n = hits[0] + 1 if hits.size else ids.shape[1]
+    assert counts[b] == n
+    np.testing.assert_array_equal(ids_stop[b, :n], ids[b, :n])
+    assert (ids_stop[b, n:] == 0).all()
+  # the loop ends once every row has stopped
+  assert len(streamed) == max(counts)
+
+
+def test_cache_size_formula():
+  cfg = PLTConfig.tiny(loops=2, num_hidden_layers=3, plt_window_size=(6, 0))
+  s, batch = 64, 2
+  assert decode.cache_entries_per_sequence(cfg, s) == 3 * s + 1 * 3 * 7
+  shapes = decode.cache_shapes(cfg, batch, s)
+  per_entry = cfg.num_key_value_heads * cfg.head_size
+  kv_entries = (shapes.k1.size + shapes.ring_k.size) // (batch * per_entry)
+  assert kv_entries == decode.cache_entries_per_sequence(cfg, s)
+  r1 = decode.cache_entries_per_sequence(cfg.replace(plt_num_loops=1), s)
+  assert r1 == 3 * s
+  assert (
+      decode.cache_entries_per_sequence(cfg.replace(plt_num_loops=3), s)
+      < 3 * r1
+  )
+  cache = decode.init_cache(cfg, batch, s)
+  assert decode.cache_bytes(cache) == sum(
+      x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)
+  )
+  assert (np.asarray(cache.ring_pos) == -1).all()
+  per_layer = decode.cache_shapes(cfg, batch, s, per_layer=True)
+  assert len(per_layer.k1) == 3 and per_layer.k1[0].shape == (
+      cfg.num_key_value_heads * batch,
+      s,
+      cfg.head_size,
+  )
+  assert decode.cache_bytes(
+      decode.init_cache(cfg, batch, s, per_layer=True)
+  ) == decode.cache_bytes(cache)
+
+
+def test_serving_fns_shapes():
+  cfg = PLTConfig.tiny(loops=2)
+  prefill_fn, step_fn, args = decode.make_serving_fns(
+      cfg, batch=2, max_len=32, prefill_len=8
+  )
+  logits, cache = jax.eval_shape(prefill_fn, *args["prefill"])
+  assert logits.shape == (2, cfg.vocab_size)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), cache) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), args["decode"][1]
+  )
+  logits, cache2 = jax.eval_shape(step_fn, *args["decode"])
+  assert logits.shape == (2, cfg.vocab_size)
+  assert jax.tree.structure(cache2) == jax.tree.structure(cache)
+  with pytest.raises(ValueError, match="prefill_len"):
+    decode.make_serving_fns(cfg, batch=2, max_len=8, prefill_len=9)
+  with pytest.raises(ValueError, match="mode"):
+    decode.make_serving_fns(cfg, batch=2, max_len=8, prefill_len=4, mode="fast")

@@ -1,0 +1,158 @@
+"""Text-level generation (`generation.complete`), checkpoint loading, and the generate CLI."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from loopcoder_jax import PLTConfig, PLTForCausalLM
+from loopcoder_jax.data import tokenizer
+from loopcoder_jax.inference import generation
+from loopcoder_jax.interop import convert
+from loopcoder_jax.model.transformer import init_params
+from loopcoder_jax.train import checkpoint
+from tests.helpers import SCRIPTS
+
+
+def _perturbed(params, scale=0.05):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  return jax.tree.unflatten(
+      tree,
+      [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
+  )
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  """A random tiny R=2 model saved as a params directory, with a BPE tokenizer beside it."""
+  root = tmp_path_factory.mktemp("gen")
+  texts = [
+      "def add(a, b):\n    return a + b\n",
+      "for i in range(10):\n    print(i)\n",
+  ] * 50
+  tok = tokenizer.train_bpe(texts, 272, str(root / "tokenizer"))
+  cfg = PLTConfig.tiny(
+      loops=2, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id
+  )
+  params = _perturbed(init_params(cfg, jax.random.key(3)))
+  checkpoint.save_params(str(root / "params"), cfg, params)
+  tok.save(str(root / "params"))
+  return root, cfg, params, tok
+
+
+def greedy_by_full_forward(cfg, params, ids, steps):
+  """Teacher-free argmax over the full forward (no cache): what the decoder must reproduce."""
+  ids, width = list(ids), len(ids) + steps
+  # causal: padding is harmless
+  fwd = jax.jit(lambda p, t: PLTForCausalLM(cfg).apply({"params": p}, t))
+  for _ in range(steps):
+    nxt = int(
+        fwd(params, jnp.asarray([ids + [0] * (width - len(ids))]))[
+            0, len(ids) - 1
+        ].argmax()
+    )
+    if nxt in cfg.eos_ids:
+      break
+    ids.append(nxt)
+  return ids
+
+
+def test_complete_streams_the_greedy_continuation(tiny_checkpoint):
+  root, cfg, params, tok = tiny_checkpoint
+  pieces = []
+  texts = generation.complete(
+      cfg, params, tok, ["def add("], max_new_tokens=6, on_text=pieces.append
+  )
+  assert "".join(pieces) == texts[0]
+  ids = tok.encode("def add(", add_bos=tok.add_bos_token)
+  assert texts[0] == tok.decode(
+      greedy_by_full_forward(cfg, params, ids, 6)[len(ids) :]
+  )
+
+
+def test_load_checkpoint_from_params_workdir_and_hf_dirs(
+    tiny_checkpoint, tmp_path
+):
+  root, cfg, params, tok = tiny_checkpoint
+  convert.save_hf(
+      cfg, params, str(tmp_path / "hf"), tokenizer_dir=str(root / "tokenizer")
+  )
+  outs = []
+  # a workdir holds its export in params/
+  for path in (
+      root / "params",
+      root,
+      tmp_path / "hf",
+  ):
+    c, p, weights_dir = convert.load_checkpoint(str(path))
+    assert c.to_hf_dict()["hidden_size"] == cfg.hidden_size
+    tok2 = tokenizer.find_tokenizer(weights_dir, str(path))
+    outs.append(
+        generation.complete(
+            c,
+            p,
+            tok2,
+            ["def add(", "for i"],
+            max_new_tokens=4,
+            mode="serial",
+            prefill_chunk=2,
+        )
+    )
+  assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 2
+
+
+def test_bad_generation_input(tiny_checkpoint, tmp_path):
+  root, cfg, params, tok = tiny_checkpoint
+  with pytest.raises(ValueError, match="not a directory"):
+    convert.load_checkpoint(str(tmp_path / "missing"))
+  with pytest.raises(ValueError, match="max_position_embeddings"):
+    generation.complete(cfg, params, tok, ["x"], max_new_tokens=100000)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    generation.complete(cfg, params, tok, ["x"], max_new_tokens=0)
+  with pytest.raises(ValueError, match="no tokens"):
+    generation.complete(cfg, params, tok, [""], max_new_tokens=2)
+  with pytest.raises(ValueError, match="no tokenizer"):
+    tokenizer.find_tokenizer(str(tmp_path))
+
+
+def test_generate_cli(tiny_checkpoint):
+  root, cfg, params, tok = tiny_checkpoint
+  script = os.path.join(SCRIPTS, "generate.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run(
+      [
+          sys.executable,
+          script,
+          f"--checkpoint={root / 'params'}",
+          "--prompt=def add(",
+          "--max_new_tokens=5",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+  )
+  assert run.returncode == 0, run.stderr
+  expected = generation.complete(
+      cfg, params, tok, ["def add("], max_new_tokens=5
+  )[0]
+  assert run.stdout == "def add(" + expected + "\n"
+  bad = subprocess.run(
+      [
+          sys.executable,
+          script,
+          f"--checkpoint={root / 'params'}",
+          "--prompt=x",
+          "--temperature=1",
+          "--top_p=2",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+  )
+  assert bad.returncode != 0 and "top_p" in bad.stderr.strip().splitlines()[-1]

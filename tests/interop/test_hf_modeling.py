@@ -1,0 +1,220 @@
+"""The exported PyTorch model (hf_modeling/, loaded through auto_map) against our JAX model."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loopcoder_jax.inference import decode
+from loopcoder_jax.inference.sampling import Greedy, StopRule
+from loopcoder_jax.interop import convert
+from loopcoder_jax.model.config import PLTConfig
+from loopcoder_jax.model.transformer import PLTForCausalLM, abstract_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+B, S = 2, 16  # S > window + 1, so the local branch's boundary matters
+CONFIGS = {
+    "R1": dict(loops=1),
+    "R2-hidden": dict(loops=2),
+    "R2-query-tied": dict(
+        loops=2, plt_gate_use_hidden_states=False, tie_word_embeddings=True
+    ),
+    "R3-hidden-scaled": dict(
+        loops=3,
+        plt_emb_scale=0.5,
+        plt_hidden_scale=2.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
+    "R3-query-unnormalized": dict(
+        loops=3,
+        plt_gate_use_hidden_states=False,
+        plt_normalize_per_loop=False,
+        plt_hidden_scale=0.3,
+    ),
+    "R4-hidden": dict(loops=4, plt_window_size=(2, 0)),
+}
+
+
+def random_params(cfg, seed=0):
+  """Every param random (gates included, norms around 1), so no term can hide behind a zero init."""
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, a in convert._flat(abstract_params(cfg)).items():
+    noise = rng.standard_normal(a.shape).astype(np.float32)
+    flat[path] = 1 + 0.2 * noise if path.endswith("scale") else 0.3 * noise
+  flat[
+      "embed_tokens/embedding"
+  ] *= 3  # well separated logits: greedy ties cannot flip
+  return convert._nest(flat)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+  """name -> (cfg, jitted JAX forward on [B, S], the exported PyTorch model), built once per module."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      cfg = PLTConfig.tiny(**CONFIGS[name])
+      params = random_params(cfg)
+      path = str(tmp_path_factory.mktemp(name) / "hf")
+      convert.save_hf(cfg, params, path, shard_size="16KB")
+      model, info = transformers.AutoModelForCausalLM.from_pretrained(
+          path, trust_remote_code=True, output_loading_info=True
+      )
+      assert not (
+          info["missing_keys"]
+          or info["unexpected_keys"]
+          or info["mismatched_keys"]
+      ), info
+      assert model.dtype == torch.float32
+      # the JAX side runs what load_hf reads from the same files
+      cfg2, params2 = convert.load_hf(path)
+      for k, v in convert._flat(params).items():
+        np.testing.assert_array_equal(convert._flat(params2)[k], v)
+      forward = jax.jit(
+          lambda t: PLTForCausalLM(cfg2).apply({"params": params2}, t)
+      )
+      cache[name] = cfg2, forward, model.eval()
+    return cache[name]
+
+  return get
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_jax(build, name):
+  cfg, forward, model = build(name)
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (B, S))
+  ours = np.asarray(forward(jnp.asarray(tokens)))
+  with torch.no_grad():
+    theirs = model(torch.tensor(tokens)).logits.numpy()
+  assert theirs.shape == ours.shape == (B, S, cfg.vocab_size)
+  assert np.abs(ours - theirs).max() <= 1e-4, name
+
+
+def greedy_jax(forward, prompt, new_tokens, eos_ids):
+  """Greedy decoding over the full forward: one jitted [B, S] shape, causal so right padding is inert."""
+  seq = list(prompt)
+  while len(seq) < len(prompt) + new_tokens:
+    buf = np.zeros((B, S), np.int32)
+    buf[0, : len(seq)] = seq
+    nxt = int(np.argmax(np.asarray(forward(jnp.asarray(buf)))[0, len(seq) - 1]))
+    seq.append(nxt)
+    if nxt in eos_ids:
+      break
+  return seq
+
+
+@pytest.mark.parametrize("name", ["R2-hidden", "R3-query-unnormalized"])
+def test_greedy_generate_matches_jax(build, name):
+  cfg, forward, model = build(name)
+  rng = np.random.default_rng(2)
+  for _ in range(2):
+    prompt = rng.integers(3, cfg.vocab_size, 6).tolist()
+    ours = greedy_jax(forward, prompt, S - len(prompt), cfg.eos_ids)
+    with torch.no_grad():
+      theirs = model.generate(
+          torch.tensor([prompt]),
+          max_new_tokens=S - len(prompt),
+          do_sample=False,
+      )
+    assert theirs[0].tolist() == ours, name
+
+
+def test_kv_cached_decoder_matches_hf_generate(build):
+  """Our KV-cached, loop-batched decoder (loopcoder_jax.inference) against transformers' greedy generate."""
+
+  cfg, _, model = build("R2-hidden")
+  params = convert.load_hf(model.name_or_path)[1]
+  prompts = np.random.default_rng(4).integers(3, cfg.vocab_size, (B, 5))
+  new = S - prompts.shape[1]
+
+  @jax.jit
+  def run(tokens):
+    logits, cache = decode.prefill(
+        cfg, params, tokens, jnp.full((B,), tokens.shape[1]), S
+    )
+    return decode.generate(
+        cfg,
+        params,
+        cache,
+        logits,
+        jax.random.key(0),
+        Greedy(),
+        StopRule(new, cfg.eos_ids),
+    )[:2]
+
+  ids, counts = run(jnp.asarray(prompts))
+  for row in range(B):
+    with torch.no_grad():
+      theirs = model.generate(
+          torch.tensor(prompts[row : row + 1]),
+          max_new_tokens=new,
+          do_sample=False,
+      )
+    assert (
+        theirs[0, prompts.shape[1] :].tolist()
+        == np.asarray(ids)[row, : int(counts[row])].tolist()
+    )
+
+
+def test_left_padding_is_a_segment_boundary(build):
+  cfg, _, model = build("R3-hidden-scaled")
+  tokens = torch.tensor(
+      np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 9))
+  )
+  padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), tokens], dim=1)
+  mask = torch.cat(
+      [torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)],
+      dim=1,
+  )
+  with torch.no_grad():
+    plain = model(tokens).logits
+    pad = model(padded, attention_mask=mask).logits[:, 3:]
+  torch.testing.assert_close(pad, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_exported_directory_is_self_contained(build):
+  _, _, model = build("R1")
+  src = os.path.dirname(convert.__file__)
+  for f in convert.MODELING_FILES:
+    text = open(os.path.join(src, "hf_modeling", f)).read()
+    # imports only torch/transformers
+    assert "loopcoder_jax" not in text.replace("loopcoder-jax", "")
+  assert type(model).__name__ == "IQuestPLTCoderForCausalLM"
+  assert model.config.model_type == "iquest_plt"
+
+
+def test_bf16_export_loads_in_bf16(tmp_path):
+  cfg = PLTConfig.tiny(loops=2)
+  convert.save_hf(cfg, random_params(cfg), tmp_path / "hf", dtype="bfloat16")
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "hf"), trust_remote_code=True
+  )
+  # config.json says bfloat16: no silent upcast on load
+  assert model.dtype == torch.bfloat16
+  with torch.no_grad():
+    out = model.generate(
+        torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False
+    )
+  assert out.shape[1] > 3
+
+
+def test_torch_save_pretrained_converts_back(build, tmp_path):
+  """PyTorch -> JAX: a transformers-5 `save_pretrained` directory (rope_parameters, dtype) loads back."""
+  cfg, _, model = build("R3-hidden-scaled")
+  model.save_pretrained(tmp_path / "pt")
+  cfg2, params = convert.load_hf(tmp_path / "pt")
+  assert cfg2.to_hf_dict() == {
+      **cfg.to_hf_dict(),
+      "transformers_version": transformers.__version__,
+      "initializer_range": 0.02,
+  }
+  state = model.state_dict()
+  q = params["layers"]["self_attn"]["q_proj"]["kernel"][1]  # [d, H, D]
+  want = state["model.layers.1.self_attn.q_proj.weight"].numpy()
+  np.testing.assert_array_equal(q.reshape(cfg.hidden_size, -1).T, want)

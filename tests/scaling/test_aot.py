@@ -1,0 +1,117 @@
+"""AOT compilation for a TPU slice on this CPU host (libtpu compile-only devices, no TPU needed)."""
+
+import importlib.util
+import os
+
+import pytest
+
+from loopcoder_jax.scaling import aot
+from tests.helpers import ROOT
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'jax[tpu]', the [tpu] extra)",
+)
+_CONFIG = os.path.join(ROOT, "configs", "tiny_cpu.py")
+
+
+def _tiny_config(**model_overrides):
+  spec = importlib.util.spec_from_file_location("tiny_cpu_config", _CONFIG)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.train.global_batch_size = 8
+  config.data.seq_len = 64
+  for k, v in model_overrides.items():
+    config.model[k] = v
+  return config
+
+
+def test_parse_topology():
+  assert aot.parse_topology("v5p:4x4x4") == ("v5p", (4, 4, 4))
+  assert aot.parse_topology("v6e:2x4") == ("v6e", (2, 4))
+  for bad in ("v5p:4x4", "v5e:2x2x2", "v4:2x2", "2x2", ""):
+    with pytest.raises(ValueError, match="topology"):
+      aot.parse_topology(bad)
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+def test_tiny_train_step_v5e_2x2():
+  from loopcoder_jax.scaling import flops
+  from loopcoder_jax.train import config as train_config
+
+  config = _tiny_config()
+  r = aot.compile_train(config, "v5e:2x2")
+  cfg = train_config.model_config_from(config)
+  assert (
+      r["chip"] == "v5e"
+      and r["devices"] == 4
+      and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  )
+  assert r["fits"] is True
+  assert r["hbm_bytes"] == flops.PEAKS["v5e"]["hbm_bytes"]
+  # Params, Adam moments (f32, replicated on a pure data mesh) and the step counter are arguments,
+  # donated to the outputs.
+  assert r["argument_bytes"] >= 3 * 4 * cfg.num_params()
+  assert r["alias_bytes"] > 0.9 * r["argument_bytes"]
+  assert 0 < r["peak_bytes"] < r["hbm_bytes"]
+  assert r["flops_per_device"] == pytest.approx(
+      flops.train_flops_per_token(cfg, 64) * 8 * 64 / 4
+  )
+  assert r["compile_s"] > 0
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+def test_refusal_is_reported_not_raised():
+  # ~4.3e9 embedding params (f32, replicated over a pure data mesh): far over a v5e's 16 GiB.
+  config = _tiny_config(
+      overrides=dict(
+          vocab_size=2**25,
+          hidden_size=128,
+          intermediate_size=128,
+          num_hidden_layers=1,
+          num_attention_heads=4,
+          num_key_value_heads=2,
+          head_dim=32,
+          max_position_embeddings=512,
+      ),
+      loops=1,
+  )
+  r = aot.compile_train(config, "v5e:2x2")
+  assert r["fits"] is False
+  assert "\n" not in r["error"] and r["error"]
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+def test_tiny_serving_v5e_2x2_keeps_the_cache_in_place():
+  """Chunked prefill and the decode step compile for a slice with batch and kv heads sharded; the
+  decode step writes the donated cache in place (its temporaries are a small part of the cache: a
+  cache copy per step is what the cache layout and write order avoid)."""
+  from loopcoder_jax.model.config import PLTConfig
+
+  # small, but with TPU-sized head dims (a head_dim of 8 would be padded to the 128-lane tile)
+  cfg = PLTConfig.tiny(
+      loops=2,
+      hidden_size=512,
+      num_attention_heads=4,
+      num_key_value_heads=4,
+      head_dim=128,
+      max_position_embeddings=4096,
+  )
+  prefill, step = aot.compile_serving(
+      cfg,
+      "v5e:2x2",
+      batch=8,
+      max_len=2048,
+      prefill_len=256,
+      chunk=64,
+      mesh_cfg={"data": 2, "fsdp": 1, "tensor": 2},
+  )
+  assert prefill["what"] == "prefill" and prefill["fits"] and step["fits"]
+  assert step["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert step["alias_bytes"] >= step["cache_bytes_per_device"]
+  assert step["temp_bytes"] < step["cache_bytes_per_device"] / 4, step

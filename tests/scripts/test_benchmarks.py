@@ -1,0 +1,192 @@
+"""Smoke tests of the benchmark scripts (scripts/bench_*.py) at tiny sizes, each in its own process as a user runs it.
+
+Each run must finish, print its table and end stdout with the JSON summary; a bad flag must give one `error:`
+line on stderr and exit code 2. The figures themselves are checked only for sanity (the machine is shared).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from tests.helpers import SCRIPTS
+
+# About 65 s on 2 loaded cores with a cold compile cache (40 s warm): over the default suite's share.
+pytestmark = pytest.mark.slow
+
+TINY_TRAIN = [
+    "--loops=1,2",
+    "--steps=1",
+    "--batch=2",
+    "--seq=16",
+    "--layers=1",
+    "--d=32",
+    "--heads=2",
+    "--kv_heads=2",
+    "--head_dim=16",
+    "--ffn=64",
+    "--vocab=128",
+    "--window=4",
+    "--peak_n=128",
+]
+TINY_DECODE = [
+    "--batches=1",
+    "--contexts=64",
+    "--steps=2",
+    "--d=32",
+    "--ffn=64",
+    "--layers=2",
+    "--heads=4",
+    "--kv_heads=2",
+    "--head_dim=8",
+    "--vocab=128",
+    "--window=4",
+]
+# The converter benchmark's model width is fixed (d=2048): --params=1 gives its smallest, one layer (~0.18B).
+TINY_CONVERT = ["--params=1", "--shard_size=100MB"]
+
+
+def run_script(name, *args, tmpdir=None):
+  # One CPU device as on the command line (not the 8 fake ones conftest sets), sharing the tests' compile cache.
+  xla_flags = [
+      f
+      for f in os.environ.get("XLA_FLAGS", "").split()
+      if "xla_force_host_platform_device_count" not in f
+  ]
+  env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": " ".join(xla_flags),
+      "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+  }
+  if tmpdir is not None:
+    env["TMPDIR"] = str(tmpdir)
+  return subprocess.run(
+      [sys.executable, os.path.join(SCRIPTS, name), *args],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+  )
+
+
+def summary(run):
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = run.stdout.strip().splitlines()
+  assert len(lines) >= 3, run.stdout  # a header, table rows, then the JSON line
+  return json.loads(lines[-1])
+
+
+def positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_train():
+  out = summary(run_script("bench_train.py", *TINY_TRAIN))
+  assert (out["batch"], out["seq"], out["scan_layers"], out["dtype"]) == (
+      2,
+      16,
+      0,
+      "float32",
+  )
+  rows = out["results"]
+  assert [r["loops"] for r in rows] == [1, 2]
+  for r in rows:
+    for key in (
+        "tokens_per_s",
+        "tokens_per_s_median",
+        "mfu",
+        "mfu_paired_median",
+        "flops_per_token",
+        "loss",
+    ):
+      assert positive(r[key]), (key, r)
+    assert r["mfu"] < 1 and r["step_s_best"] <= r["step_s_median"]
+  assert positive(out["peak_flops"]) and out["peak_flops"] == max(
+      r["peak_flops"] for r in rows
+  )
+  # Same weights but for R=2's gate; the second loop adds FLOPs per token.
+  assert (
+      rows[1]["params"] > rows[0]["params"]
+      and rows[1]["flops_per_token"] > rows[0]["flops_per_token"]
+  )
+
+
+@pytest.mark.parametrize("layout", [None, "stacked"])
+def test_bench_decode(layout):
+  out = summary(
+      run_script(
+          "bench_decode.py",
+          *TINY_DECODE,
+          *([f"--layout={layout}"] if layout else []),
+      )
+  )
+  assert out["config"]["steps"] == 2 and "batches" not in out["config"]
+  assert out["config"]["layout"] == (layout or "per_layer")
+  [res] = out["results"]
+  assert (res["batch"], res["context"]) == (1, 64)
+  mm = res["layer_matmuls"]
+  assert (
+      positive(mm["ms_B_rows"])
+      and positive(mm["ms_2B_rows"])
+      and positive(mm["ratio_2B_over_B"])
+  )
+  for name in ("R1", "PLT2", "serial2"):
+    assert positive(res[name]["ms_per_token"]) and positive(
+        res[name]["tokens_per_s"]
+    ), res[name]
+    assert res[name]["min_ms_per_token"] <= res[name]["ms_per_token"]
+  # PLT keeps one shared-loop K/V cache plus the local carry: more than R=1, less than a vanilla R=2 cache.
+  assert res["PLT2"]["cache_bytes"] == res["serial2"]["cache_bytes"]
+  assert (
+      res["plt2_over_r1_cache"] > 1
+      and res["vanilla2_cache_bytes"] > res["PLT2"]["cache_bytes"]
+  )
+  assert positive(res["plt2_over_r1_latency"]) and positive(
+      res["plt2_over_serial2_latency"]
+  )
+
+
+def test_bench_convert(tmp_path):
+  out = summary(run_script("bench_convert.py", *TINY_CONVERT, tmpdir=tmp_path))
+  # its scratch directory (a few copies of the weights) is removed
+  assert os.listdir(tmp_path) == []
+  assert (
+      out["dtype"] == "bfloat16"
+      and out["checkpoint_bytes"] >= 2 * out["params"]
+  )
+  phases = (
+      "baseline",
+      "write_hf",
+      "hf_to_hf",
+      "hf_to_orbax",
+      "orbax_to_hf",
+      "verify",
+  )
+  assert set(out["peak_rss_bytes"]) == set(phases) and all(
+      positive(v) for v in out["peak_rss_bytes"].values()
+  )
+  ratios = out["over_baseline_per_checkpoint_byte"]
+  assert ratios["baseline"] == 0 and all(
+      positive(ratios[p]) for p in phases[1:]
+  ), ratios
+
+
+@pytest.mark.parametrize(
+    "name,flag",
+    [
+        ("bench_train.py", "--loops=x"),
+        ("bench_decode.py", "--steps=abc"),
+        ("bench_convert.py", "--shard_size=big"),
+    ],
+)
+def test_bad_flag_is_one_line(name, flag):
+  run = run_script(name, flag)
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert run.stdout == ""
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:"), run.stderr

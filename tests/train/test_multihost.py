@@ -1,0 +1,116 @@
+"""Multi-host for real: two JAX processes on this machine (localhost coordinator, gloo CPU
+collectives, 4 fake devices each, each reading its own data shard) train exactly like one process
+with 8 devices reading the same two shards."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import (
+    ROOT,
+    TRAIN_SCRIPT,
+    read_metrics,
+    subprocess_env,
+    train_flags,
+)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _bpb(stdout):
+  m = re.search(
+      r"held-out bits per byte: ([\d.]+) before -> ([\d.]+) after", stdout
+  )
+  assert m, stdout
+  return float(m.group(1)), float(m.group(2))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_8_devices(assets, tmp_path):  # noqa: F811
+  common = {
+      "mesh.data": 2,
+      "mesh.fsdp": 2,
+      "mesh.tensor": 2,
+      "train.total_steps": 6,
+      "checkpoint.every_steps": 3,
+      "eval.max_tokens": 256,
+      "eval.batch_size": 4,
+      "data.eval_source": assets["source"],
+  }
+  single = subprocess.run(
+      [sys.executable, TRAIN_SCRIPT]
+      + train_flags(
+          assets, tmp_path / "single", **common, **{"train.data_shards": 2}
+      ),
+      env=subprocess_env(8),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=ROOT,
+  )
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    flags = train_flags(
+        assets,
+        tmp_path / "multi",
+        **common,
+        **{
+            "distributed.enabled": True,
+            "distributed.coordinator_address": f"localhost:{port}",
+            "distributed.num_processes": 2,
+            "distributed.process_id": i,
+        },
+    )
+    procs.append(
+        subprocess.Popen(
+            [sys.executable, TRAIN_SCRIPT] + flags,
+            env=subprocess_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+    )
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=300))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("multi-process training timed out")
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "8 cpu devices, 2 processes" in outs[0][0]
+
+  ref, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
+  assert (
+      [m["step"] for m in got] == [m["step"] for m in ref] == list(range(1, 7))
+  )
+  np.testing.assert_allclose(
+      [m["loss"] for m in got], [m["loss"] for m in ref], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      [m["grad_norm"] for m in got], [m["grad_norm"] for m in ref], rtol=1e-4
+  )
+  np.testing.assert_allclose(_bpb(outs[0][0]), _bpb(single.stdout), rtol=1e-5)
+  # both processes wrote their own data-iterator state into the shared checkpoint
+  data_dir = tmp_path / "multi" / "checkpoints" / "6" / "data"
+  assert sorted(
+      f for f in os.listdir(data_dir) if f.startswith("process_")
+  ) == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert json.loads((data_dir / "process_1-of-2.json").read_text())["shards"]

@@ -1,0 +1,117 @@
+"""The sharded train step: a 2x2x2 mesh (with gradient accumulation) equals one device."""
+
+import jax
+import numpy as np
+import pytest
+
+from loopcoder_jax.model import sharding as shd
+from loopcoder_jax.model.config import PLTConfig
+from loopcoder_jax.train import optim
+from loopcoder_jax.train import step as ts
+
+CFG = PLTConfig.tiny(loops=2)
+B, S = 8, 16
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  seg = np.repeat(np.array([[1] * 10 + [2] * 6]), B, 0).astype(np.int32)
+  pos = np.tile(np.concatenate([np.arange(10), np.arange(6)]), (B, 1)).astype(
+      np.int32
+  )
+  mask = np.ones((B, S), np.float32)
+  mask[:, -1] = 0.0
+  return {
+      "inputs": rng.integers(0, CFG.vocab_size, (B, S), dtype=np.int32),
+      "targets": rng.integers(0, CFG.vocab_size, (B, S), dtype=np.int32),
+      "segment_ids": seg,
+      "positions": pos,
+      "loss_mask": mask,
+  }
+
+
+def _run(mesh, grad_accum, steps=2):
+  tx, sched = optim.make_optimizer({}, 10)
+  init_fn, step_fn, state_sh = ts.make_train_fns(
+      CFG, tx, mesh, shd.DEFAULT_RULES, grad_accum=grad_accum, schedule=sched
+  )
+  state = init_fn(jax.random.key(0))
+  metrics = []
+  for i in range(steps):
+    state, m = step_fn(state, ts.global_batch(_batch(i), mesh))
+    metrics.append(jax.device_get(m))
+  return state, state_sh, metrics
+
+
+@pytest.fixture(scope="module")
+def runs():
+  single = _run(shd.make_mesh({"data": -1}, jax.devices()[:1]), grad_accum=1)
+  mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  return single, _run(mesh, grad_accum=2), mesh
+
+
+def test_sharded_accumulated_step_equals_single_device(runs):
+  (s1, _, m1), (s8, _, m8), _ = runs
+  for a, b in zip(m1, m8):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(
+          np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6
+      ),
+      s1.params,
+      s8.params,
+  )
+  assert int(s8.step) == 2
+
+
+def test_metrics(runs):
+  (_, _, m1), _, _ = runs
+  first = m1[0]
+  assert first["tokens"] == B * (S - 1)
+  # zero-init gate
+  assert (
+      first["gate_mean"].shape == (1,)
+      and abs(first["gate_mean"][0] - 0.5) < 1e-3
+  )
+  assert abs(first["loss"] - np.log(CFG.vocab_size)) < 0.5
+  assert first["lr"] == pytest.approx(float(optim.make_schedule({}, 10)(0)))
+  assert first["grad_norm"] > 0 and m1[1]["loss"] != first["loss"]
+
+
+def test_state_is_sharded_by_the_rules(runs):
+  _, (s8, sh, _), mesh = runs
+  q = s8.params["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor", None
+  )
+  assert q.sharding.mesh.shape == mesh.shape
+  jax.tree.map(
+      lambda x, s: x.sharding.is_equivalent_to(s, x.ndim)
+      or pytest.fail(f"{x.sharding} != {s}"),
+      s8,
+      sh,
+  )
+  # Adam moments follow their params (not left on one device)
+  mu = [x for x in jax.tree.leaves(s8.opt_state) if x.shape == q.shape]
+  assert mu and all(m.sharding.is_equivalent_to(q.sharding, q.ndim) for m in mu)
+
+
+def test_eval_fn_matches_step_loss(runs):
+  mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  tx, _ = optim.make_optimizer({}, 10)
+  init_fn, _, _ = ts.make_train_fns(CFG, tx, mesh)
+  state = init_fn(jax.random.key(0))
+  ce, n = ts.make_eval_fn(CFG, mesh)(
+      state.params, ts.global_batch(_batch(0), mesh)
+  )
+  (_, _, m1), _, _ = runs
+  np.testing.assert_allclose(float(ce) / float(n), m1[0]["loss"], rtol=1e-5)
+
+
+def test_bad_batch_and_accum():
+  mesh = shd.make_mesh({"data": -1}, jax.devices()[:1])
+  with pytest.raises(ValueError, match="lacks keys"):
+    ts.global_batch({"inputs": np.zeros((2, 2), np.int32)}, mesh)
+  with pytest.raises(ValueError, match="grad_accum"):
+    ts.make_train_fns(CFG, optim.make_optimizer({}, 2)[0], mesh, grad_accum=0)

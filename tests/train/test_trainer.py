@@ -1,0 +1,241 @@
+"""The training entry point end to end (subprocesses on one CPU device, fixed seeds).
+
+kill -9 mid-run + rerun gives bit-identical params; SIGTERM saves and resumes; a diverging run
+stops on the first non-finite loss and keeps its last good checkpoint; bad inputs fail in one line.
+"""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from loopcoder_jax.train import checkpoint, trainer
+from loopcoder_jax.train import config as train_config
+from tests.helpers import (
+    ROOT,
+    TINY,
+    TRAIN_SCRIPT,
+    read_metrics,
+    run_train,
+    subprocess_env,
+    train_flags,
+)
+
+
+def _committed(workdir, step):
+  return os.path.isfile(
+      os.path.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA")
+  )
+
+
+def _start_until(args, cond, timeout=240):
+  proc = subprocess.Popen(
+      [sys.executable, TRAIN_SCRIPT] + args,
+      env=subprocess_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+  )
+  t0 = time.time()
+  while not cond():
+    if proc.poll() is not None:
+      out, err = proc.communicate()
+      pytest.fail(
+          f"training exited early ({proc.returncode}):\n{out}\n{err[-3000:]}"
+      )
+    if time.time() - t0 > timeout:
+      proc.kill()
+      pytest.fail("timed out waiting for the training run")
+    time.sleep(0.05)
+  return proc
+
+
+@pytest.mark.slow
+def test_kill9_and_sigterm_resume_bit_identical(assets, tmp_path):
+  ref = run_train(
+      train_flags(
+          assets,
+          tmp_path / "ref",
+          **{
+              "eval.max_tokens": 512,
+              "eval.batch_size": 4,
+              "data.eval_source": assets["source"],
+              "eval.completion_tokens": 4,
+          },
+      )
+  )
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  assert (
+      "held-out bits per byte" in ref.stdout
+      and "greedy completion" in ref.stdout
+  )
+
+  work = tmp_path / "resumed"
+  args = train_flags(assets, work)
+  proc = _start_until(args, lambda: _committed(work, 8))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  seen = len(read_metrics(work))
+  # the resumed run is stepping
+  proc = _start_until(args, lambda: len(read_metrics(work)) >= seen + 2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "preempted: saved step" in out
+  saved = int(out.split("preempted: saved step ")[1].split()[0])
+  assert 8 < saved < 16 and _committed(work, saved)
+  final = run_train(args)
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert f"resumed from step {saved}" in final.stdout
+
+  _, p_ref = checkpoint.load_params(tmp_path / "ref" / "params")
+  _, p_res = checkpoint.load_params(work / "params")
+  jax.tree.map(
+      lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+      p_ref,
+      p_res,
+  )
+  ref_loss = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "ref")}
+  # every step seen after a restart saw the same batch
+  for m in read_metrics(work):
+    assert m["loss"] == ref_loss[m["step"]], m["step"]
+
+
+@pytest.mark.slow
+def test_nan_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
+  res = run_train(
+      train_flags(
+          assets,
+          tmp_path,
+          **{
+              "optim.peak_lr": 1e30,
+              "optim.warmup_frac": 0.5,
+              "checkpoint.every_steps": 1,
+          },
+      )
+  )
+  assert res.returncode == 1
+  last = res.stderr.strip().splitlines()[-1]
+  assert (
+      last.startswith("error: non-finite")
+      and "last good checkpoint: step" in last
+  ), res.stderr[-2000:]
+  bad_step = int(last.split(" at step ")[1].split()[0])
+  good = int(last.split("last good checkpoint: step ")[1].split()[0])
+  assert good == bad_step - 1
+  steps = sorted(
+      int(os.path.basename(p))
+      for p in glob.glob(str(tmp_path / "checkpoints" / "[0-9]*"))
+  )
+  assert steps[-1] == good
+
+
+def _config(assets, **extra):
+  c = train_config.base_config()
+  c.model.overrides = dict(TINY)
+  c.tokenizer.path = assets["tokenizer"]
+  c.data.source = assets["source"]
+  c.data.seq_len = 32
+  c.metrics.progress_bar = False
+  for k, v in extra.items():
+    node = c
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (
+            {"data.seq_len": 128},
+            "exceeds the model's max_position_embeddings 64",
+        ),
+        ({"model.overrides.vocab_size": 300}, "tokenizer vocab size 320"),
+        ({"mesh.data": 3}, "does not divide the 8 devices"),
+        ({"train.global_batch_size": 4}, "must be a multiple of grad_accum"),
+        ({"data.source": "/nonexistent/*.txt"}, "/nonexistent"),
+        (
+            {"tokenizer.path": "/nonexistent/tok"},
+            "tokenizer.path /nonexistent/tok does not exist",
+        ),
+        ({"model.preset": "gpt5"}, "model.preset 'gpt5'"),
+        ({"model.overrides.num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"optim.peak_lr": -1.0}, "optim.peak_lr"),
+        ({"train.total_steps": 0}, "train.total_steps"),
+    ],
+)
+def test_bad_inputs_fail_in_one_line_before_compiling(
+    assets, tmp_path, extra, match
+):
+  with pytest.raises(ValueError, match=match) as e:
+    trainer.train(_config(assets, **extra), str(tmp_path))
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "checkpoints")  # nothing was built
+
+
+def test_empty_corpus_and_cli_error_line(assets, tmp_path):
+  empty = tmp_path / "empty"
+  os.makedirs(empty)
+  (empty / "a.py").write_text("")
+  with pytest.raises(ValueError) as e:
+    trainer.train(
+        _config(assets, **{"data.source": str(empty / "*.py")}),
+        str(tmp_path / "w"),
+    )
+  assert "\n" not in str(e.value)
+  res = run_train(
+      train_flags(assets, tmp_path / "cli", **{"data.seq_len": 4096}),
+      timeout=120,
+  )
+  assert res.returncode == 1
+  assert (
+      res.stderr.strip()
+      .splitlines()[-1]
+      .startswith("error: data.seq_len 4096 exceeds")
+  )
+  # a typo in an override: no traceback
+  res = run_train(["--config.train.total_stepz=3"], timeout=120)
+  assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+      'error: bad flags or config: Did you mean "total_steps" instead of "total_stepz"?'
+  ]
+
+
+def test_sharded_batches_concatenate_shards():
+  class It:
+
+    def __init__(self, v):
+      self.v, self.n = v, 0
+
+    def __next__(self):
+      self.n += 1
+      return {"x": np.full((2, 3), self.v * 100 + self.n)}
+
+    def get_state(self):
+      return {"n": self.n}
+
+    def set_state(self, s):
+      self.n = s["n"]
+
+  b = trainer.ShardedBatches([It(0), It(1)])
+  first = next(b)
+  assert (
+      first["x"].shape == (4, 3)
+      and first["x"][0, 0] == 1
+      and first["x"][2, 0] == 101
+  )
+  state = b.get_state()
+  second = next(b)
+  b.set_state(state)
+  np.testing.assert_array_equal(next(b)["x"], second["x"])
+  with pytest.raises(ValueError, match="shards per process"):
+    b.set_state({"shards": [{"n": 0}]})
