@@ -28,12 +28,11 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from loopcoder_jax import cli
+from loopcoder_jax import cli, inference
 from loopcoder_jax.inference import decode
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import (
     init_params,
-    is_per_layer,
     proj,
     unstack_layers,
 )
@@ -98,8 +97,8 @@ def make_runner(cfg, params, batch, context, steps, mode):
       lambda p, c, t: decode.decode_step(cfg, p, c, t, mode), donate_argnums=1
   )
   state = {
-      "cache": decode.init_cache(
-          cfg, batch, context, is_per_layer(params["layers"])
+      "cache": inference.init_cache(
+          cfg, batch, context, inference.params_layout(params)
       ).replace(lengths=jnp.full((batch,), context - steps - 2, jnp.int32))
   }
   tok = jnp.zeros((batch,), jnp.int32)
@@ -216,7 +215,7 @@ def run(args):
           "ratio_2B_over_B": ratio("gemm_2B", "gemm_B"),
       }
       for name, (_, state) in runners.items():
-        nbytes = decode.cache_bytes(state["cache"])
+        nbytes = inference.cache_bytes(state["cache"])
         med, best = sec[name]
         res[name] = {
             "ms_per_token": med * 1e3,

@@ -1,13 +1,23 @@
 """Inference: the PLT KV cache, prefill and batched-loop decoding, samplers, text completion."""
 
-from loopcoder_jax.inference.decode import (
+from loopcoder_jax.inference.cache import (
+    LAYOUTS,
+    PER_LAYER,
+    STACKED,
     Cache,
+    CacheKV,
+    Layout,
     cache_bytes,
+    cache_entries_per_sequence,
     cache_shapes,
+    init_cache,
+    params_layout,
+)
+from loopcoder_jax.inference.decode import (
+    MODES,
     decode_step,
     extend,
     generate,
-    init_cache,
     make_serving_fns,
     prefill,
 )
@@ -22,13 +32,20 @@ from loopcoder_jax.inference.sampling import (
 )
 
 __all__ = [
+    "LAYOUTS",
+    "MODES",
+    "PER_LAYER",
+    "STACKED",
     "Cache",
+    "CacheKV",
     "Greedy",
+    "Layout",
     "StopRule",
     "Temperature",
     "TopK",
     "TopP",
     "cache_bytes",
+    "cache_entries_per_sequence",
     "cache_shapes",
     "complete",
     "decode_step",
@@ -38,5 +55,6 @@ __all__ = [
     "init_cache",
     "make_sampler",
     "make_serving_fns",
+    "params_layout",
     "prefill",
 ]

@@ -1,6 +1,7 @@
 """The PLT model: config, Flax module, attention, loss, and how its arrays map onto a mesh."""
 
 from loopcoder_jax.model.config import PLTConfig, RuntimeConfig
+from loopcoder_jax.model.kv import SequenceKV
 from loopcoder_jax.model.loss import cross_entropy_sum
 from loopcoder_jax.model.sharding import (
     DEFAULT_RULES,
@@ -23,6 +24,7 @@ __all__ = [
     "PLTConfig",
     "PLTForCausalLM",
     "RuntimeConfig",
+    "SequenceKV",
     "abstract_params",
     "cross_entropy_sum",
     "head_weight",

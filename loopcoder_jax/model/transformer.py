@@ -1,12 +1,19 @@
-"""PLT / LoopCoder-v2 in Flax Linen (semantics: shared/docs/plt-spec.md sections 2-3).
+"""PLT / LoopCoder-v2 in Flax Linen: the loop schedule, once for training and decoding.
 
-Shape suffixes: B batch, S sequence, d hidden, H query heads, K kv heads, D head dim, V vocab,
-L layers, R loops.
+Shape suffixes: B batch, S sequence (chunk), d hidden, H query heads, K kv heads, D head dim, V vocab,
+L layers, R loops. Semantics: docs/plt-spec.md sections 2-4.
 
-Structure: `PLTForCausalLM` embeds, runs loop 1 through `layers` (an `nn.scan` over the L
-distinct layers, params stacked on axis 0), then loops 2..R under an outer `nn.scan` with
-`variable_broadcast="params"`: every loop reuses loop 1's parameters. With
-`runtime.scan_layers=False` the same stacked tree is applied by plain Python loops (debugging).
+`PLTForCausalLM` embeds, runs loop 1 over the L layers, then loops 2..R, each taking the CLP input
+`a * E_t + b * P(r-1)_{t-1}`, and applies the head to the last loop. Every loop reuses loop 1's
+parameters. Where each layer's attention reads keys and values comes from a *KV source*
+(`model/kv.py`): the default attends within the sequence (training); decoding passes a cache source
+(`inference/cache.py`), whose chunk's first position takes the CLP carry of the previous chunk, and
+which may run the R loops of one new token as R rows of a single pass over the layers.
+
+The L layers run under `nn.scan` (params stacked on axis 0, one compiled layer), loops 2..R under an
+outer `nn.scan` with `variable_broadcast="params"` when the source allows; with
+`runtime.scan_layers=False`, or a source whose layers are a tuple of per-layer param trees (CPU
+decoding, `unstack_layers`), the same layer is applied in a Python loop.
 
 Param tree (HF names, our layouts; the converter's table maps them):
   embed_tokens/embedding [V, d]; norm/scale [d]; lm_head/kernel [d, V] (absent when tied)
@@ -19,300 +26,24 @@ Param tree (HF names, our layouts; the converter's table maps them):
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
-from loopcoder_jax.model import attention
 from loopcoder_jax.model.config import PLTConfig
+from loopcoder_jax.model.kv import SequenceKV
+from loopcoder_jax.model.layers import (
+    LMHead,
+    PLTLayer,
+    RMSNorm,
+    dtype_of,
+    init_normal,
+    proj,
+    remat,
+    rope_tables,
+)
 
-_ACT = {
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(
-        "qkv_proj", "attn_out"
-    ),
-}
-
-_init = nn.initializers.normal(stddev=0.02)
-
-
-def _dtype(name: str):
-  return jnp.dtype(name)
-
-
-# ------------------------------------------------------------------------------------- pieces
-class RMSNorm(nn.Module):
-  eps: float
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxSxd):
-    scale = self.param(
-        "scale", nn.initializers.ones, (x_BxSxd.shape[-1],), self.param_dtype
-    )
-    x = x_BxSxd.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale.astype(jnp.float32)).astype(self.dtype)
-
-
-def rope_tables(cfg: PLTConfig, positions_BxS):
-  """cos/sin `[B, S, D]` (f32) for rotate-half RoPE at absolute positions."""
-  d = cfg.head_size
-  inv_freq = 1.0 / (
-      cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  )
-  scaling = cfg.rope_scaling
-  if scaling is not None:
-    kind = scaling.get("rope_type", scaling.get("type"))
-    factor = float(scaling["factor"])
-    if kind == "linear":
-      inv_freq = inv_freq / factor
-    elif kind == "llama3":
-      low = float(scaling.get("low_freq_factor", 1.0))
-      high = float(scaling.get("high_freq_factor", 4.0))
-      old_ctx = float(
-          scaling.get(
-              "original_max_position_embeddings", cfg.max_position_embeddings
-          )
-      )
-      wavelen = 2 * jnp.pi / inv_freq
-      smooth = (old_ctx / wavelen - low) / (high - low)
-      scaled = jnp.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-      mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-      is_mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
-      inv_freq = jnp.where(is_mid, mid, scaled)
-  freqs = positions_BxS.astype(jnp.float32)[..., None] * inv_freq
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x_BxSxNxD, cos_BxSxD, sin_BxSxD):
-  x = x_BxSxNxD.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  out = x * cos_BxSxD[:, :, None] + rotated * sin_BxSxD[:, :, None]
-  return out.astype(x_BxSxNxD.dtype)
-
-
-class Kernel(nn.Module):
-  """The `kernel` param of a bias-free projection (`[in..., out...]`); callers apply it with `proj`."""
-
-  shape: tuple[int, ...]
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self):
-    return self.param("kernel", _init, self.shape, self.param_dtype)
-
-
-_FEW_ROWS = 8
-
-
-def proj(x, kernel, n_in: int = 1, out_dtype=None):
-  """Contract x's last `n_in` axes with the kernel's first `n_in` (cast to x's dtype), as one 2-D matmul.
-
-  The tokens are flattened to one matrix axis: the same numbers as the einsum, but XLA:CPU runs the
-  N-D form's backward (the weight gradient over B*S) up to twice as slowly. `out_dtype`: the
-  accumulation/result dtype (float32 for logits).
-  """
-  lead, k_in, k_out = (
-      x.shape[: x.ndim - n_in],
-      math.prod(kernel.shape[:n_in]),
-      kernel.shape[n_in:],
-  )
-  rows = math.prod(lead)
-  x2, w2 = x.reshape(rows, k_in), kernel.astype(x.dtype).reshape(k_in, -1)
-  # decoding: (w^T x^T)^T, which XLA:CPU streams the weight through faster
-  if rows <= _FEW_ROWS:
-    y = jax.lax.dot_general(
-        w2, x2, (((0,), (1,)), ((), ())), preferred_element_type=out_dtype
-    ).T
-  else:
-    y = jnp.dot(x2, w2, preferred_element_type=out_dtype)
-  return y.reshape(*lead, *k_out)
-
-
-def _kernel(cfg, name, *shape):
-  return Kernel(shape, _dtype(cfg.runtime.param_dtype), name=name)
-
-
-class PLTGate(nn.Module):
-  """Per-head gate on the global branch; zero-initialised so g = 0.5 at start."""
-
-  cfg: PLTConfig
-
-  @nn.compact
-  def __call__(self, h_in_BxSxd, q_BxSxHxD):
-    cfg = self.cfg
-    h = cfg.num_attention_heads
-    pdt = _dtype(cfg.runtime.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (h,), pdt)
-    if cfg.plt_gate_use_hidden_states:
-      x = RMSNorm(cfg.rms_norm_eps, jnp.float32, pdt, name="gate_norm")(
-          h_in_BxSxd
-      )
-      kernel = self.param(
-          "kernel", nn.initializers.zeros, (cfg.hidden_size, h), pdt
-      )
-      logits = jnp.einsum("bsd,dh->bsh", x, kernel.astype(jnp.float32))
-    else:
-      kernel = self.param(
-          "kernel", nn.initializers.zeros, (h, cfg.head_size), pdt
-      )
-      logits = jnp.einsum(
-          "bshd,hd->bsh",
-          q_BxSxHxD.astype(jnp.float32),
-          kernel.astype(jnp.float32),
-      )
-    return jax.nn.sigmoid(logits + bias.astype(jnp.float32))
-
-
-class PLTAttention(nn.Module):
-  cfg: PLTConfig
-
-  def setup(self):
-    cfg = self.cfg
-    h, k, d, dm = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_size,
-        cfg.hidden_size,
-    )
-    self.q_proj = _kernel(cfg, "q_proj", dm, h, d)
-    self.k_proj = _kernel(cfg, "k_proj", dm, k, d)
-    self.v_proj = _kernel(cfg, "v_proj", dm, k, d)
-    self.o_proj = _kernel(cfg, "o_proj", h, d, dm)
-    if cfg.plt_num_loops > 1:
-      self.plt_gate = PLTGate(cfg)
-
-  def qkv(self, x_BxSxd, cos, sin):
-    """Post-RoPE q `[B,S,H,D]`, k, v `[B,S,K,D]` from the normed layer input."""
-    x = x_BxSxd.astype(_dtype(self.cfg.runtime.dtype))
-    q = apply_rope(proj(x, self.q_proj()), cos, sin)
-    k = apply_rope(proj(x, self.k_proj()), cos, sin)
-    v = proj(x, self.v_proj())
-    return (
-        checkpoint_name(q, "qkv_proj"),
-        checkpoint_name(k, "qkv_proj"),
-        checkpoint_name(v, "qkv_proj"),
-    )
-
-  def gate(self, h_in_BxSxd, q_BxSxHxD):
-    return self.plt_gate(h_in_BxSxd, q_BxSxHxD)
-
-  def out(self, y_BxSxHxD):
-    y = checkpoint_name(y_BxSxHxD, "attn_out").astype(
-        _dtype(self.cfg.runtime.dtype)
-    )
-    return proj(y, self.o_proj(), n_in=2)
-
-
-class MLP(nn.Module):
-  cfg: PLTConfig
-
-  @nn.compact
-  def __call__(self, x_BxSxd):
-    cfg = self.cfg
-    x = x_BxSxd.astype(_dtype(cfg.runtime.dtype))
-    gate = proj(
-        x, _kernel(cfg, "gate_proj", cfg.hidden_size, cfg.intermediate_size)()
-    )
-    up = proj(
-        x, _kernel(cfg, "up_proj", cfg.hidden_size, cfg.intermediate_size)()
-    )
-    hidden = checkpoint_name(_ACT[cfg.hidden_act](gate) * up, "mlp_hidden")
-    return proj(
-        hidden,
-        _kernel(cfg, "down_proj", cfg.intermediate_size, cfg.hidden_size)(),
-    )
-
-
-class PLTLayer(nn.Module):
-  """One physical layer. Loop 1 when `kv1` is None; G-SWA (loops >= 2) when it holds loop 1's K/V."""
-
-  cfg: PLTConfig
-
-  def setup(self):
-    cfg = self.cfg
-    dt, pdt = _dtype(cfg.runtime.dtype), _dtype(cfg.runtime.param_dtype)
-    self.input_layernorm = RMSNorm(cfg.rms_norm_eps, dt, pdt)
-    self.self_attn = PLTAttention(cfg)
-    self.post_attention_layernorm = RMSNorm(cfg.rms_norm_eps, dt, pdt)
-    self.mlp = MLP(cfg)
-
-  def project(self, h_in, cos, sin):
-    return self.self_attn.qkv(self.input_layernorm(h_in), cos, sin)
-
-  def finish(self, h_in, y_BxSxHxD):
-    """o_proj + residual, then the MLP block + residual."""
-    h = h_in + self.self_attn.out(y_BxSxHxD).astype(h_in.dtype)
-    return h + self.mlp(self.post_attention_layernorm(h)).astype(h.dtype)
-
-  def __call__(self, h_BxSxd, rope, segment_ids, kv1):
-    cfg, impl = self.cfg, self.cfg.runtime.attention_impl
-    cos, sin = rope
-    q, k, v = self.project(h_BxSxd, cos, sin)
-    gate = None
-    if kv1 is None:
-      y = attention.causal_attention(q, k, v, segment_ids, impl=impl)
-      if cfg.plt_num_loops > 1 and self.is_initializing():
-        # create the shared gate params in the first call
-        self.self_attn.gate(h_BxSxd, q)
-    else:
-      gate = self.self_attn.gate(h_BxSxd, q)
-      y = attention.gswa_attention(
-          q,
-          kv1[0],
-          kv1[1],
-          k,
-          v,
-          gate,
-          segment_ids,
-          left=cfg.window_left,
-          impl=impl,
-          block_size=cfg.runtime.local_block_size,
-      )
-    h = self.finish(h_BxSxd, y)
-    h = nn.with_logical_constraint(
-        h, ("activation_batch", "activation_length", "activation_embed")
-    )
-    return h, {"k": k, "v": v, "gate": gate}
-
-
-class LMHead(nn.Module):
-  """Untied output projection; logits accumulate in float32 whatever the compute dtype."""
-
-  vocab_size: int
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxSxd):
-    w = self.param(
-        "kernel", _init, (x_BxSxd.shape[-1], self.vocab_size), self.param_dtype
-    )
-    return proj(x_BxSxd, w, out_dtype=jnp.float32)
-
-
-def _remat(cls, cfg: PLTConfig, prevent_cse: bool):
-  policy = cfg.runtime.remat_policy
-  if policy == "none":
-    return cls
-  return nn.remat(cls, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
+_ACTIVATIONS = ("activation_batch", "activation_length", "activation_embed")
 
 
 def shift_right(x_BxSxd, segment_ids_BxS, first_BxD=None):
@@ -340,28 +71,29 @@ class PLTForCausalLM(nn.Module):
   """`logits [B,S,V] f32 = model.apply({"params": p}, tokens [B,S] int32)`.
 
   Optional `segment_ids`/`positions` for packed rows (positions default to 0..S-1 and, when only
-  segment ids are given, restart at each segment). `return_intermediates=True` also returns
-  `{"hidden": [R,B,S,d] h(r) per loop, "gates": [R-1,L,B,S,H]}`; `return_kv=True` adds the per-loop
-  K/V (`"kv"`: k, v each `[R,L,B,S,K,D]`) and the CLP states `"clp": [R,B,S,d]` (P(r)), used by
-  prefill. Both are off by default and then cost nothing. `logits_at` ([B] int) computes the
-  logits `[B, V]` at one position per row only. `head=False` returns the final normed hidden states
-  `[B, S, d]` in place of the logits, for `loss.cross_entropy_sum` with `head_weight(cfg, params)`.
+  segment ids are given, restart at each segment). `kv`: a KV source (`model/kv.py`); when given,
+  the output is `(logits, aux)` with `aux["kv"]` the source after the forward (what it recorded, e.g.
+  a cache's new K/V). `return_intermediates=True` also returns (in `aux`) `"hidden": [R,B,S,d]` h(r)
+  per loop and `"gates": [R-1,L,B,S,H]`. `logits_at` ([B] int) computes the logits `[B, V]` at one
+  position per row only. `head=False` returns the final normed hidden states `[B, S, d]` in place of
+  the logits, for `loss.cross_entropy_sum` with `head_weight(cfg, params)`.
   """
 
   cfg: PLTConfig
 
   def setup(self):
     cfg = self.cfg
-    dt, pdt = _dtype(cfg.runtime.dtype), _dtype(cfg.runtime.param_dtype)
+    dt = dtype_of(cfg.runtime.dtype)
+    pdt = dtype_of(cfg.runtime.param_dtype)
     self.embed_tokens = nn.Embed(
         cfg.vocab_size,
         cfg.hidden_size,
         dtype=dt,
         param_dtype=pdt,
-        embedding_init=_init,
+        embedding_init=init_normal,
     )
     scanned = nn.scan(
-        _remat(PLTLayer, cfg, prevent_cse=False),
+        remat(PLTLayer, cfg, prevent_cse=False),
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, 0),
@@ -372,7 +104,7 @@ class PLTForCausalLM(nn.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = LMHead(cfg.vocab_size, pdt)
 
-  # -- pieces reused by decoding ------------------------------------------------------------
+  # -- the pieces of the schedule -----------------------------------------------------------
   def embed(self, tokens_BxS):
     return self.embed_tokens(tokens_BxS)
 
@@ -383,9 +115,8 @@ class PLTForCausalLM(nn.Module):
   def clp_input(self, e_BxSxd, p_prev_BxSxd):
     """Loop r >= 2 input from the embedding and the already shifted loop-(r-1) state."""
     cfg = self.cfg
-    return (cfg.emb_scale * e_BxSxd + cfg.hidden_scale * p_prev_BxSxd).astype(
-        e_BxSxd.dtype
-    )
+    x = cfg.emb_scale * e_BxSxd + cfg.hidden_scale * p_prev_BxSxd
+    return x.astype(e_BxSxd.dtype)
 
   def logits(self, h_BxSxd):
     x = self.norm(h_BxSxd)
@@ -393,122 +124,152 @@ class PLTForCausalLM(nn.Module):
       return self.lm_head(x)
     return proj(x, self.embed_tokens.embedding.T, out_dtype=jnp.float32)
 
-  def stack(self, h_BxSxd, rope, segment_ids, kv1):
-    """The L layers once (one loop). Returns h and stacked per-layer {k, v, gate}.
+  def layer_pass(self, h, rope, kv, loops):
+    """The L layers once, for rows of the given loops (`model/kv.py`).
 
-    Params in the per-layer layout (`unstack_layers`) always take the Python loop.
+    Returns h and the layers' outputs `(listed, stacked)`: a tuple of L dicts (per-layer buffers;
+    empty unless the source is per-layer) and a dict of `[L, ...]` arrays (new K/V, gates).
     """
-    layers = (
-        None if self.is_initializing() else self.variables["params"]["layers"]
-    )
-    per_layer = is_per_layer(layers)
-    if (
-        self.cfg.runtime.scan_layers and not per_layer
-    ) or self.is_initializing():
-      return self.layers(h_BxSxd, rope, segment_ids, kv1)
-    layer = _remat(PLTLayer, self.cfg, prevent_cse=True)(self.cfg, parent=None)
-    outs = []
+    listed, stacked = kv.layer_inputs(loops)
+    kv = kv.for_pass(loops)
+    scan = self.cfg.runtime.scan_layers and not kv.per_layer
+    if scan or self.is_initializing():
+      return self.layers(h, rope, kv, stacked)
+    # A Python loop over the same layer: the params are a tuple of L trees when the source is
+    # per-layer, else stacked arrays sliced here (debugging without scan).
+    params = self.variables["params"]["layers"]
+    layer = remat(PLTLayer, self.cfg, prevent_cse=True)(self.cfg, parent=None)
+    listed_out, stacked_out = [], []
     for i in range(self.cfg.num_hidden_layers):
       p_i = (
-          layers[i] if per_layer else jax.tree.map(lambda x, i=i: x[i], layers)
+          params[i]
+          if kv.per_layer
+          else jax.tree.map(lambda x, i=i: x[i], params)
       )
-      kv_i = None if kv1 is None else jax.tree.map(lambda x, i=i: x[i], kv1)
-      h_BxSxd, aux = layer.apply(
-          {"params": p_i}, h_BxSxd, rope, segment_ids, kv_i
+      # Stacked inputs are sliced at a traced index, as the scan does: XLA:CPU copies a
+      # constant-index slice more slowly.
+      idx = jax.lax.optimization_barrier(jnp.int32(i))
+      xs_i = jax.tree.map(
+          lambda a, idx=idx: jax.lax.dynamic_index_in_dim(
+              a, idx, keepdims=False
+          ),
+          stacked,
       )
-      outs.append(aux)
-    return h_BxSxd, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+      if listed is not None:
+        xs_i = {**listed[i], **xs_i}
+      h, (lo, so) = layer.apply({"params": p_i}, h, rope, kv, xs_i)
+      listed_out.append(lo)
+      stacked_out.append(so)
+    return h, (
+        tuple(listed_out),
+        jax.tree.map(lambda *a: jnp.stack(a), *stacked_out),
+    )
 
-  # -- forward ------------------------------------------------------------------------------
+  # -- the schedule ---------------------------------------------------------------------------
   def __call__(
       self,
       tokens_BxS,
       segment_ids=None,
       positions=None,
       *,
+      kv=None,
       return_intermediates=False,
-      return_kv=False,
       logits_at=None,
       head=True,
   ):
     cfg = self.cfg
+    source_given = kv is not None
+    if kv is None:
+      kv = SequenceKV.for_config(cfg, segment_ids)
     if positions is None:
       positions = _default_positions(tokens_BxS, segment_ids)
-    rope = rope_tables(cfg, positions)
-    e = self.embed(tokens_BxS)
-    e = nn.with_logical_constraint(
-        e, ("activation_batch", "activation_length", "activation_embed")
-    )
+    e = nn.with_logical_constraint(self.embed(tokens_BxS), _ACTIVATIONS)
+    if kv.loops_as_rows:
+      h, kv, hidden, gates = self._loops_as_rows(e, positions, kv)
+    else:
+      h, kv, hidden, gates = self._loops_in_turn(e, positions, segment_ids, kv)
 
-    h, aux1 = self.stack(e, rope, segment_ids, None)
-    kv1 = (aux1["k"], aux1["v"])
-    hiddens, kvs, clps, gates = [h], [kv1], [], []
-    if cfg.plt_num_loops > 1:
-      p = self.clp_state(h)
-      if cfg.runtime.scan_layers:
-
-        def loop(model, p_prev, _):
-          x = model.clp_input(e, shift_right(p_prev, segment_ids))
-          h_r, aux = model.stack(x, rope, segment_ids, kv1)
-          p_r = model.clp_state(h_r)
-          keep = {"h": h_r, "p": p_r, "gate": aux["gate"]}
-          if return_kv:
-            keep["kv"] = (aux["k"], aux["v"])
-          return p_r, keep
-
-        scan = nn.scan(
-            loop,
-            variable_broadcast="params",
-            split_rngs={"params": False},
-            length=cfg.plt_num_loops - 1,
-        )
-        _, ys = scan(self, p, None)
-        hiddens.append(ys["h"])
-        h = ys["h"][-1]
-        clps = [p[None], ys["p"]]
-        gates = ys["gate"]
-        if return_kv:
-          kvs.append(ys["kv"])
-      else:
-        ps, hs, gs, kv_r = [p], [], [], []
-        for _ in range(cfg.plt_num_loops - 1):
-          x = self.clp_input(e, shift_right(ps[-1], segment_ids))
-          h, aux = self.stack(x, rope, segment_ids, kv1)
-          hs.append(h)
-          gs.append(aux["gate"])
-          ps.append(self.clp_state(h))
-          kv_r.append((aux["k"], aux["v"]))
-        hiddens.append(jnp.stack(hs))
-        clps = [jnp.stack(ps)]
-        gates = jnp.stack(gs)
-        kvs.append(jax.tree.map(lambda *xs: jnp.stack(xs), *kv_r))
-
-    # [B] positions: logits [B, V] there only (prefill's last tokens)
-    if logits_at is not None:
-      h = jnp.take_along_axis(
-          h, logits_at.astype(jnp.int32)[:, None, None], axis=1
-      )
-      logits = self.logits(h)[:, 0]
+    if (
+        logits_at is not None
+    ):  # [B] positions: logits [B, V] there only (prefill's last tokens)
+      idx = logits_at.astype(jnp.int32)[:, None, None]
+      logits = self.logits(jnp.take_along_axis(h, idx, axis=1))[:, 0]
     elif not head:  # the fused loss applies `head_weight` itself
       logits = self.norm(h)
     else:
       logits = self.logits(h)
-    if not (return_intermediates or return_kv):
+    if not (return_intermediates or source_given):
       return logits
-    extra = {}
+    aux = {}
+    if source_given:
+      aux["kv"] = kv
     if return_intermediates:
-      extra["hidden"] = jnp.concatenate(
-          [hiddens[0][None]] + hiddens[1:], axis=0
+      aux["hidden"], aux["gates"] = hidden, gates
+    return logits, aux
+
+  def _loops_in_turn(self, e, positions, segment_ids, kv):
+    """Loop 1, then loops 2..R one after another (training, prefill, a chunk of a cache)."""
+    cfg = self.cfg
+    n = cfg.plt_num_loops
+    rope = rope_tables(cfg, positions)
+    h, (listed, stacked) = self.layer_pass(e, rope, kv, (0,))
+    p = self.clp_state(h) if n > 1 else None
+    kv = kv.after_pass((0,), listed, stacked, p)
+    if n == 1:
+      return h, kv, h[None], None
+
+    def later_loop(model, p_prev, loop):
+      x = shift_right(p_prev, segment_ids, kv.carry(loop))
+      h_r, outs = model.layer_pass(model.clp_input(e, x), rope, kv, (loop,))
+      p_r = model.clp_state(h_r)
+      return p_r, (h_r, p_r, outs)
+
+    if cfg.runtime.scan_layers and kv.later_loops_alike:
+      # One compiled body for loops 2..R: the source treats them all alike (no per-loop state).
+      scan = nn.scan(
+          lambda model, p_prev, _: later_loop(model, p_prev, 1),
+          variable_broadcast="params",
+          split_rngs={"params": False},
+          length=n - 1,
       )
-      extra["gates"] = gates if cfg.plt_num_loops > 1 else None
-    if return_kv:
-      k = jnp.concatenate([kvs[0][0][None]] + [x[0] for x in kvs[1:]], axis=0)
-      v = jnp.concatenate([kvs[0][1][None]] + [x[1] for x in kvs[1:]], axis=0)
-      extra["kv"] = (k, v)
-      extra["clp"] = (
-          jnp.concatenate(clps, axis=0) if clps else self.clp_state(h)[None]
-      )
-    return logits, extra
+      _, ys = scan(self, p, None)
+      per_loop = [jax.tree.map(lambda x, i=i: x[i], ys) for i in range(n - 1)]
+    else:
+      per_loop = []
+      for loop in range(1, n):
+        p, y = later_loop(self, p, loop)
+        per_loop.append(y)
+    for loop, (_, p_r, outs) in enumerate(per_loop, start=1):
+      kv = kv.after_pass((loop,), *outs, p_r if loop < n - 1 else None)
+    hidden = jnp.stack([h] + [y[0] for y in per_loop])
+    gates = jnp.stack([y[2][1]["gate"] for y in per_loop])
+    return per_loop[-1][0], kv, hidden, gates
+
+  def _loops_as_rows(self, e_Bx1xd, positions_Bx1, kv):
+    """All R loops of one new token as R rows of ONE pass over the layers (PLT decoding).
+
+    Loop r at position t reads P(r-1) at t-1 (the carry), loop 1's K/V up to t and its own window:
+    never another loop at t, so the loops run side by side. Row r is loop r + 1.
+    """
+    cfg = self.cfg
+    n = cfg.plt_num_loops
+    rows = [e_Bx1xd] + [
+        self.clp_input(e_Bx1xd, kv.carry(r)[:, None]) for r in range(1, n)
+    ]
+    b = e_Bx1xd.shape[0]
+    rope = rope_tables(cfg, jnp.broadcast_to(positions_Bx1, (b, n)))
+    h_BxRxd, (listed, stacked) = self.layer_pass(
+        jnp.concatenate(rows, axis=1), rope, kv, tuple(range(n))
+    )
+    p = self.clp_state(
+        h_BxRxd[:, : n - 1]
+    )  # P(r) of rows 1..R-1: the next carries
+    kv = kv.after_pass(tuple(range(n)), listed, stacked, p)
+    hidden = jnp.moveaxis(h_BxRxd, 1, 0)[:, :, None]  # [R, B, 1, d]
+    gates = stacked["gate"]  # [L, B, R-1, H] -> [R-1, L, B, 1, H]
+    if gates is not None:
+      gates = jnp.moveaxis(gates, 2, 0)[:, :, :, None]
+    return h_BxRxd[:, n - 1 :], kv, hidden, gates
 
 
 def _default_positions(tokens_BxS, segment_ids):

@@ -246,7 +246,7 @@ def _context(
 # ------------------------------------------------------------------------------------- serving
 def serving_shardings(cfg: PLTConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
   """Params by the training rules; cache K/V split over kv heads on `tensor` and batch over data axes."""
-  from loopcoder_jax.inference import decode
+  from loopcoder_jax import inference
   from loopcoder_jax.model import transformer as model
 
   batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
@@ -255,7 +255,7 @@ def serving_shardings(cfg: PLTConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
   kv = NamedSharding(mesh, P(None, batch_axes, None, heads, None))
   ring = NamedSharding(mesh, P(None, None, batch_axes, None, heads, None))
   rows = NamedSharding(mesh, P(batch_axes))
-  cache_sh = decode.Cache(
+  cache_sh = inference.Cache(
       k1=kv,
       v1=kv,
       ring_k=ring,
@@ -284,6 +284,7 @@ def compile_serving(
     what=("prefill", "decode"),
 ) -> list[dict[str, Any]]:
   """Compile decode.make_serving_fns' prefill and decode step for a slice; one report each."""
+  from loopcoder_jax import inference
   from loopcoder_jax.inference import decode
 
   prefill_len = prefill_len or max_len
@@ -311,12 +312,12 @@ def compile_serving(
   hbm = flops.PEAKS[chip]["hbm_bytes"]
   cache_bytes = sum(
       math.prod(s.shape) * s.dtype.itemsize
-      for s in jax.tree.leaves(decode.cache_shapes(cfg, batch, max_len))
+      for s in jax.tree.leaves(inference.cache_shapes(cfg, batch, max_len))
   )
   cache_dev = sum(
       _device_bytes(s, sh)
       for s, sh in zip(
-          jax.tree.leaves(decode.cache_shapes(cfg, batch, max_len)),
+          jax.tree.leaves(inference.cache_shapes(cfg, batch, max_len)),
           jax.tree.leaves(c_sh),
       )
   )

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from loopcoder_jax import inference
+from loopcoder_jax.inference import cache as cache_lib
 from loopcoder_jax.inference import decode, sampling
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import (
@@ -105,7 +107,7 @@ def test_prefill_and_decode_match_forward(loops, mode):
         )
         checked += 1
   assert checked == sum(SEQ - n for n in LENGTHS)
-  w = decode.ring_slots(PLTConfig.tiny(loops=loops))
+  w = cache_lib.ring_slots(PLTConfig.tiny(loops=loops))
   # the ring holds exactly the last W positions of each row, whatever wrapped
   if loops > 1:
     for b in range(len(LENGTHS)):
@@ -135,7 +137,8 @@ def test_per_layer_params_give_the_same_numbers(mode, chunk):
   # per-layer cache drops the new key before attending, the stacked one attends to it unstored
   valid = np.array(LENGTHS)[None, :] + np.arange(steps.shape[0])[:, None] < SEQ
   np.testing.assert_allclose(steps[valid], steps_w[valid], atol=ATOL)
-  assert cache.per_layer and len(cache.k1) == PLTConfig.tiny().num_hidden_layers
+  assert cache.layout is inference.PER_LAYER
+  assert len(cache.k1) == PLTConfig.tiny().num_hidden_layers
   # per-layer buffers are [K*B, S, D], rows k*B + b
   n_layers, b, s, k, d = cache_w.k1.shape
 
@@ -149,19 +152,8 @@ def test_per_layer_params_give_the_same_numbers(mode, chunk):
   np.testing.assert_array_equal(cache.lengths, cache_w.lengths)
 
 
-def test_cache_layout_must_match_params():
-  cfg, params, tokens, _ = _setup(2)
-  cache = decode.init_cache(cfg, len(LENGTHS), MAX_LEN)
-  with pytest.raises(ValueError, match="cache layout"):
-    jax.eval_shape(
-        lambda p, c: decode.decode_step(cfg, p, c, tokens[:, 0]),
-        unstack_layers(params),
-        cache,
-    )
-
-
 def test_whole_prompt_prefill_matches_chunked():
-  """The training forward (return_kv) fills the same cache as chunked prefill."""
+  """The training forward (a recording source) fills the same cache as chunked prefill."""
   cfg, params, tokens, full = _setup(2)
   lengths = jnp.array(LENGTHS)
   run = jax.jit(lambda p, t: decode.prefill(cfg, p, t, lengths, MAX_LEN))
@@ -245,36 +237,6 @@ def test_stop_ids_end_rows():
   assert len(streamed) == max(counts)
 
 
-def test_cache_size_formula():
-  cfg = PLTConfig.tiny(loops=2, num_hidden_layers=3, plt_window_size=(6, 0))
-  s, batch = 64, 2
-  assert decode.cache_entries_per_sequence(cfg, s) == 3 * s + 1 * 3 * 7
-  shapes = decode.cache_shapes(cfg, batch, s)
-  per_entry = cfg.num_key_value_heads * cfg.head_size
-  kv_entries = (shapes.k1.size + shapes.ring_k.size) // (batch * per_entry)
-  assert kv_entries == decode.cache_entries_per_sequence(cfg, s)
-  r1 = decode.cache_entries_per_sequence(cfg.replace(plt_num_loops=1), s)
-  assert r1 == 3 * s
-  assert (
-      decode.cache_entries_per_sequence(cfg.replace(plt_num_loops=3), s)
-      < 3 * r1
-  )
-  cache = decode.init_cache(cfg, batch, s)
-  assert decode.cache_bytes(cache) == sum(
-      x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)
-  )
-  assert (np.asarray(cache.ring_pos) == -1).all()
-  per_layer = decode.cache_shapes(cfg, batch, s, per_layer=True)
-  assert len(per_layer.k1) == 3 and per_layer.k1[0].shape == (
-      cfg.num_key_value_heads * batch,
-      s,
-      cfg.head_size,
-  )
-  assert decode.cache_bytes(
-      decode.init_cache(cfg, batch, s, per_layer=True)
-  ) == decode.cache_bytes(cache)
-
-
 def test_serving_fns_shapes():
   cfg = PLTConfig.tiny(loops=2)
   prefill_fn, step_fn, args = decode.make_serving_fns(
@@ -292,3 +254,52 @@ def test_serving_fns_shapes():
     decode.make_serving_fns(cfg, batch=2, max_len=8, prefill_len=9)
   with pytest.raises(ValueError, match="mode"):
     decode.make_serving_fns(cfg, batch=2, max_len=8, prefill_len=4, mode="fast")
+
+
+def _primitive_count(jaxpr, name, pred=lambda eqn: True):
+  """Equations of a primitive in a jaxpr and every sub-jaxpr (scan bodies, calls)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name and pred(eqn)
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      n += _primitive_count(sub, name, pred)
+  return n
+
+
+@pytest.mark.parametrize("loops", [2, 3])
+def test_batched_decode_step_is_one_pass_over_the_layers(loops):
+  """PLT decoding runs all R loops of a token in ONE pass over the L layers: each layer's weights
+  are multiplied once per step (serial decoding multiplies them R times)."""
+  cfg, params, tokens, _ = _setup(loops)
+  n_layers = cfg.num_hidden_layers
+  down_proj = (
+      cfg.intermediate_size,
+      cfg.hidden_size,
+  )  # no other weight has this shape
+
+  def passes(params, mode):
+    cache = inference.init_cache(
+        cfg, len(LENGTHS), MAX_LEN, inference.params_layout(params)
+    )
+    jaxpr = jax.make_jaxpr(
+        lambda p, c: decode.decode_step(cfg, p, c, tokens[:, 0], mode)
+    )(params, cache).jaxpr
+    layer_scans = _primitive_count(
+        jaxpr, "scan", lambda e: e.params["length"] == n_layers
+    )
+    mlp_matmuls = (
+        _primitive_count(  # a projection's matmul takes the 2-D weight
+            jaxpr,
+            "dot_general",
+            lambda e: any(v.aval.shape == down_proj for v in e.invars),
+        )
+    )
+    return layer_scans, mlp_matmuls
+
+  # Stacked params: one scanned layer, one MLP down projection in its body.
+  assert passes(params, "batched") == (1, 1)
+  assert passes(params, "serial") == (loops, loops)
+  # Per-layer params: a Python loop, L down projections per pass.
+  per_layer = unstack_layers(params)
+  assert passes(per_layer, "batched") == (0, n_layers)
+  assert passes(per_layer, "serial") == (0, loops * n_layers)

@@ -153,7 +153,6 @@ def test_bad_config_file(tmp_path):
 
 
 def test_remat_policy_names_match_the_model():
-  from loopcoder_jax.model import config
-  from loopcoder_jax.model import transformer as model
+  from loopcoder_jax.model import config, layers
 
-  assert set(config.REMAT_POLICIES) == set(model.REMAT_POLICIES)
+  assert set(config.REMAT_POLICIES) == set(layers.REMAT_POLICIES)

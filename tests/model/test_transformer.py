@@ -9,6 +9,7 @@ import pytest
 
 from loopcoder_jax import PLTConfig, PLTForCausalLM
 from loopcoder_jax.model import attention
+from loopcoder_jax.model.kv import SequenceKV
 from loopcoder_jax.model.transformer import (
     abstract_params,
     init_params,
@@ -41,9 +42,7 @@ def setup(loops=2, **kw):
         jax.random.key(3), gate["bias"].shape
     )
   model = PLTForCausalLM(cfg)
-  apply = jax.jit(
-      model.apply, static_argnames=("return_intermediates", "return_kv")
-  )
+  apply = jax.jit(model.apply, static_argnames="return_intermediates")
   return cfg, params, apply
 
 
@@ -275,10 +274,16 @@ def test_clp_input_is_scaled_embedding_plus_shifted_state():
   from loopcoder_jax.model.transformer import _default_positions, rope_tables
 
   rope = rope_tables(cfg, _default_positions(tokens, seg))
-  _, kv = apply({"params": params}, tokens, seg, return_kv=True)
-  kv1 = (kv["kv"][0][0], kv["kv"][1][0])
-  stack = jax.jit(functools.partial(model.apply, method=PLTForCausalLM.stack))
-  h2, _ = stack(v, jnp.asarray(x2), rope, seg, kv1)
+  loop1 = SequenceKV.for_config(cfg, seg)
+  _, (_, out1) = model.apply(
+      v, e, rope, loop1, (0,), method=PLTForCausalLM.layer_pass
+  )
+  loop2 = loop1.after_pass((0,), None, out1)
+  layer_pass = jax.jit(
+      functools.partial(model.apply, method=PLTForCausalLM.layer_pass),
+      static_argnums=4,
+  )
+  h2, _ = layer_pass(v, jnp.asarray(x2), rope, loop2, (1,))
   np.testing.assert_allclose(h2, aux["hidden"][1], atol=1e-5, rtol=1e-5)
 
 
@@ -365,12 +370,12 @@ def test_per_layer_layout_round_trips_and_gives_the_same_logits():
   jax.tree.map(np.testing.assert_array_equal, stack_layers(per_layer), params)
   tokens = tokens_for(cfg)
   want = apply({"params": params}, tokens)
-  # per-layer params always take the loop
-  for c in (
-      cfg,
-      cfg.with_runtime(scan_layers=False),
-  ):
-    got = jax.jit(PLTForCausalLM(c).apply)({"params": per_layer}, tokens)
+  # The source says the params are per-layer (the model never inspects them): a Python loop.
+  kv = SequenceKV.for_config(cfg, per_layer=True)
+  for c in (cfg, cfg.with_runtime(scan_layers=False)):
+    got = jax.jit(PLTForCausalLM(c).apply)(
+        {"params": per_layer}, tokens, kv=kv
+    )[0]
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
@@ -389,14 +394,27 @@ def test_intermediates_are_free_when_off():
   cfg, params, apply = setup(loops=2)
   out = apply({"params": params}, tokens_for(cfg))
   assert isinstance(out, jax.Array)
-  jaxpr = str(
-      jax.make_jaxpr(PLTForCausalLM(cfg).apply)(
-          {"params": params}, tokens_for(cfg)
-      )
-  )
-  jaxpr_kv = str(
-      jax.make_jaxpr(
-          functools.partial(PLTForCausalLM(cfg).apply, return_kv=True)
-      )({"params": params}, tokens_for(cfg))
-  )
-  assert len(jaxpr) < len(jaxpr_kv)
+
+  def kv_outputs(**kw):
+    """Layer-stacked K/V arrays (`[L, B, S, K, D]`, or `[R-1, L, ...]` from the loop scan) that leave
+    the top-level scans."""
+    jaxpr = jax.make_jaxpr(functools.partial(PLTForCausalLM(cfg).apply, **kw))(
+        {"params": params}, tokens_for(cfg)
+    )
+    kv_shape = (
+        cfg.num_hidden_layers,
+        B,
+        S,
+        cfg.num_key_value_heads,
+        cfg.head_size,
+    )
+    return sum(
+        v.aval.shape[-5:] == kv_shape
+        for eqn in jaxpr.jaxpr.eqns
+        if eqn.primitive.name == "scan"
+        for v in eqn.outvars
+    )
+
+  # Loop 1's K/V leave its pass (loop 2 reads them); loop 2's only when a prefill records them.
+  assert kv_outputs() == 2
+  assert kv_outputs(kv=SequenceKV.for_config(cfg, record=True)) == 4
