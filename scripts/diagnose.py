@@ -1,12 +1,13 @@
-"""Loop-count diagnostics of a PLT checkpoint on held-out text (LoopCoder-v2 section 4).
+"""Loop-count diagnostics of a PLT checkpoint on held-out text (spec section 6).
 
     python scripts/diagnose.py --checkpoint=DIR [--data=stdlib:heldout] [--loops=R]
         [--seq_len=256 --batch_size=4 --max_tokens=8192]
 
-Prints a per-loop table (step size, update alignment, effective rank, fixed-point gap, CLP
-mismatch, mean gate, logit-lens rank/KL/entropy; see loopcoder_jax/diagnostics.py) and, as the
-last line, the same figures as one JSON object. --loops evaluates the shared weights with a
-different loop count than they were trained with (R >= 2 checkpoints only).
+Prints a per-loop table (step size, update alignment, effective rank,
+fixed-point gap, CLP mismatch, mean gate, logit-lens rank/KL/entropy; see
+loopcoder_jax/eval/diagnostics.py) and, as the last line, the same figures as
+one JSON object. --loops evaluates the shared weights with a different loop
+count than they were trained with (R >= 2 checkpoints only).
 """
 
 import json
