@@ -350,37 +350,3 @@ def convert_checkpoint(
   else:
     save_orbax(cfg, params, dst, overwrite=overwrite, tokenizer_dir=src)
   return fmt
-
-
-def resolve_checkpoint(path: str) -> tuple[str, str]:
-  """(weights directory, 'orbax' | 'hf') for a params dir, a finished training workdir or an HF dir."""
-  if not os.path.isdir(path):
-    raise ValueError(f"checkpoint {path} is not a directory")
-  if checkpoint.is_params_dir(path):
-    return path, "orbax"
-  if checkpoint.is_params_dir(os.path.join(path, "params")):
-    return os.path.join(path, "params"), "orbax"
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    raise ValueError(
-        f"{path} is a training workdir without a final params/ export (training has not "
-        "finished); convert a step first or wait for the run to end"
-    )
-  return path, detect_format(path)
-
-
-def load_checkpoint(
-    path: str, dtype: str | None = None
-) -> tuple[PLTConfig, Any, str]:
-  """Any checkpoint directory we know -> (cfg, params as jax arrays, weights directory).
-
-  With `dtype` the params are cast to it and the model computes in it; otherwise they keep the
-  stored dtype (the compute dtype stays the config's default)."""
-  weights_dir, fmt = resolve_checkpoint(path)
-  if fmt == "orbax":
-    cfg, params = load_orbax(weights_dir, dtype)
-  else:
-    cfg, params = load_hf(weights_dir, dtype)
-    params = jax.tree.map(jax.numpy.asarray, params)
-  if dtype is not None:
-    cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)
-  return cfg, params, weights_dir
