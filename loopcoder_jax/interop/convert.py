@@ -222,7 +222,7 @@ def save_hf(
         tmp,
         shard_size,
         dtype,
-        tokenizer_dir and os.fspath(tokenizer_dir),
+        os.fspath(tokenizer_dir) if tokenizer_dir else None,
     )
 
 

@@ -71,10 +71,10 @@ def weight_files(path: str) -> dict[str, str]:
           f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}"
       ) from None
     files = {k: os.path.join(path, v) for k, v in weight_map.items()}
-    for k, f in files.items():
-      if not os.path.isfile(f):
+    for k, fname in files.items():
+      if not os.path.isfile(fname):
         raise ValueError(
-            f"{index} maps {k} to {os.path.basename(f)}, which does not exist"
+            f"{index} maps {k} to {os.path.basename(fname)}, which does not exist"
         )
     return files
   single = os.path.join(path, SINGLE_FILE)
