@@ -41,7 +41,7 @@ class Rule:
 
 
 _L, _A = "model.layers.{i}.", "layers/self_attn/"
-_OLD_GATE, _GATE_PROJ = (
+_LOOP_GATE, _GATE_PROJECTIONS = (
     "model.layers.{i}.self_attn.loop_gate_proj.",
     "model.gate_projections.{i}.",
 )
@@ -87,27 +87,27 @@ TABLE: tuple[Rule, ...] = (
         _A + "plt_gate/kernel",
         lambda c: (c.num_attention_heads, c.hidden_size),
         transpose=True,
-        aliases=(_OLD_GATE + "weight", _GATE_PROJ + "weight"),
+        aliases=(_LOOP_GATE + "weight", _GATE_PROJECTIONS + "weight"),
         when=lambda c: c.plt_gate_use_hidden_states,
     ),
     Rule(
         _L + "self_attn.plt_gate.weight",
         _A + "plt_gate/kernel",
         lambda c: (c.num_attention_heads, c.head_size),
-        aliases=(_OLD_GATE + "weight", _GATE_PROJ + "weight"),
+        aliases=(_LOOP_GATE + "weight", _GATE_PROJECTIONS + "weight"),
         when=lambda c: not c.plt_gate_use_hidden_states,
     ),
     Rule(
         _L + "self_attn.plt_gate.bias",
         _A + "plt_gate/bias",
         lambda c: (c.num_attention_heads,),
-        aliases=(_OLD_GATE + "bias", _GATE_PROJ + "bias"),
+        aliases=(_LOOP_GATE + "bias", _GATE_PROJECTIONS + "bias"),
     ),
     Rule(
         _L + "self_attn.plt_gate.gate_norm.weight",
         _A + "plt_gate/gate_norm/scale",
         lambda c: (c.hidden_size,),
-        aliases=(_OLD_GATE + "gate_norm.weight",),
+        aliases=(_LOOP_GATE + "gate_norm.weight",),
     ),
     Rule(
         _L + "post_attention_layernorm.weight",
