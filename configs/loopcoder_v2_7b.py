@@ -1,4 +1,5 @@
-"""LoopCoder-v2 7B with R loops: `--config=configs/loopcoder_v2_7b.py:R` (R = 1..4, default 2).
+"""LoopCoder-v2 7B with R loops: `--config=configs/loopcoder_v2_7b.py:R` (R = 1..4; without `:R`,
+the preset's R = 2, or the loop count of a `--config.model.preset=config.json`).
 
 The paper's recipe (spec section 6): Adam 0.9/0.95/1e-15, weight decay 0.1, clip 1.0, peak lr 4e-4,
 5% linear warmup then cosine; bf16 compute (fp32 master weights and optimizer state) and activation
@@ -7,19 +8,22 @@ are used here. Give the released tokenizer (`--config.tokenizer.path=.../tokeniz
 real corpus (`--config.data.source=...`); docs/scaling.md lists the TPU slices each R fits on.
 """
 
+from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.train.config import base_config
 
 
-def get_config(loops: str = "2"):
+def get_config(loops: str = ""):
   c = base_config()
-  r = int(loops)
-  if not 1 <= r <= 4:
-    raise ValueError(
-        f"loopcoder_v2_7b: the paper's family is R = 1..4, got {r}"
-    )
-  c.name = f"loopcoder_v2_7b_r{r}"
   c.model.preset = "loopcoder_v2_7b"
-  c.model.loops = r
+  if loops:
+    r = int(loops)
+    if not 1 <= r <= 4:
+      raise ValueError(
+          f"loopcoder_v2_7b: the paper's family is R = 1..4, got {r}"
+      )
+    c.model.loops = r
+  r = c.model.loops or PLTConfig.loopcoder_v2_7b().plt_num_loops
+  c.name = f"loopcoder_v2_7b_r{r}"
   c.model.runtime.update(
       dtype="bfloat16",
       param_dtype="float32",

@@ -10,10 +10,8 @@ from loopcoder_jax.train.config import base_config
 def get_config():
   c = base_config()
   c.name = "small_host"
-  c.model.preset = (
-      "tiny"  # the tiny preset's field defaults, fully overridden below
-  )
-  c.model.loops = 2
+  # the tiny preset's field defaults, fully overridden below (R = 2, the preset's)
+  c.model.preset = "tiny"
   c.model.overrides = dict(
       vocab_size=16384,
       hidden_size=1024,

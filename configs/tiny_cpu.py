@@ -6,8 +6,9 @@ from loopcoder_jax.train.config import base_config
 def get_config():
   c = base_config()
   c.name = "tiny_cpu"
-  c.model.preset = "tiny"
-  c.model.loops = 2
+  c.model.preset = (
+      "tiny"  # R = 2, the preset's; --config.model.loops=R for another
+  )
   c.model.overrides = dict(
       vocab_size=2048,
       hidden_size=128,

@@ -87,7 +87,8 @@ def run_phase(args, phase: str) -> None:
   """Body of one child process."""
   import numpy as np
 
-  from loopcoder_jax.interop import convert
+  from loopcoder_jax.interop import convert, hf_names
+  from loopcoder_jax.interop import safetensors_io as st
 
   hf, orbax, hf2, resharded = (
       os.path.join(args.workdir, n) for n in ("hf", "orbax", "hf2", "resharded")
@@ -100,16 +101,16 @@ def run_phase(args, phase: str) -> None:
     cfg = bench_cfg(args.params, args.dtype)
     os.makedirs(hf)
     entries = []
-    for i, s in enumerate(convert.plan(cfg)):
+    for i, s in enumerate(hf_names.plan(cfg)):
 
       def produce(s=s, i=i):
         rng = np.random.default_rng(i)
         return (rng.standard_normal(s.hf_shape, np.float32) * 0.02).astype(
-            convert.DTYPES[args.dtype]
+            st.DTYPES[args.dtype]
         )
 
-      entries.append(convert.Entry(s.key, s.hf_shape, args.dtype, produce))
-    convert.write_sharded(hf, entries, args.shard_size)
+      entries.append(st.Entry(s.key, s.hf_shape, args.dtype, produce))
+    st.write_sharded(hf, entries, args.shard_size)
     cfg.to_hf_file(os.path.join(hf, "config.json"))
   # our streaming path alone (re-shard): no Orbax in the process
   elif phase == "hf_to_hf":
@@ -122,7 +123,7 @@ def run_phase(args, phase: str) -> None:
   elif phase == "verify":
     from safetensors import safe_open
 
-    a, b = convert.hf_weight_files(hf), convert.hf_weight_files(hf2)
+    a, b = st.weight_files(hf), st.weight_files(hf2)
     if sorted(a) != sorted(b):
       raise SystemExit("round trip changed the key set")
     for k in a:
@@ -169,10 +170,10 @@ def main(argv):
 def run(args):
   if args.phase:
     return run_phase(args, args.phase)
-  from loopcoder_jax.interop import convert
+  from loopcoder_jax.interop import safetensors_io as st
 
   # before the children start: a bad size would otherwise fail inside write_hf
-  convert.parse_size(args.shard_size)
+  st.parse_size(args.shard_size)
   if args.params <= 0:
     raise ValueError(f"--params must be positive, got {args.params}")
   own = args.workdir is None

@@ -11,7 +11,6 @@ count than they were trained with (R >= 2 checkpoints only).
 """
 
 import json
-import os
 import sys
 
 from absl import app, flags
@@ -43,24 +42,14 @@ _MAX_TOKENS = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from loopcoder_jax import interop
   from loopcoder_jax.data import pipeline as data
-  from loopcoder_jax.data import tokenizer
   from loopcoder_jax.eval import diagnostics
-  from loopcoder_jax.interop import convert
 
   try:
-    path = _CHECKPOINT.value
-    cfg, params, weights_dir = convert.load_checkpoint(path)
-    tok = tokenizer.find_tokenizer(
-        weights_dir, path, os.path.join(path, "tokenizer")
+    cfg, params, tok = interop.load(
+        _CHECKPOINT.value, loops=_LOOPS.value or None
     )
-    tokenizer.check_vocab(tok, cfg.vocab_size)
-    if _LOOPS.value:
-      if _LOOPS.value > 1 and cfg.plt_num_loops == 1:
-        raise ValueError(
-            f"--loops={_LOOPS.value}: the checkpoint has no PLT gate (trained with 1 loop)"
-        )
-      cfg = cfg.replace(plt_num_loops=_LOOPS.value)
     if _SEQ_LEN.value > cfg.max_position_embeddings:
       raise ValueError(
           f"--seq_len={_SEQ_LEN.value} exceeds max_position_embeddings={cfg.max_position_embeddings}"

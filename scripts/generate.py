@@ -10,7 +10,6 @@ Temperature 0 is greedy. Several --prompt flags make a batch (printed when done)
 streams token by token.
 """
 
-import os
 import sys
 
 from absl import app, flags
@@ -58,30 +57,19 @@ _TOKENIZER = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from loopcoder_jax.data import tokenizer
+  from loopcoder_jax import interop
   from loopcoder_jax.inference import generation, sampling
-  from loopcoder_jax.interop import convert
 
   try:
     sampler = sampling.make_sampler(
         _TEMPERATURE.value, _TOP_K.value, _TOP_P.value
     )
-    path = _CHECKPOINT.value
-    cfg, params, weights_dir = convert.load_checkpoint(path, _DTYPE.value)
-    tok = (
-        tokenizer.load_tokenizer(_TOKENIZER.value)
-        if _TOKENIZER.value
-        else tokenizer.find_tokenizer(
-            weights_dir, path, os.path.join(path, "tokenizer")
-        )
+    cfg, params, tok = interop.load(
+        _CHECKPOINT.value,
+        _DTYPE.value,
+        loops=_LOOPS.value or None,
+        tokenizer=_TOKENIZER.value,
     )
-    tokenizer.check_vocab(tok, cfg.vocab_size)
-    if _LOOPS.value:
-      if _LOOPS.value > 1 and cfg.plt_num_loops == 1:
-        raise ValueError(
-            f"--loops={_LOOPS.value}: the checkpoint has no PLT gate (trained with 1 loop)"
-        )
-      cfg = cfg.replace(plt_num_loops=_LOOPS.value)
     prompts, _ = generation.encode_prompts(tok, _PROMPT.value, _CHAT.value)
     stream = len(prompts) == 1
     if stream:

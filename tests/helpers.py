@@ -2,6 +2,7 @@
 
 - the local-window boundary check shared by the model's and the kernels' tests;
 - kernel comparisons against the f32 reference (relative tolerances per dtype);
+- safetensors directories written with safetensors' own writer (not ours);
 - running scripts/train.py in a subprocess on fake CPU devices.
 """
 
@@ -122,6 +123,35 @@ def check(kernel, reference, args, ct, dtype, names):
   for name, g, rg in zip(names, grads, ref_grads):
     assert g.dtype == args[0].dtype or name == "gate"
     assert_close(g, rg, dtype, f"d{name}")
+
+
+# ---------------------------------------------------------------------------- safetensors
+def write_safetensors_dir(path, tensors, shard_bytes=3000):
+  """`tensors` in shards of about `shard_bytes` plus the index, by safetensors' own writer."""
+  import safetensors.numpy as stn
+
+  os.makedirs(path)
+  shards, size = [{}], 0
+  for k, v in tensors.items():
+    if shards[-1] and size + v.nbytes > shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][k] = v
+    size += v.nbytes
+  weight_map = {}
+  for j, shard in enumerate(shards):
+    name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+    stn.save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    weight_map.update({k: name for k in shard})
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+    json.dump(
+        {
+            "metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+            "weight_map": weight_map,
+        },
+        f,
+    )
+  return len(shards)
 
 
 # ---------------------------------------------------------------------------- training runs

@@ -1,10 +1,11 @@
-"""Checkpoints in and out: HF safetensors <-> our params, loading for use, the PyTorch modeling files."""
+"""Checkpoints in and out: the HF name table, streaming safetensors I/O, HF <-> our params, loading
+for use (`load`), the PyTorch modeling files."""
 
 from loopcoder_jax.interop.convert import (
     convert_checkpoint,
-    load_checkpoint,
     load_hf,
     save_hf,
 )
+from loopcoder_jax.interop.loader import load
 
-__all__ = ["convert_checkpoint", "load_checkpoint", "load_hf", "save_hf"]
+__all__ = ["convert_checkpoint", "load", "load_hf", "save_hf"]

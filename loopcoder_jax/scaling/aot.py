@@ -175,13 +175,21 @@ def compile_report(
 
 # ------------------------------------------------------------------------------------- training
 def compile_train(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
-  """Compile the trainer's sharded step for a TPU slice (config: an ml_collections training config)."""
+  """Compile the trainer's sharded step for a TPU slice (config: an ml_collections training config).
+
+  The config passes the trainer's own validation first, for the topology's devices and hosts.
+  """
   from loopcoder_jax.train import config as train_config
   from loopcoder_jax.train import optim
   from loopcoder_jax.train import step as train_step
 
-  cfg = train_config.model_config_from(config)
   devices, chip = topology_devices(topology, num_slices)
+  cfg = train_config.validate(
+      config,
+      num_devices=len(devices),
+      process_count=len({d.process_index for d in devices}),
+      num_slices=num_slices,
+  )
   mesh = make_mesh(dict(config.mesh), devices, num_slices)
   rules = tuple(tuple(r) for r in config.rules)
   gb, seq, accum = (
@@ -189,16 +197,6 @@ def compile_train(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
       config.data.seq_len,
       config.train.grad_accum,
   )
-  shards = sharding.batch_shards(mesh, rules)
-  if gb % (shards * accum):
-    raise ValueError(
-        f"train.global_batch_size {gb} must be a multiple of grad_accum ({accum}) x the {shards} "
-        f"batch shards of mesh {dict(mesh.shape)}"
-    )
-  if seq > cfg.max_position_embeddings:
-    raise ValueError(
-        f"data.seq_len {seq} exceeds max_position_embeddings {cfg.max_position_embeddings}"
-    )
   tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
   _, step_fn, state_sh = train_step.make_train_fns(
       cfg, tx, mesh, rules, grad_accum=accum, schedule=schedule

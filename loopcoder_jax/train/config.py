@@ -4,12 +4,16 @@ A config file in `configs/` returns a ConfigDict built on `base_config()`. The m
 name (or a path to an HF `config.json` / params directory) plus field overrides and runtime options:
 
   config.model.preset = "tiny"            # tiny | loopcoder_v2_7b | PATH
-  config.model.loops = 2                  # plt_num_loops
+  config.model.loops = 3                  # plt_num_loops; unset: the preset's or file's
   config.model.overrides = {...}          # PLTConfig fields (HF keys)
   config.model.runtime.update(...)        # RuntimeConfig fields (dtype, remat_policy, ...)
 
-`validate(config)` raises a one-line ValueError for every bad value it can see before any data is
-read or anything is compiled.
+The loop count R has one rule: the preset's (or the config.json's) stands unless it is set, in
+`model.loops` or `model.overrides.plt_num_loops`, not both.
+
+`validate(config, ...)` is the one check of a training config: the trainer calls it for the devices
+it runs on, AOT compilation for a compile-only topology. It raises a one-line ValueError for every
+bad value it can see before any data is read or anything is compiled.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import dataclasses
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from loopcoder_jax.data.pipeline import default_data_config
 from loopcoder_jax.model import sharding
@@ -36,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(
       dict(
           preset="tiny",
-          loops=2,
+          loops=config_dict.placeholder(int),  # None: the preset's
           overrides={},
           runtime=dataclasses.asdict(RuntimeConfig()),
       )
@@ -127,30 +132,42 @@ def model_config_from(config: ml_collections.ConfigDict) -> PLTConfig:
     )
   if "plt_window_size" in overrides:
     overrides["plt_window_size"] = tuple(overrides["plt_window_size"])
-  preset, loops = m.preset, m.get("loops", None)
+  loops = m.get("loops", None)
+  if loops is not None:
+    if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
+      raise ValueError(
+          f"model.loops must be an integer >= 1 (or unset: the preset's), got {loops!r}"
+      )
+    if "plt_num_loops" in overrides:
+      raise ValueError(
+          f"the loop count is set twice: model.loops={loops} and "
+          f"model.overrides.plt_num_loops={overrides['plt_num_loops']!r}; set one"
+      )
+    overrides["plt_num_loops"] = loops
+  preset = m.preset
   if preset == "tiny":
-    cfg = PLTConfig.tiny(loops=loops or 2, **overrides, **runtime)
-  elif preset == "loopcoder_v2_7b":
-    cfg = PLTConfig.loopcoder_v2_7b(loops=loops or 2, **runtime).replace(
-        **overrides
-    )
-  elif isinstance(preset, str) and os.path.exists(preset):
-    cfg = PLTConfig.from_hf_file(preset, **runtime).replace(**overrides)
-    if loops:
-      cfg = cfg.replace(plt_num_loops=loops)
-  else:
-    raise ValueError(
-        f"model.preset {preset!r} is neither one of {PRESETS} nor an existing config.json path"
-    )
-  return cfg
+    return PLTConfig.tiny(**overrides, **runtime)
+  if preset == "loopcoder_v2_7b":
+    return PLTConfig.loopcoder_v2_7b(**runtime).replace(**overrides)
+  if isinstance(preset, str) and os.path.exists(preset):
+    return PLTConfig.from_hf_file(preset, **runtime).replace(**overrides)
+  raise ValueError(
+      f"model.preset {preset!r} is neither one of {PRESETS} nor an existing config.json path"
+  )
 
 
 def validate(
     config: ml_collections.ConfigDict,
     num_devices: int | None = None,
     process_count: int | None = None,
+    num_slices: int = 1,
 ) -> PLTConfig:
-  """One-line ValueError for the first bad value; returns the model config."""
+  """One-line ValueError for the first bad value; returns the model config.
+
+  The run's devices default to this process's JAX backend; a compile-only topology gives its own
+  `num_devices` (all slices together), `process_count` (its hosts) and `num_slices` (joined over
+  DCN, the data axis spanning them, as `aot.make_mesh` lays them out).
+  """
   import jax  # local: keeps config loading free of backend initialisation
 
   cfg = model_config_from(config)
@@ -177,12 +194,17 @@ def validate(
   process_count = (
       jax.process_count() if process_count is None else process_count
   )
+  if num_slices < 1 or num_devices % num_slices:
+    raise ValueError(
+        f"{num_devices} devices do not split into {num_slices} equal slices"
+    )
   shape = dict(
       zip(
           sharding.MESH_AXES,
-          sharding.mesh_shape(_plain(config.mesh), num_devices),
+          sharding.mesh_shape(_plain(config.mesh), num_devices // num_slices),
       )
   )
+  shape["data"] *= num_slices
   rules = dict(config.rules)
   batch_axes = rules.get("activation_batch") or ()
   batch_axes = (

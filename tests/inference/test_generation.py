@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from loopcoder_jax import PLTConfig, PLTForCausalLM
+from loopcoder_jax import PLTConfig, PLTForCausalLM, interop
 from loopcoder_jax.data import tokenizer
 from loopcoder_jax.inference import generation
 from loopcoder_jax.interop import convert
@@ -74,9 +74,7 @@ def test_complete_streams_the_greedy_continuation(tiny_checkpoint):
   )
 
 
-def test_load_checkpoint_from_params_workdir_and_hf_dirs(
-    tiny_checkpoint, tmp_path
-):
+def test_load_from_params_workdir_and_hf_dirs(tiny_checkpoint, tmp_path):
   root, cfg, params, tok = tiny_checkpoint
   convert.save_hf(
       cfg, params, str(tmp_path / "hf"), tokenizer_dir=str(root / "tokenizer")
@@ -88,9 +86,8 @@ def test_load_checkpoint_from_params_workdir_and_hf_dirs(
       root,
       tmp_path / "hf",
   ):
-    c, p, weights_dir = convert.load_checkpoint(str(path))
+    c, p, tok2 = interop.load(path)
     assert c.to_hf_dict()["hidden_size"] == cfg.hidden_size
-    tok2 = tokenizer.find_tokenizer(weights_dir, str(path))
     outs.append(
         generation.complete(
             c,
@@ -107,8 +104,6 @@ def test_load_checkpoint_from_params_workdir_and_hf_dirs(
 
 def test_bad_generation_input(tiny_checkpoint, tmp_path):
   root, cfg, params, tok = tiny_checkpoint
-  with pytest.raises(ValueError, match="not a directory"):
-    convert.load_checkpoint(str(tmp_path / "missing"))
   with pytest.raises(ValueError, match="max_position_embeddings"):
     generation.complete(cfg, params, tok, ["x"], max_new_tokens=100000)
   with pytest.raises(ValueError, match="max_new_tokens"):

@@ -1,4 +1,4 @@
-"""HF safetensors <-> Orbax conversion: bit-exact round trip, aliases, dtypes, and every bad input."""
+"""HF safetensors <-> Orbax conversion: bit-exact round trip, aliases, dtypes, staged outputs, bad input."""
 
 import io
 import json
@@ -10,12 +10,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import safe_open
-import safetensors.numpy as stn
 
 from loopcoder_jax.data import tokenizer
-from loopcoder_jax.interop import convert
+from loopcoder_jax.interop import convert, hf_names
+from loopcoder_jax.interop import safetensors_io as st
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.train import checkpoint
+from tests import helpers
 from tests.helpers import ROOT, SCRIPTS
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -30,40 +31,20 @@ def random_hf_tensors(cfg, dtype=BF16, seed=0):
   rng = np.random.default_rng(seed)
   return {
       s.key: (rng.standard_normal(s.hf_shape) * 0.5).astype(dtype)
-      for s in convert.plan(cfg)
+      for s in hf_names.plan(cfg)
   }
 
 
 def write_hf(path, cfg, tensors, shard_bytes=3000, extra_config=None):
   """An HF directory written with safetensors' own writer (independent of ours), sharded + index."""
-  os.makedirs(path)
-  shards, size = [{}], 0
-  for k, v in tensors.items():
-    if shards[-1] and size + v.nbytes > shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][k] = v
-    size += v.nbytes
-  weight_map = {}
-  for j, shard in enumerate(shards):
-    name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-    stn.save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-    weight_map.update({k: name for k in shard})
-  with open(os.path.join(path, convert.INDEX_FILE), "w") as f:
-    json.dump(
-        {
-            "metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
-            "weight_map": weight_map,
-        },
-        f,
-    )
+  n_shards = helpers.write_safetensors_dir(path, tensors, shard_bytes)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump({**cfg.to_hf_dict(), **(extra_config or {})}, f, indent=2)
-  return len(shards)
+  return n_shards
 
 
 def read_hf(path):
-  files = convert.hf_weight_files(path)
+  files = st.weight_files(path)
   out = {}
   for k, fname in files.items():
     with safe_open(fname, "numpy") as f:
@@ -192,7 +173,7 @@ def test_round_trip_tensors_bit_identical_bf16(trip):
     assert back[k].dtype == BF16, k
     assert back[k].tobytes() == v.tobytes(), k
   assert trip["n_shards"] > 1
-  assert os.path.isfile(os.path.join(trip["hf"], convert.INDEX_FILE))
+  assert os.path.isfile(os.path.join(trip["hf"], st.INDEX_FILE))
 
 
 def test_round_trip_config_and_files(trip):
@@ -220,7 +201,7 @@ def test_orbax_side_matches_load_hf(trip):
   assert cfg_hf.runtime.param_dtype == "bfloat16"
   assert cfg_o.to_hf_dict() == cfg_hf.to_hf_dict()
   assert checkpoint.stored_dtypes(trip["orbax"]) == {"bfloat16"}
-  flat_hf, flat_o = convert._flat(p_hf), convert._flat(p_o)
+  flat_hf, flat_o = hf_names.flatten(p_hf), hf_names.flatten(p_o)
   assert sorted(flat_hf) == sorted(flat_o)
   for k in flat_hf:
     assert np.asarray(flat_o[k]).dtype == BF16
@@ -294,7 +275,7 @@ def test_dtype_flag_casts_explicitly(trip, tmp_path):
       == "bfloat16"
   )
   # fits one shard: no index
-  assert os.path.isfile(tmp_path / "bf" / convert.SINGLE_FILE)
+  assert os.path.isfile(tmp_path / "bf" / st.SINGLE_FILE)
 
 
 def test_mixed_orbax_dtypes_need_a_flag(tmp_path):
@@ -314,18 +295,7 @@ def test_mixed_orbax_dtypes_need_a_flag(tmp_path):
   )
 
 
-def test_unsupported_tensor_dtype(tmp_path):
-  cfg = PLTConfig.tiny(loops=1)
-  tensors = random_hf_tensors(cfg, np.float32)
-  tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(np.float64)
-  write_hf(tmp_path / "hf", cfg, tensors)
-  with pytest.raises(
-      ValueError, match="model.norm.weight: unsupported tensor dtype F64"
-  ):
-    convert.load_hf(tmp_path / "hf")
-
-
-# ------------------------------------------------------------------------------------- aliases / table
+# ------------------------------------------------------------------------------------- aliases, tied weights
 def _hf_dir(path, cfg, rename=None, dtype=BF16, **kw):
   tensors = random_hf_tensors(cfg, dtype)
   for old, new in (rename or {}).items():
@@ -353,42 +323,12 @@ def test_gate_aliases(tmp_path, hidden, alias):
   }
   _, want = convert.load_hf(_hf_dir(tmp_path / "canon", cfg))
   _, got = convert.load_hf(_hf_dir(tmp_path / "alias", cfg, rename))
-  for k, v in convert._flat(want).items():
-    np.testing.assert_array_equal(convert._flat(got)[k], v)
+  for k, v in hf_names.flatten(want).items():
+    np.testing.assert_array_equal(hf_names.flatten(got)[k], v)
   shape = (cfg.num_hidden_layers,) + (
       (cfg.hidden_size, 4) if hidden else (4, cfg.head_size)
   )
   assert want["layers"]["self_attn"]["plt_gate"]["kernel"].shape == shape
-
-
-def test_alias_and_canonical_together_rejected(tmp_path):
-  cfg = PLTConfig.tiny(loops=2)
-  tensors = random_hf_tensors(cfg)
-  tensors["model.layers.0.self_attn.loop_gate_proj.bias"] = tensors[
-      "model.layers.0.self_attn.plt_gate.bias"
-  ]
-  write_hf(tmp_path / "hf", cfg, tensors)
-  with pytest.raises(
-      ValueError, match="model.layers.0.self_attn.plt_gate.bias twice"
-  ):
-    convert.load_hf(tmp_path / "hf")
-
-
-@pytest.mark.parametrize("loops", [1, 2, 3, 4])
-@pytest.mark.parametrize("hidden", [True, False])
-def test_table_covers_every_config(loops, hidden):
-  for tied in (False, True):
-    cfg = PLTConfig.tiny(
-        loops=loops, plt_gate_use_hidden_states=hidden, tie_word_embeddings=tied
-    )
-    keys = [s.key for s in convert.plan(cfg)]
-    per_layer = 9 + (0 if loops == 1 else (3 if hidden else 2))
-    assert (
-        len(keys)
-        == len(set(keys))
-        == 2 + (0 if tied else 1) + per_layer * cfg.num_hidden_layers
-    )
-    assert ("lm_head.weight" in keys) != tied
 
 
 def test_tied_embeddings_round_trip(tmp_path):
@@ -404,43 +344,37 @@ def test_tied_embeddings_round_trip(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- bad input
-def test_missing_key(tmp_path):
-  cfg = PLTConfig.tiny(loops=2)
-  tensors = random_hf_tensors(cfg)
-  del tensors["model.layers.1.mlp.up_proj.weight"]
-  write_hf(tmp_path / "hf", cfg, tensors)
-  with pytest.raises(
-      ValueError, match=r"missing key model\.layers\.1\.mlp\.up_proj\.weight"
-  ):
-    convert.load_hf(tmp_path / "hf")
-
-
 @pytest.mark.parametrize(
-    "extra",
+    "edit, match",
     [
-        "model.layers.2.mlp.up_proj.weight",
-        "model.rotary_emb.inv_freq",
-        "model.layers.0.self_attn.plt_gate.gate_norm.weight",
+        (
+            lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+            r"missing key model\.layers\.1\.mlp\.up_proj\.weight",
+        ),
+        (
+            lambda t: t.update(
+                {
+                    "model.layers.0.self_attn.loop_gate_proj.bias": np.zeros(
+                        4, BF16
+                    )
+                }
+            ),
+            "model.layers.0.self_attn.plt_gate.bias twice",
+        ),
+        (
+            lambda t: t.update(
+                {"model.norm.weight": t["model.norm.weight"].astype(np.float64)}
+            ),
+            "model.norm.weight: unsupported tensor dtype F64",
+        ),
     ],
 )
-def test_unexpected_key(tmp_path, extra):
-  # query mode has no gate_norm
-  cfg = PLTConfig.tiny(loops=2, plt_gate_use_hidden_states=False)
+def test_table_and_reader_errors_reach_load_hf(tmp_path, edit, match):
+  cfg = PLTConfig.tiny(loops=2)
   tensors = random_hf_tensors(cfg)
-  tensors[extra] = np.zeros(4, BF16)
+  edit(tensors)
   write_hf(tmp_path / "hf", cfg, tensors)
-  with pytest.raises(
-      ValueError, match=f"unexpected key {extra.replace('.', '[.]')}"
-  ):
-    convert.load_hf(tmp_path / "hf")
-
-
-def test_r1_checkpoint_with_gate_is_unexpected(tmp_path):
-  tensors = random_hf_tensors(PLTConfig.tiny(loops=2))
-  write_hf(tmp_path / "hf", PLTConfig.tiny(loops=1), tensors)
-  with pytest.raises(
-      ValueError, match="unexpected key .*plt_gate.* plt_num_loops=1"
-  ):
+  with pytest.raises(ValueError, match=match):
     convert.load_hf(tmp_path / "hf")
 
 
@@ -483,7 +417,7 @@ def test_nonempty_destination_needs_overwrite(trip, tmp_path):
       trip["src"], str(dst), "hf", overwrite=True, shard_size="1MB"
   )
   assert "keep.txt" not in os.listdir(dst) and os.path.isfile(
-      dst / convert.SINGLE_FILE
+      dst / st.SINGLE_FILE
   )
   (tmp_path / "empty").mkdir()  # an empty directory is fine
   convert.convert_checkpoint(trip["src"], str(tmp_path / "empty"), "hf")
@@ -493,7 +427,7 @@ def test_nonempty_destination_needs_overwrite(trip, tmp_path):
 def test_failed_conversion_leaves_nothing(
     trip, tmp_path, monkeypatch, existing
 ):
-  real, calls = convert.write_safetensors, []
+  real, calls = st.write_safetensors, []
 
   def fail_second_shard(fname, entries):
     calls.append(fname)
@@ -501,7 +435,7 @@ def test_failed_conversion_leaves_nothing(
       raise OSError("disk full (simulated)")
     real(fname, entries)
 
-  monkeypatch.setattr(convert, "write_safetensors", fail_second_shard)
+  monkeypatch.setattr(st, "write_safetensors", fail_second_shard)
   dst = tmp_path / "dst"
   if existing:
     dst.mkdir()
@@ -515,18 +449,6 @@ def test_failed_conversion_leaves_nothing(
   assert sorted(os.listdir(tmp_path)) == (["dst"] if existing else [])
   if existing:
     assert os.listdir(dst) == ["old.txt"]
-
-
-def test_bin_weights_refused(tmp_path):
-  d = tmp_path / "bin"
-  d.mkdir()
-  PLTConfig.tiny().to_hf_file(d / "config.json")
-  (d / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")  # a pickle
-  with pytest.raises(
-      ValueError,
-      match=r"PyTorch pickle weights \(pytorch_model.bin\); only safetensors",
-  ):
-    convert.load_hf(d)
 
 
 def test_bad_arguments(trip, tmp_path):
@@ -545,11 +467,3 @@ def test_bad_arguments(trip, tmp_path):
         trip["src"], os.path.join(trip["src"], "sub"), "orbax"
     )
   assert not os.path.exists(tmp_path / "o")
-
-
-def test_parse_size():
-  assert convert.parse_size("5GB") == 5 * 10**9
-  assert convert.parse_size("2MiB") == 2 * 2**20
-  assert convert.parse_size(1234) == convert.parse_size("1234") == 1234
-  with pytest.raises(ValueError):
-    convert.parse_size("0")

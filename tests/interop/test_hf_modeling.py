@@ -9,7 +9,7 @@ import pytest
 
 from loopcoder_jax.inference import decode
 from loopcoder_jax.inference.sampling import Greedy, StopRule
-from loopcoder_jax.interop import convert
+from loopcoder_jax.interop import convert, hf_names
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import PLTForCausalLM, abstract_params
 
@@ -43,13 +43,13 @@ def random_params(cfg, seed=0):
   """Every param random (gates included, norms around 1), so no term can hide behind a zero init."""
   rng = np.random.default_rng(seed)
   flat = {}
-  for path, a in convert._flat(abstract_params(cfg)).items():
+  for path, a in hf_names.flatten(abstract_params(cfg)).items():
     noise = rng.standard_normal(a.shape).astype(np.float32)
     flat[path] = 1 + 0.2 * noise if path.endswith("scale") else 0.3 * noise
   flat[
       "embed_tokens/embedding"
   ] *= 3  # well separated logits: greedy ties cannot flip
-  return convert._nest(flat)
+  return hf_names.unflatten(flat)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,8 @@ def build(tmp_path_factory):
       assert model.dtype == torch.float32
       # the JAX side runs what load_hf reads from the same files
       cfg2, params2 = convert.load_hf(path)
-      for k, v in convert._flat(params).items():
-        np.testing.assert_array_equal(convert._flat(params2)[k], v)
+      for k, v in hf_names.flatten(params).items():
+        np.testing.assert_array_equal(hf_names.flatten(params2)[k], v)
       forward = jax.jit(
           lambda t: PLTForCausalLM(cfg2).apply({"params": params2}, t)
       )

@@ -38,6 +38,34 @@ def test_parse_topology():
 
 @pytest.mark.tpu_compile
 @needs_libtpu
+@pytest.mark.parametrize(
+    "extra, topology",
+    [
+        ({"data.seq_len": 2048}, "v5e:2x2"),
+        ({"model.loops": 0}, "v5e:2x2"),
+        # 8 chips on 2 hosts, as the trainer's 8 test devices: the same 8 batch shards
+        ({"train.global_batch_size": 4}, "v5p:2x2x2"),
+    ],
+)
+def test_refuses_a_bad_config_with_the_trainers_message(
+    extra, topology, tmp_path
+):
+  from loopcoder_jax.train import trainer
+
+  config = _tiny_config()
+  for key, value in extra.items():
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+  with pytest.raises(ValueError) as by_trainer:
+    trainer.train(config, str(tmp_path / "run"))
+  with pytest.raises(ValueError) as by_aot:
+    aot.compile_train(config, topology)
+  assert str(by_aot.value) == str(by_trainer.value)
+  assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
 def test_tiny_train_step_v5e_2x2():
   from loopcoder_jax.scaling import flops
   from loopcoder_jax.train import config as train_config

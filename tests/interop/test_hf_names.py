@@ -1,0 +1,156 @@
+"""The HF name table: coverage of every config, key matching (aliases, duplicates, unexpected and
+missing keys) and the transforms both ways."""
+
+from hypothesis import given
+from hypothesis import strategies as hst
+import numpy as np
+import pytest
+
+from loopcoder_jax.interop import hf_names
+from loopcoder_jax.model.config import PLTConfig
+
+
+def _keys(cfg):
+  return [s.key for s in hf_names.plan(cfg)]
+
+
+@pytest.mark.parametrize("loops", [1, 2, 3, 4])
+@pytest.mark.parametrize("hidden", [True, False])
+def test_table_covers_every_config(loops, hidden):
+  for tied in (False, True):
+    cfg = PLTConfig.tiny(
+        loops=loops, plt_gate_use_hidden_states=hidden, tie_word_embeddings=tied
+    )
+    keys = _keys(cfg)
+    per_layer = 9 + (0 if loops == 1 else (3 if hidden else 2))
+    assert (
+        len(keys)
+        == len(set(keys))
+        == 2 + (0 if tied else 1) + per_layer * cfg.num_hidden_layers
+    )
+    assert ("lm_head.weight" in keys) != tied
+    # layer-major: every key of layer 0 before any key of layer 1
+    layers = [s.layer for s in hf_names.plan(cfg) if s.layer is not None]
+    assert layers == sorted(layers)
+
+
+def test_flatten_unflatten_round_trip():
+  tree = {"a": {"b": 1, "c": {"d": 2}}, "e": 3}
+  assert hf_names.flatten(tree) == {"a/b": 1, "a/c/d": 2, "e": 3}
+  assert hf_names.unflatten(hf_names.flatten(tree)) == tree
+
+
+# ------------------------------------------------------------------------------------- matching
+def test_canonical_keys_match_themselves():
+  cfg = PLTConfig.tiny(loops=2)
+  slots = hf_names.plan(cfg)
+  keys = _keys(cfg)
+  assert hf_names.match(cfg, slots, keys) == {k: k for k in keys}
+
+
+@pytest.mark.parametrize(
+    "hidden,alias",
+    [
+        (True, "model.layers.{i}.self_attn.loop_gate_proj."),
+        (False, "model.gate_projections.{i}."),
+        (False, "model.layers.{i}.self_attn.loop_gate_proj."),
+    ],
+)
+def test_gate_aliases_match(hidden, alias):
+  cfg = PLTConfig.tiny(loops=2, plt_gate_use_hidden_states=hidden)
+  suffixes = ("weight", "bias") + (("gate_norm.weight",) if hidden else ())
+  rename = {
+      f"model.layers.{i}.self_attn.plt_gate.{s}": alias.format(i=i) + s
+      for i in range(cfg.num_hidden_layers)
+      for s in suffixes
+  }
+  keys = [rename.get(k, k) for k in _keys(cfg)]
+  found = hf_names.match(cfg, hf_names.plan(cfg), keys)
+  assert found == {k: rename.get(k, k) for k in _keys(cfg)}
+
+
+def test_alias_and_canonical_together_rejected():
+  cfg = PLTConfig.tiny(loops=2)
+  keys = _keys(cfg) + ["model.layers.0.self_attn.loop_gate_proj.bias"]
+  with pytest.raises(
+      ValueError, match="model.layers.0.self_attn.plt_gate.bias twice"
+  ):
+    hf_names.match(cfg, hf_names.plan(cfg), keys)
+
+
+def test_missing_key():
+  cfg = PLTConfig.tiny(loops=2)
+  keys = _keys(cfg)
+  keys.remove("model.layers.1.mlp.up_proj.weight")
+  keys.remove("model.norm.weight")
+  with pytest.raises(
+      ValueError,
+      match=r"missing key model\.layers\.1\.mlp\.up_proj\.weight \(and 1 more\)",
+  ):
+    hf_names.match(cfg, hf_names.plan(cfg), keys)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "model.layers.2.mlp.up_proj.weight",
+        "model.rotary_emb.inv_freq",
+        "model.layers.0.self_attn.plt_gate.gate_norm.weight",
+    ],
+)
+def test_unexpected_key(extra):
+  # query mode has no gate_norm
+  cfg = PLTConfig.tiny(loops=2, plt_gate_use_hidden_states=False)
+  with pytest.raises(
+      ValueError, match=f"unexpected key {extra.replace('.', '[.]')}"
+  ):
+    hf_names.match(cfg, hf_names.plan(cfg), _keys(cfg) + [extra])
+
+
+def test_r1_checkpoint_with_gate_is_unexpected():
+  cfg = PLTConfig.tiny(loops=1)
+  with pytest.raises(
+      ValueError, match="unexpected key .*plt_gate.* plt_num_loops=1"
+  ):
+    hf_names.match(cfg, hf_names.plan(cfg), _keys(PLTConfig.tiny(loops=2)))
+
+
+# ------------------------------------------------------------------------------------- transforms
+@given(
+    loops=hst.integers(1, 3),
+    hidden=hst.booleans(),
+    tied=hst.booleans(),
+    kv_heads=hst.sampled_from([1, 2, 4]),
+)
+def test_transforms_invert_each_other(loops, hidden, tied, kv_heads):
+  cfg = PLTConfig.tiny(
+      loops=loops,
+      plt_gate_use_hidden_states=hidden,
+      tie_word_embeddings=tied,
+      num_key_value_heads=kv_heads,
+  )
+  rng = np.random.default_rng(0)
+  for s in hf_names.plan(cfg):
+    w = rng.standard_normal(s.hf_shape).astype(np.float32)
+    ours = s.rule.to_ours(w, s.our_shape)
+    assert ours.shape == s.our_shape, s.key
+    back = s.rule.to_hf(ours, cfg)
+    assert back.shape == s.hf_shape and np.array_equal(back, w), s.key
+
+
+def test_linear_layouts():
+  """Ours are [in, ...out] kernels of HF's [out, in] linears: q_proj [d, H, D] = HF [H*D, d].T."""
+  cfg = PLTConfig.tiny(loops=2)
+  slots = {s.key: s for s in hf_names.plan(cfg)}
+  q = slots["model.layers.1.self_attn.q_proj.weight"]
+  assert q.our_shape == (
+      cfg.hidden_size,
+      cfg.num_attention_heads,
+      cfg.head_size,
+  )
+  w = np.arange(np.prod(q.hf_shape), dtype=np.float32).reshape(q.hf_shape)
+  np.testing.assert_array_equal(
+      q.rule.to_ours(w, q.our_shape).reshape(cfg.hidden_size, -1), w.T
+  )
+  norm = slots["model.norm.weight"]
+  assert not norm.rule.transpose and norm.our_shape == (cfg.hidden_size,)
