@@ -10,20 +10,21 @@ sequence length and model runtime (dtype, remat policy, attention); serving comp
 sharded by the same rules over `--serve_mesh` and the KV cache split over kv heads. For each step:
 per-device memory against the chip's HBM (or the compiler's refusal, in one line), useful FLOPs per
 device per step, compile time. Prints one line per step and, as the last line, one JSON object.
+Exit codes: 0 done (a step that does not fit is reported, not an error); 2 bad input (flags,
+config, topology, no libtpu: one `error:` line on stderr).
 """
 
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from loopcoder_jax import cli
 
 # the host runs nothing; TPU devices are compile-only
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from loopcoder_jax import cli  # noqa: E402
-from loopcoder_jax.train import config as train_config
-
+WHATS = ("train", "prefill", "decode")
 _CONFIGS = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs"
 )
@@ -32,23 +33,30 @@ _TOPOLOGY = flags.DEFINE_string(
     "topology", "v5e:2x2", "TPU slice, CHIP:AxB[xC] (v5e, v5p, v6e)."
 )
 _NUM_SLICES = flags.DEFINE_integer(
-    "num_slices", 1, "Slices joined over DCN (the data axis spans them)."
+    "num_slices",
+    1,
+    "Slices joined over DCN (the data axis spans them).",
+    lower_bound=1,
 )
-_WHAT = flags.DEFINE_list("what", ["train"], "Any of train, prefill, decode.")
+_WHAT = cli.define_choice_list("what", ["train"], WHATS, "Steps to compile.")
 _SERVE_BATCH = flags.DEFINE_integer(
-    "serve_batch", 32, "Serving batch (prefill and decode)."
+    "serve_batch", 32, "Serving batch (prefill and decode).", lower_bound=1
 )
 _SERVE_LEN = flags.DEFINE_integer(
-    "serve_len", 8192, "Serving context: cache length and prompt length."
+    "serve_len",
+    8192,
+    "Serving context: cache length and prompt length.",
+    lower_bound=1,
 )
 _PREFILL_CHUNK = flags.DEFINE_integer(
-    "prefill_chunk", 0, "Chunked prefill size (0 = whole prompt at once)."
+    "prefill_chunk",
+    0,
+    "Chunked prefill size (0 = whole prompt at once).",
+    lower_bound=0,
 )
 _SERVE_MESH = flags.DEFINE_string(
     "serve_mesh", "tensor=-1", "Serving mesh, e.g. 'data=2,tensor=2'."
 )
-
-WHATS = ("train", "prefill", "decode")
 
 
 def _parse_mesh(text):
@@ -82,19 +90,14 @@ def _line(r):
   )
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
   from loopcoder_jax.scaling import aot
+  from loopcoder_jax.train import config as train_config
 
   config = flags.FLAGS.config
-  what = [w.strip() for w in _WHAT.value]
-  bad = set(what) - set(WHATS)
-  if bad or not what:
-    raise ValueError(
-        f"--what: unknown steps {sorted(bad)}; expected a list of {WHATS}"
-    )
+  what = _WHAT.value
   aot.parse_topology(_TOPOLOGY.value)
+  mesh_cfg = _parse_mesh(_SERVE_MESH.value)
   reports = []
   if "train" in what:
     reports.append(
@@ -110,7 +113,7 @@ def main(argv):
         batch=_SERVE_BATCH.value,
         max_len=_SERVE_LEN.value,
         chunk=_PREFILL_CHUNK.value,
-        mesh_cfg=_parse_mesh(_SERVE_MESH.value),
+        mesh_cfg=mesh_cfg,
         num_slices=_NUM_SLICES.value,
         what=serve,
     ):
@@ -119,13 +122,5 @@ def main(argv):
   print(json.dumps({"config": config.name, "reports": reports}, default=str))
 
 
-def _main(argv):
-  try:
-    main(argv)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(_main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -12,29 +12,31 @@ On CPU the kernels would run in Pallas interpret mode, which says nothing about 
 references are timed, and the table says so. TFLOP/s count the useful FLOPs of the band (visible
 query-key pairs x 4D forward, x 12D forward+backward, no recompute). `ratio_32k_4k` = time(32k) /
 time(4k): 8 is linear in S, a dense mask would be 64. Prints a table, then one JSON line.
+Exit codes: 0 done; 2 bad flags (one `error:` line on stderr, before anything runs).
 """
 
 import json
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 
+from loopcoder_jax import cli
 from loopcoder_jax.model import attention
 from pallas_kernels import gswa_attention, reference, sliding_window_attention
 
-_SEQ = flags.DEFINE_list(
-    "seq_lens", ["1024", "4096", "16384", "32768"], "Sequence lengths."
+_SEQ = cli.define_int_list(
+    "seq_lens", [1024, 4096, 16384, 32768], "Sequence lengths."
 )
 _LEFT = flags.DEFINE_integer(
-    "left", 64, "Local window: query t sees keys t-left..t."
+    "left", 64, "Local window: query t sees keys t-left..t.", lower_bound=0
 )
-_HEADS = flags.DEFINE_integer("heads", 8, "Query heads.")
-_KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "KV heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Batch.")
+_HEADS = flags.DEFINE_integer("heads", 8, "Query heads.", lower_bound=1)
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "KV heads.", lower_bound=1)
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 1, "Batch.", lower_bound=1)
 _DTYPE = flags.DEFINE_enum(
     "dtype",
     "auto",
@@ -42,9 +44,14 @@ _DTYPE = flags.DEFINE_enum(
     "auto: bfloat16 on accelerators, float32 on CPU (no native bf16 there).",
 )
 _ITERS = flags.DEFINE_integer(
-    "iters", 5, "Timed iterations (median reported) after one warm-up."
+    "iters",
+    5,
+    "Timed iterations (median reported) after one warm-up.",
+    lower_bound=1,
 )
-_MODES = flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
+_MODES = cli.define_choice_list(
+    "modes", ["fwd", "fwd_bwd"], ["fwd", "fwd_bwd"], "Passes to time."
+)
 _KERNELS_ON_CPU = flags.DEFINE_bool(
     "kernels_on_cpu",
     False,
@@ -52,7 +59,10 @@ _KERNELS_ON_CPU = flags.DEFINE_bool(
     "checks this script's kernel path; the times mean nothing).",
 )
 _MAX_DENSE = flags.DEFINE_float(
-    "max_dense_gib", 2.0, "Skip dense-causal references above this score size."
+    "max_dense_gib",
+    2.0,
+    "Skip dense-causal references above this score size.",
+    lower_bound=0.0,
 )
 
 
@@ -108,8 +118,11 @@ def timed(fn, args, iters):
   return statistics.median(times)
 
 
-def main(argv):
-  del argv
+def main():
+  if _HEADS.value % _KV_HEADS.value:
+    raise ValueError(
+        f"--heads={_HEADS.value} must be a multiple of --kv_heads={_KV_HEADS.value}"
+    )
   backend = jax.default_backend()
   dtype = jnp.dtype(
       _DTYPE.value
@@ -123,10 +136,7 @@ def main(argv):
       _HEAD_DIM.value,
       _LEFT.value,
   )
-  seqs = [int(s) for s in _SEQ.value]
-  for m in _MODES.value:
-    if m not in ("fwd", "fwd_bwd"):
-      raise ValueError(f"--modes entries must be fwd or fwd_bwd, got {m!r}")
+  seqs = _SEQ.value
   kernels = backend != "cpu" or _KERNELS_ON_CPU.value
   note = (
       f"{backend}: references and kernels"
@@ -213,4 +223,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,6 +9,8 @@ HF -> Orbax and Orbax -> HF, each in a fresh process, and reads that process's p
 rusage, ru_maxrss) next to a baseline process that only imports the converter and starts JAX.
 Streaming target: peak RSS about one copy of the weights (checkpoint bytes) plus the baseline. The
 round trip is checked tensor by tensor (bytes equal). Prints a table and, as the last line, one JSON object.
+Exit codes: 0 done; 2 bad flags (one `error:` line on stderr, before any process starts); 1 a
+phase failed or the round trip changed a tensor.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from loopcoder_jax import cli
 
@@ -48,7 +50,9 @@ _FLAGS = (
         "Safetensors shard size of the written checkpoints.",
     ),
     flags.DEFINE_string(
-        "workdir", None, "Scratch directory (default: a temp dir, removed)."
+        "workdir",
+        None,
+        "Scratch directory, empty or new (default: a temp dir, removed).",
     ),
     flags.DEFINE_enum(
         "phase",
@@ -125,12 +129,12 @@ def run_phase(args, phase: str) -> None:
 
     a, b = st.weight_files(hf), st.weight_files(hf2)
     if sorted(a) != sorted(b):
-      raise SystemExit("round trip changed the key set")
+      raise cli.Failure("round trip changed the key set")
     for k in a:
       with safe_open(a[k], "numpy") as fa, safe_open(b[k], "numpy") as fb:
         x, y = fa.get_tensor(k), fb.get_tensor(k)
         if x.dtype != y.dtype or x.tobytes() != y.tobytes():
-          raise SystemExit(f"round trip changed {k}")
+          raise cli.Failure(f"round trip changed {k}")
 
 
 def measure(args, phase: str) -> int:
@@ -147,7 +151,7 @@ def measure(args, phase: str) -> int:
   proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   _, status, usage = os.wait4(proc.pid, 0)
   if os.waitstatus_to_exitcode(status) != 0:
-    raise SystemExit(f"phase {phase} failed")
+    raise cli.Failure(f"phase {phase} failed")
   return usage.ru_maxrss * 1024  # KiB on Linux
 
 
@@ -160,22 +164,24 @@ def dir_bytes(path: str, suffix: str = "") -> int:
   )
 
 
-def main(argv):
+def main():
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save and restore at INFO
     logging.set_verbosity(logging.WARNING)
-  return cli.run_with_flags(run, _FLAGS, argv)
+  return run(cli.flag_values(_FLAGS))
 
 
 def run(args):
   if args.phase:
     return run_phase(args, args.phase)
+  if args.params <= 0:
+    raise ValueError(f"--params must be positive, got {args.params}")
+  if args.workdir and os.path.isdir(args.workdir) and os.listdir(args.workdir):
+    raise ValueError(f"--workdir {args.workdir} is not empty")
   from loopcoder_jax.interop import safetensors_io as st
 
   # before the children start: a bad size would otherwise fail inside write_hf
   st.parse_size(args.shard_size)
-  if args.params <= 0:
-    raise ValueError(f"--params must be positive, got {args.params}")
   own = args.workdir is None
   args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_convert-")
   try:
@@ -215,4 +221,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

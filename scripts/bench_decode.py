@@ -16,6 +16,7 @@ variants alike. Latency = median step time; ratios = median of the per-round rat
 ratio of the fastest steps, the figure closest to an unloaded machine. Cache bytes are measured from
 the cache pytree; the vanilla figure is what `R*L*S` K/V entries take (twice R=1's K/V).
 Prints a table and, as the last line, one JSON object.
+Exit codes: 0 done; 2 bad flags (one `error:` line on stderr, before anything is compiled).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 
@@ -46,23 +47,30 @@ VARIANTS = (
 # bench_cfg reads these as attributes of one namespace named like the flags; the JSON "config" lists them
 # (all but batches and contexts) in this order.
 _FLAGS = (
-    flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes."),
-    flags.DEFINE_list(
+    cli.define_int_list("batches", [1, 8, 32], "Batch sizes."),
+    cli.define_int_list(
         "contexts",
-        ["512", "4096"],
+        [512, 4096],
         "Cache lengths (preallocated K/V entries per sequence).",
     ),
     flags.DEFINE_integer(
-        "steps", 10, "Timed decode steps per variant (after one warm-up step)."
+        "steps",
+        10,
+        "Timed decode steps per variant (after one warm-up step).",
+        lower_bound=1,
     ),
-    flags.DEFINE_integer("d", 1024, "Hidden size."),
-    flags.DEFINE_integer("ffn", 4096, "SwiGLU intermediate size."),
-    flags.DEFINE_integer("layers", 4, "Layers."),
-    flags.DEFINE_integer("heads", 16, "Query heads."),
-    flags.DEFINE_integer("kv_heads", 4, "KV heads."),
-    flags.DEFINE_integer("head_dim", 64, "Head dim."),
-    flags.DEFINE_integer("vocab", 8192, "Vocabulary size."),
-    flags.DEFINE_integer("window", 64, "Local attention window."),
+    flags.DEFINE_integer("d", 1024, "Hidden size.", lower_bound=1),
+    flags.DEFINE_integer(
+        "ffn", 4096, "SwiGLU intermediate size.", lower_bound=1
+    ),
+    flags.DEFINE_integer("layers", 4, "Layers.", lower_bound=1),
+    flags.DEFINE_integer("heads", 16, "Query heads.", lower_bound=1),
+    flags.DEFINE_integer("kv_heads", 4, "KV heads.", lower_bound=1),
+    flags.DEFINE_integer("head_dim", 64, "Head dim.", lower_bound=1),
+    flags.DEFINE_integer("vocab", 8192, "Vocabulary size.", lower_bound=1),
+    flags.DEFINE_integer(
+        "window", 64, "Local attention window.", lower_bound=0
+    ),
     flags.DEFINE_enum(
         "layout",
         "per_layer",
@@ -154,17 +162,15 @@ def time_interleaved(runners, steps):
   return {n: (statistics.median(t), min(t)) for n, t in times.items()}, ratio
 
 
-def main(argv):
-  return cli.run_with_flags(run, _FLAGS, argv)
+def main():
+  return run(cli.flag_values(_FLAGS))
 
 
 def run(args):
-  batches, contexts = cli.int_list("batches", args.batches), cli.int_list(
-      "contexts", args.contexts
-  )
-  if args.steps < 1 or min(batches) < 1 or min(contexts) < args.steps + 3:
+  batches, contexts = args.batches, args.contexts
+  if min(contexts) < args.steps + 3:
     raise ValueError(
-        "need --steps >= 1, batches >= 1 and every context >= steps + 3"
+        f"every --contexts value must be >= --steps + 3 = {args.steps + 3}, got {min(contexts)}"
     )
 
   cfg2 = bench_cfg(args, 2)
@@ -259,4 +265,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -18,6 +18,8 @@ moment more easily than a long step), so each step is also paired with the mean 
 measured just before and just after it (MFU paired: the best and the median pair are shown); the
 paired median is the figure to read on a shared host.
 Prints a table and, as the last line, one JSON object.
+Exit codes: 0 done; 2 bad flags (one `error:` line on stderr, before anything is compiled); 1 a
+loss went non-finite.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -48,20 +50,24 @@ from loopcoder_jax.train import step as train_step
 
 # bench_cfg / bench_loops read these as attributes of one namespace named like the flags.
 _FLAGS = (
-    flags.DEFINE_list("loops", ["1", "2", "3"], "Loop counts R to benchmark."),
+    cli.define_int_list("loops", [1, 2, 3], "Loop counts R to benchmark."),
     flags.DEFINE_integer(
-        "steps", 6, "Timed steps per R (after one warm-up step)."
+        "steps", 6, "Timed steps per R (after one warm-up step).", lower_bound=1
     ),
-    flags.DEFINE_integer("batch", 8, "Batch size."),
-    flags.DEFINE_integer("seq", 256, "Sequence length."),
-    flags.DEFINE_integer("layers", 4, "Layers."),
-    flags.DEFINE_integer("d", 256, "Hidden size."),
-    flags.DEFINE_integer("heads", 4, "Query heads."),
-    flags.DEFINE_integer("kv_heads", 4, "KV heads."),
-    flags.DEFINE_integer("head_dim", 64, "Head dim."),
-    flags.DEFINE_integer("ffn", 1024, "SwiGLU intermediate size."),
-    flags.DEFINE_integer("vocab", 32000, "Vocabulary size."),
-    flags.DEFINE_integer("window", 64, "Local attention window."),
+    flags.DEFINE_integer("batch", 8, "Batch size.", lower_bound=1),
+    flags.DEFINE_integer("seq", 256, "Sequence length.", lower_bound=2),
+    flags.DEFINE_integer("layers", 4, "Layers.", lower_bound=1),
+    flags.DEFINE_integer("d", 256, "Hidden size.", lower_bound=1),
+    flags.DEFINE_integer("heads", 4, "Query heads.", lower_bound=1),
+    flags.DEFINE_integer("kv_heads", 4, "KV heads.", lower_bound=1),
+    flags.DEFINE_integer("head_dim", 64, "Head dim.", lower_bound=1),
+    flags.DEFINE_integer(
+        "ffn", 1024, "SwiGLU intermediate size.", lower_bound=1
+    ),
+    flags.DEFINE_integer("vocab", 32000, "Vocabulary size.", lower_bound=1),
+    flags.DEFINE_integer(
+        "window", 64, "Local attention window.", lower_bound=0
+    ),
     flags.DEFINE_enum(
         "dtype",
         "float32",
@@ -88,8 +94,11 @@ _FLAGS = (
         0,
         "Sequence positions per step of the fused head + cross-entropy "
         "(0: plain logits path).",
+        lower_bound=0,
     ),
-    flags.DEFINE_integer("peak_n", 2048, "Matmul size for the measured peak."),
+    flags.DEFINE_integer(
+        "peak_n", 2048, "Matmul size for the measured peak.", lower_bound=1
+    ),
 )
 
 
@@ -167,7 +176,7 @@ def bench_loops(args, loops: int, device, peak_dtype) -> dict:
     peaks.append(measure_peak())
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
-    raise RuntimeError(f"R={loops}: loss is {loss}")
+    raise cli.Failure(f"R={loops}: loss is {loss}")
   fpt = flops.train_flops_per_token(cfg, args.seq)
   tokens = args.batch * args.seq
   # Each step against the mean of the peaks measured just before and just after it.
@@ -191,17 +200,12 @@ def bench_loops(args, loops: int, device, peak_dtype) -> dict:
   }
 
 
-def main(argv):
-  return cli.run_with_flags(run, _FLAGS, argv)
+def main():
+  return run(cli.flag_values(_FLAGS))
 
 
 def run(args):
-  loops = cli.int_list("loops", args.loops)
-  if min(loops) < 1 or args.steps < 1 or args.batch < 1 or args.seq < 2:
-    raise ValueError(
-        "need --loops >= 1, --steps >= 1, --batch >= 1 and --seq >= 2"
-    )
-
+  loops = args.loops
   device = jax.devices()[0]
   peak_dtype = jnp.dtype(args.dtype)
   rows = [bench_loops(args, r, device, peak_dtype) for r in loops]
@@ -247,4 +251,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

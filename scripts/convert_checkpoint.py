@@ -7,12 +7,15 @@ The source format is detected (a params directory has config.json + params/; an 
 config.json + safetensors). Tokenizer files and the chat template are copied through. An HF output
 carries the PyTorch modeling files, so `AutoModelForCausalLM.from_pretrained(dst,
 trust_remote_code=True)` loads it. Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
+Exit codes: 0 converted; 2 bad input (flags, source checkpoint, a non-empty destination without
+--overwrite: one `error:` line on stderr).
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from loopcoder_jax import cli
 
 # conversion is host work; keep accelerators free
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -45,28 +48,21 @@ _OVERWRITE = flags.DEFINE_bool(
 )
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
   from loopcoder_jax.interop import convert
 
-  try:
-    fmt = convert.convert_checkpoint(
-        _SRC.value,
-        _DST.value,
-        _TO.value,
-        shard_size=_SHARD_SIZE.value,
-        dtype=_DTYPE.value,
-        overwrite=_OVERWRITE.value,
-    )
-  except ValueError as e:
-    print(f"convert_checkpoint: error: {e}", file=sys.stderr)
-    return 2
+  fmt = convert.convert_checkpoint(
+      _SRC.value,
+      _DST.value,
+      _TO.value,
+      shard_size=_SHARD_SIZE.value,
+      dtype=_DTYPE.value,
+      overwrite=_OVERWRITE.value,
+  )
   print(
       f"converted {fmt} {os.path.abspath(_SRC.value)} -> {_TO.value} {os.path.abspath(_DST.value)}"
   )
-  return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,17 +3,18 @@
     python scripts/diagnose.py --checkpoint=DIR [--data=stdlib:heldout] [--loops=R]
         [--seq_len=256 --batch_size=4 --max_tokens=8192]
 
-Prints a per-loop table (step size, update alignment, effective rank,
-fixed-point gap, CLP mismatch, mean gate, logit-lens rank/KL/entropy; see
-loopcoder_jax/eval/diagnostics.py) and, as the last line, the same figures as
-one JSON object. --loops evaluates the shared weights with a different loop
-count than they were trained with (R >= 2 checkpoints only).
+Prints a per-loop table (step size, update alignment, effective rank, fixed-point gap, CLP
+mismatch, mean gate, logit-lens rank/KL/entropy; see loopcoder_jax/eval/diagnostics.py) and, as the
+last line, the same figures as one JSON object. --loops evaluates the shared weights with a
+different loop count than they were trained with (R >= 2 checkpoints only).
+Exit codes: 0 done; 2 bad input (flags, checkpoint, data: one `error:` line on stderr).
 """
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from loopcoder_jax import cli
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint",
@@ -30,49 +31,47 @@ _TEXT_KEY = flags.DEFINE_string(
     "text_key", "text", "Field of .jsonl records holding the text."
 )
 _LOOPS = flags.DEFINE_integer(
-    "loops", 0, "Loop count to evaluate (default: the checkpoint's)."
+    "loops",
+    0,
+    "Loop count to evaluate (default: the checkpoint's).",
+    lower_bound=0,
 )
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per row.")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Rows per batch.")
+_SEQ_LEN = flags.DEFINE_integer(
+    "seq_len", 256, "Tokens per row.", lower_bound=1
+)
+_BATCH = flags.DEFINE_integer("batch_size", 4, "Rows per batch.", lower_bound=1)
 _MAX_TOKENS = flags.DEFINE_integer(
-    "max_tokens", 8192, "Held-out tokens to evaluate at most."
+    "max_tokens", 8192, "Held-out tokens to evaluate at most.", lower_bound=1
 )
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
   from loopcoder_jax import interop
   from loopcoder_jax.data import pipeline as data
   from loopcoder_jax.eval import diagnostics
 
-  try:
-    cfg, params, tok = interop.load(
-        _CHECKPOINT.value, loops=_LOOPS.value or None
+  cfg, params, tok = interop.load(_CHECKPOINT.value, loops=_LOOPS.value or None)
+  if _SEQ_LEN.value > cfg.max_position_embeddings:
+    raise ValueError(
+        f"--seq_len={_SEQ_LEN.value} exceeds max_position_embeddings={cfg.max_position_embeddings}"
     )
-    if _SEQ_LEN.value > cfg.max_position_embeddings:
-      raise ValueError(
-          f"--seq_len={_SEQ_LEN.value} exceeds max_position_embeddings={cfg.max_position_embeddings}"
-      )
-    data_cfg = data.default_data_config()
-    data_cfg.source, data_cfg.eval_source, data_cfg.text_key = (
-        _DATA.value,
-        _DATA.value,
-        _TEXT_KEY.value,
-    )
-    batches, _ = data.make_eval_batches(
-        data_cfg,
-        tok,
-        seq_len=_SEQ_LEN.value,
-        batch_size=_BATCH.value,
-        max_tokens=_MAX_TOKENS.value,
-    )
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  data_cfg = data.default_data_config()
+  data_cfg.source, data_cfg.eval_source, data_cfg.text_key = (
+      _DATA.value,
+      _DATA.value,
+      _TEXT_KEY.value,
+  )
+  batches, _ = data.make_eval_batches(
+      data_cfg,
+      tok,
+      seq_len=_SEQ_LEN.value,
+      batch_size=_BATCH.value,
+      max_tokens=_MAX_TOKENS.value,
+  )
   result = diagnostics.loop_diagnostics(cfg, params, batches)
   print(diagnostics.format_table(result))
   print(json.dumps({"loops": cfg.plt_num_loops, **result}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,11 +8,12 @@ DIR is a params directory (config.json + Orbax params/), a finished training wor
 directory (config.json + safetensors); the tokenizer is read from there (or --tokenizer).
 Temperature 0 is greedy. Several --prompt flags make a batch (printed when done); a single prompt
 streams token by token.
+Exit codes: 0 done; 2 bad input (flags, checkpoint, tokenizer, prompt: one `error:` line on stderr).
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags
+from loopcoder_jax import cli
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Checkpoint directory.", required=True
@@ -24,7 +25,7 @@ _CHAT = flags.DEFINE_bool(
     "chat", False, "Wrap the prompt in the tokenizer's chat template."
 )
 _MAX_NEW = flags.DEFINE_integer(
-    "max_new_tokens", 128, "Tokens to generate at most."
+    "max_new_tokens", 128, "Tokens to generate at most.", lower_bound=1
 )
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer(
@@ -33,7 +34,7 @@ _TOP_K = flags.DEFINE_integer(
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _LOOPS = flags.DEFINE_integer(
-    "loops", 0, "Loops to run (default: the checkpoint's)."
+    "loops", 0, "Loops to run (default: the checkpoint's).", lower_bound=0
 )
 _MODE = flags.DEFINE_enum(
     "mode",
@@ -42,7 +43,10 @@ _MODE = flags.DEFINE_enum(
     "All loops of a token in one pass, or one per loop.",
 )
 _PREFILL_CHUNK = flags.DEFINE_integer(
-    "prefill_chunk", 0, "Prefill chunk size (0 = whole prompt)."
+    "prefill_chunk",
+    0,
+    "Prefill chunk size (0 = whole prompt).",
+    lower_bound=0,
 )
 _DTYPE = flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Param and compute dtype."
@@ -54,41 +58,36 @@ _TOKENIZER = flags.DEFINE_string(
 )
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
   from loopcoder_jax import interop
   from loopcoder_jax.inference import generation, sampling
 
-  try:
-    sampler = sampling.make_sampler(
-        _TEMPERATURE.value, _TOP_K.value, _TOP_P.value
-    )
-    cfg, params, tok = interop.load(
-        _CHECKPOINT.value,
-        _DTYPE.value,
-        loops=_LOOPS.value or None,
-        tokenizer=_TOKENIZER.value,
-    )
-    prompts, _ = generation.encode_prompts(tok, _PROMPT.value, _CHAT.value)
-    stream = len(prompts) == 1
-    if stream:
-      print(prompts[0], end="", flush=True)
-    texts = generation.complete(
-        cfg,
-        params,
-        tok,
-        _PROMPT.value,
-        max_new_tokens=_MAX_NEW.value,
-        sampler=sampler,
-        chat=_CHAT.value,
-        mode=_MODE.value,
-        prefill_chunk=_PREFILL_CHUNK.value,
-        seed=_SEED.value,
-        on_text=(lambda s: print(s, end="", flush=True)) if stream else None,
-    )
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  sampler = sampling.make_sampler(
+      _TEMPERATURE.value, _TOP_K.value, _TOP_P.value
+  )
+  cfg, params, tok = interop.load(
+      _CHECKPOINT.value,
+      _DTYPE.value,
+      loops=_LOOPS.value or None,
+      tokenizer=_TOKENIZER.value,
+  )
+  prompts, _ = generation.encode_prompts(tok, _PROMPT.value, _CHAT.value)
+  stream = len(prompts) == 1
+  if stream:
+    print(prompts[0], end="", flush=True)
+  texts = generation.complete(
+      cfg,
+      params,
+      tok,
+      _PROMPT.value,
+      max_new_tokens=_MAX_NEW.value,
+      sampler=sampler,
+      chat=_CHAT.value,
+      mode=_MODE.value,
+      prefill_chunk=_PREFILL_CHUNK.value,
+      seed=_SEED.value,
+      on_text=(lambda s: print(s, end="", flush=True)) if stream else None,
+  )
   if stream:
     print()
   else:
@@ -97,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,13 +1,15 @@
 """Train a PLT coder: `python scripts/train.py [--config=configs/tiny_cpu.py] [--config.<key>=<value>] [--workdir=DIR]`.
 
 With no flags it trains the tiny CPU default on the built-in stdlib corpus (see configs/tiny_cpu.py).
+Exit codes: 0 trained; 2 bad input (flags, config, data, tokenizer: one `error:` line on stderr,
+before anything is built); 1 the loss or gradient norm went non-finite (one `error:` line naming
+the step and the last good checkpoint, which is kept).
 """
 
 import os
-import sys
 import tempfile
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from loopcoder_jax import cli
 
@@ -22,28 +24,20 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   from loopcoder_jax.train import trainer
 
-  try:
-    config = flags.FLAGS.config
-    # a config file that failed to load raises only when first used
-    name = config.name
-  except Exception as e:  # noqa: BLE001
-    cli.exit_on_bad_flags(e)
+  config = flags.FLAGS.config
   workdir = _WORKDIR.value or os.path.join(
-      tempfile.gettempdir(), "loopcoder_runs", name
+      tempfile.gettempdir(), "loopcoder_runs", config.name
   )
   try:
     trainer.train(config, workdir)
-  except (ValueError, trainer.TrainingDiverged) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except trainer.TrainingDiverged as e:
+    raise cli.Failure(str(e)) from e
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

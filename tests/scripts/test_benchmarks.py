@@ -1,7 +1,7 @@
 """Smoke tests of the benchmark scripts (scripts/bench_*.py) at tiny sizes, each in its own process as a user runs it.
 
-Each run must finish, print its table and end stdout with the JSON summary; a bad flag must give one `error:`
-line on stderr and exit code 2. The figures themselves are checked only for sanity (the machine is shared).
+Each run must finish, print its table and end stdout with the JSON summary (bad flags: test_entry_points.py).
+The figures themselves are checked only for sanity (the machine is shared).
 """
 
 import json
@@ -174,19 +174,3 @@ def test_bench_convert(tmp_path):
   assert ratios["baseline"] == 0 and all(
       positive(ratios[p]) for p in phases[1:]
   ), ratios
-
-
-@pytest.mark.parametrize(
-    "name,flag",
-    [
-        ("bench_train.py", "--loops=x"),
-        ("bench_decode.py", "--steps=abc"),
-        ("bench_convert.py", "--shard_size=big"),
-    ],
-)
-def test_bad_flag_is_one_line(name, flag):
-  run = run_script(name, flag)
-  assert run.returncode == 2, run.stderr[-3000:]
-  assert run.stdout == ""
-  lines = run.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error:"), run.stderr

