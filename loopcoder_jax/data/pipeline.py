@@ -206,7 +206,7 @@ def load_documents(source: str, text_key: str = "text") -> Documents:
     raise ValueError("data.source is empty")
   if not text_key:
     raise ValueError("data.text_key is empty")
-  parts = []
+  parts: list[Any] = []
   for entry in entries:
     if entry in _STDLIB:
       parts.append(_Stdlib(_STDLIB[entry]))
@@ -245,13 +245,15 @@ class _Tokenize(grain.transforms.Map):
   def __init__(
       self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool, num_docs: int
   ):
-    self._tok, self._add_bos, self._add_eos = tokenizer, add_bos, add_eos
+    # EOS is appended only when the tokenizer has one (`_check_common` refuses add_eos otherwise).
+    self._eos = tokenizer.eos_id if add_eos else None
+    self._tok, self._add_bos = tokenizer, add_bos
     self._num_docs, self._dropped_in_a_row = num_docs, 0
 
   def map(self, text: str):
     ids = self._tok.encode(text, add_bos=self._add_bos, split_special=False)
-    if self._add_eos:
-      ids.append(self._tok.eos_id)
+    if self._eos is not None:
+      ids.append(self._eos)
     if len(ids) < 2:
       self._dropped_in_a_row += 1
       if self._dropped_in_a_row > self._num_docs:
@@ -261,8 +263,8 @@ class _Tokenize(grain.transforms.Map):
         )
       return None
     self._dropped_in_a_row = 0
-    ids = np.asarray(ids, np.int32)
-    return {"inputs": ids[:-1], "targets": ids[1:]}
+    arr = np.asarray(ids, np.int32)
+    return {"inputs": arr[:-1], "targets": arr[1:]}
 
 
 def _pack(

@@ -91,8 +91,10 @@ class Tokenizer:
       for idx, tok in (tcfg.get("added_tokens_decoder") or {}).items():
         content = _token_content(tok)
         if content:
-          special = tok.get("special", True) if isinstance(tok, dict) else True
-          self._added[int(idx)] = (content, bool(special))
+          is_special = (
+              tok.get("special", True) if isinstance(tok, dict) else True
+          )
+          self._added[int(idx)] = (content, bool(is_special))
     self._added_by_text = {c: i for i, (c, _) in self._added.items()}
     self._added_re = (
         re.compile(
@@ -178,6 +180,12 @@ class Tokenizer:
       raise ValueError(f"{self.name}: {name} is not valid JSON ({e})") from None
 
   @property
+  def _spm(self) -> spm.SentencePieceProcessor:
+    """The SentencePiece backend (methods reach it only when there is no HF one)."""
+    assert self._sp is not None
+    return self._sp
+
+  @property
   def kind(self) -> str:
     return "hf" if self._hf is not None else "sentencepiece"
 
@@ -189,18 +197,18 @@ class Tokenizer:
           max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1)
           + 1
       )
-    return max([self._sp.get_piece_size()] + [i + 1 for i in self._added])
+    return max([self._spm.get_piece_size()] + [i + 1 for i in self._added])
 
   def token_to_id(self, token: str) -> int | None:
     if self._hf is not None:
       return self._hf.token_to_id(token)
     if token in self._added_by_text:
       return self._added_by_text[token]
-    idx = self._sp.piece_to_id(token)
+    idx = self._spm.piece_to_id(token)
     # piece_to_id answers unk for unknown pieces; only the real unk piece maps to it.
     return (
         idx
-        if idx != self._sp.unk_id() or self._sp.id_to_piece(idx) == token
+        if idx != self._spm.unk_id() or self._spm.id_to_piece(idx) == token
         else None
     )
 
@@ -210,8 +218,8 @@ class Tokenizer:
     if idx in self._added:
       return self._added[idx][0]
     return (
-        self._sp.id_to_piece(idx)
-        if 0 <= idx < self._sp.get_piece_size()
+        self._spm.id_to_piece(idx)
+        if 0 <= idx < self._spm.get_piece_size()
         else None
     )
 
@@ -219,19 +227,19 @@ class Tokenizer:
       self, text: str, add_bos: bool = False, split_special: bool = True
   ) -> list[int]:
     if self._hf is not None:
-      hf = self._hf if split_special else self._hf_plain
+      hf = self._hf_plain if not split_special and self._hf_plain else self._hf
       ids = hf.encode(text, add_special_tokens=False).ids
     elif self._added_re is None or not split_special:
-      ids = self._sp.encode(text)
+      ids = self._spm.encode(text)
     else:
       ids, start = [], 0
       for m in self._added_re.finditer(text):
         if m.start() > start:
-          ids += self._sp.encode(text[start : m.start()])
+          ids += self._spm.encode(text[start : m.start()])
         ids.append(self._added_by_text[m.group()])
         start = m.end()
       if start < len(text):
-        ids += self._sp.encode(text[start:])
+        ids += self._spm.encode(text[start:])
     if add_bos:
       if self.bos_id is None:
         raise ValueError(
@@ -244,11 +252,12 @@ class Tokenizer:
     ids = [int(i) for i in ids]
     if self._hf is not None:
       return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
-    out, run = [], []
+    out: list[str] = []
+    run: list[int] = []
     for i in ids:
       if i in self._added:
         if run:
-          out.append(self._sp.decode(run))
+          out.append(self._spm.decode(run))
           run = []
         content, is_special = self._added[i]
         if not (skip_special_tokens and is_special):
@@ -256,7 +265,7 @@ class Tokenizer:
       else:
         run.append(i)
     if run:
-      out.append(self._sp.decode(run))
+      out.append(self._spm.decode(run))
     return "".join(out)
 
   def apply_chat_template(

@@ -49,7 +49,8 @@ def _loop_stats(cfg: PLTConfig, params, tokens, targets, mask, segment_ids):
       {"params": params}, tokens, segment_ids, return_intermediates=True
   )
   v = {"params": params}
-  e = model.apply(v, tokens, method=PLTForCausalLM.embed).astype(jnp.float32)
+  e = jnp.asarray(model.apply(v, tokens, method=PLTForCausalLM.embed))
+  e = e.astype(jnp.float32)
   hs = aux["hidden"].astype(jnp.float32)  # [R(+1), B, S, d]
   states = jnp.concatenate([e[None], hs[:r]], 0)  # h(0) = E, h(1..R)
   updates = states[1:] - states[:-1]
@@ -87,7 +88,7 @@ def _loop_stats(cfg: PLTConfig, params, tokens, targets, mask, segment_ids):
 
   logp = jax.vmap(
       lambda h: jax.nn.log_softmax(
-          model.apply(v, h, method=PLTForCausalLM.logits)
+          jnp.asarray(model.apply(v, h, method=PLTForCausalLM.logits))
       )
   )(hs[:r])
   true_lp = jnp.take_along_axis(logp, targets[None, ..., None], -1)[..., 0]

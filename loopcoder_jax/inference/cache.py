@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import flax
 import jax
@@ -39,8 +40,7 @@ from pallas_kernels.reference import (
 )
 
 
-@flax.struct.dataclass
-class Cache:
+class Cache(flax.struct.PyTreeNode):
   """Decode state of a batch (a pytree; every update returns a new one).
 
   k1, v1     loop 1's K/V, preallocated to the max length: `[L, B, S, K, D]` (STACKED) or a tuple
@@ -52,13 +52,14 @@ class Cache:
   lengths    [B] int32     tokens cached per row (= position of the next token)
   """
 
-  k1: jax.Array | tuple
-  v1: jax.Array | tuple
-  ring_k: jax.Array
-  ring_v: jax.Array
-  ring_pos: jax.Array
-  carry: jax.Array
-  lengths: jax.Array
+  # Arrays, or their ShapeDtypeStructs / shardings (the same pytree for AOT compilation).
+  k1: Any
+  v1: Any
+  ring_k: Any
+  ring_v: Any
+  ring_pos: Any
+  carry: Any
+  lengths: Any
 
   @property
   def layout(self) -> Layout:
@@ -109,13 +110,46 @@ def _global_rows(q_BxNxHxD, qpos_BxN, k1_XxSxD, v1_XxSxD):
 
 
 class Layout:
-  """Where loop 1's K/V (and the layer params) live; see the module docstring."""
+  """Where loop 1's K/V (and the layer params) live; see the module docstring.
+
+  The small interface the two layouts implement; `CacheKV` and `commit` call nothing else that
+  depends on the layout.
+  """
 
   name: str
   per_layer: bool
 
   def __repr__(self):
     return self.name
+
+  def shapes(self, n_layers, batch, max_len, kv_heads, head_dim, dtype):
+    """ShapeDtypeStructs of k1 and v1."""
+    raise NotImplementedError
+
+  def max_len(self, k1) -> int:
+    raise NotImplementedError
+
+  def params(self, params):
+    """`params` in this layout (stacked or per-layer trees)."""
+    raise NotImplementedError
+
+  def layer_arrays(self, k1, v1):
+    """k1/v1 as the layers' inputs: `(listed, stacked)` (see `model/kv.py`)."""
+    raise NotImplementedError
+
+  def attend(self, k1, v1, q, qpos_BxN, new):
+    """Causal attention of `q` over loop 1's K/V of one layer, including the chunk's own loop-1
+    K/V `new = (pos_BxC, k, v)` unless None (already stored). Returns the output and the layer's
+    listed outputs (the updated buffers, for a per-layer cache)."""
+    raise NotImplementedError
+
+  def collect(self, k1, v1, listed):
+    """k1/v1 after a pass, from the layers' listed outputs."""
+    raise NotImplementedError
+
+  def write(self, k1, v1, pos_BxC, k_LxBxCxKxD, v_LxBxCxKxD):
+    """Store a chunk's loop-1 K/V of every layer at `pos` (positions >= S are dropped)."""
+    raise NotImplementedError
 
 
 class _Stacked(Layout):
@@ -338,8 +372,7 @@ def _local(
   return masked_attention(q_BxNxHxD, k, v, mask)
 
 
-@flax.struct.dataclass
-class CacheKV:
+class CacheKV(flax.struct.PyTreeNode):
   """The decoding KV source (`model/kv.py`): a chunk of C new tokens per row at positions
   `lengths + 0..C-1`. Loop 1 adds the chunk's K/V to the cache and attends over it; a later loop
   attends over loop 1's cache (global) and its ring plus its own new K/V (local); with

@@ -31,9 +31,8 @@ def encode_prompts(
       tok.apply_chat_template([{"role": "user", "content": p}]) if chat else p
       for p in prompts
   ]
-  bos = (
-      tok.add_bos_token if add_bos is None else add_bos
-  ) and not chat  # templates carry their own
+  # Chat templates carry their own BOS.
+  bos = bool(tok.add_bos_token if add_bos is None else add_bos) and not chat
   ids = [tok.encode(t, add_bos=bos) for t in texts]
   if not ids or min(len(i) for i in ids) == 0:
     raise ValueError("a prompt encodes to no tokens")
@@ -47,7 +46,7 @@ def complete(
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 128,
-    sampler: sampling.Sampler | None = None,
+    sampler: Callable[..., jax.Array] | None = None,
     chat: bool = False,
     mode: str = "batched",
     prefill_chunk: int = 0,
@@ -123,6 +122,6 @@ def complete(
       tok.decode([int(t) for t in row[:n] if int(t) not in stop.stop_ids])
       for row, n in zip(out_ids, counts)
   ]
-  if stream and texts[0] != shown[0]:
+  if on_text is not None and stream and texts[0] != shown[0]:
     on_text(texts[0][len(shown[0]) :])
   return texts

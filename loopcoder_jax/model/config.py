@@ -350,7 +350,7 @@ class PLTConfig:
         for k in list(kw)
         if k in {f.name for f in dataclasses.fields(RuntimeConfig)}
     }
-    base = dict(
+    base: dict[str, Any] = dict(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,

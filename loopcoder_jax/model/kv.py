@@ -40,8 +40,7 @@ from loopcoder_jax.model import attention
 from loopcoder_jax.model.config import PLTConfig
 
 
-@flax.struct.dataclass
-class SequenceKV:
+class SequenceKV(flax.struct.PyTreeNode):
   """Attention within the sequence: loop 1 causal over its own K/V, loops >= 2 G-SWA over loop 1's
   K/V of the same layer and their own (training, whole-prompt prefill).
 

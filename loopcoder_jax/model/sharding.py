@@ -169,7 +169,7 @@ def logical_to_spec(
         if mapped is None
         else ((mapped,) if isinstance(mapped, str) else tuple(mapped))
     )
-    keep = []
+    keep: list[str] = []
     for a in mesh_axes:
       size = mesh.shape[a]
       if a in used or dim % (size * math.prod(mesh.shape[k] for k in keep)):

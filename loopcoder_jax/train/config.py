@@ -104,6 +104,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module_spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path
   )
+  if module_spec is None or module_spec.loader is None:
+    raise ValueError(
+        f"config file {path} cannot be imported as a Python module"
+    )
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()

@@ -32,7 +32,7 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: Any  # an int32 scalar (or its ShapeDtypeStruct / sharding)
   params: Any
   opt_state: Any
 

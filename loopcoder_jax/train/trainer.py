@@ -144,7 +144,7 @@ class _Log:
     return self._bar
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
-    if not self.enabled:
+    if self._jsonl is None:
       return
     self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
     self._jsonl.flush()
