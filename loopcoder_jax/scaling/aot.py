@@ -138,7 +138,7 @@ def compile_report(
   t0 = time.perf_counter()
   report: dict[str, Any] = {"what": name, "flops_per_device": flops_per_device}
   # Compile-only TPU executables cannot be read back from the persistent cache: keep them out of it.
-  cache_on = jax.config.read("jax_enable_compilation_cache")
+  cache_on = jax.config.jax_enable_compilation_cache  # type: ignore[attr-defined]
   jax.config.update("jax_enable_compilation_cache", False)
   try:
     # The kernels pick their backend at trace time: compile-only TPU devices need the Mosaic kernels,
@@ -146,9 +146,8 @@ def compile_report(
     with pallas_kernels.default_backend("tpu"):
       lowered = jitted.lower(*args)
     compiled = lowered.compile()
-  except (
-      Exception
-  ) as e:  # the TPU compiler reports an HBM overflow as a runtime error
+  # The TPU compiler reports an HBM overflow as a runtime error.
+  except Exception as e:
     msg = str(e)
     if not _OOM.search(msg):
       raise
