@@ -14,11 +14,13 @@ stops before training, `"skip"` drops those lines and reports how many.
 Rendering (`tokenize`): the tokenizer's chat template (`chat_template` in tokenizer_config.json or
 chat_template.jinja) renders the conversation, or `DEFAULT_TEMPLATE` when it has none; the text is
 tokenized whole, special-token strings mapped to their ids, exactly as transformers'
-`apply_chat_template(..., tokenize=True)`. An assistant turn is the text that rendering it adds to
-the prompt that asks for it (the messages before it, with the generation prompt); tokens whose
-characters overlap an assistant turn are assistant tokens, and only they are targets of the loss.
-Templates must render conversations incrementally (each prefix of the conversation renders to a
-prefix of the text), which every common template does.
+`apply_chat_template(..., tokenize=True)` (`data.add_bos` adds BOS if the template does not;
+`data.add_eos` does not apply: the template ends the turns). An assistant turn is the text that
+rendering it adds to the prompt that asks for it (the messages before it, with the generation
+prompt); tokens whose characters overlap an assistant turn are assistant tokens, and only they are
+targets of the loss. The template must render conversations incrementally (each prefix of the
+conversation renders to a prefix of the text), as common templates do; one that rewrites earlier
+turns is reported as a problem of each conversation it rewrites.
 
 Packing (`make_train_iterator`): each conversation -> inputs, targets (shifted by one), loss_mask
 (1 where the target is an assistant token); whole conversations are packed into rows by first-fit
@@ -259,9 +261,9 @@ def load_conversations(
   """Every conversation of `source` (see module doc), validated and rendered once.
 
   Problems are handed to `report` (default: stderr) one line each (the first MAX_REPORTED, then a
-  count). With
-  `on_bad="error"` any problem raises one ValueError after all files were read; with "skip" the bad
-  conversations are left out and counted. `tokenizer` must carry a chat template (`with_template`).
+  count). With `on_bad="error"` any problem raises one ValueError after all files were read; with
+  "skip" the bad conversations are left out and counted. `tokenizer` must carry a chat template
+  (`with_template`).
   """
   report = report or functools.partial(print, file=sys.stderr)
   if on_bad not in ("error", "skip"):
