@@ -1,6 +1,10 @@
-"""Text in, token batches out: the built-in corpus, tokenizers and the grain packing pipeline."""
+"""Text in, token batches out: the built-in corpus, tokenizers and the grain packing pipeline;
+chat data (chat.py) and the built-in demonstrations (demos.py) for supervised fine-tuning.
+"""
 
+from loopcoder_jax.data import chat
 from loopcoder_jax.data.corpus import stdlib_files
+from loopcoder_jax.data.demos import demo_conversations
 from loopcoder_jax.data.pipeline import (
     default_data_config,
     document_texts,
@@ -19,8 +23,10 @@ from loopcoder_jax.data.tokenizer import (
 
 __all__ = [
     "Tokenizer",
+    "chat",
     "check_vocab",
     "default_data_config",
+    "demo_conversations",
     "document_texts",
     "find_tokenizer",
     "get_or_train_tokenizer",

@@ -69,6 +69,11 @@ def default_data_config() -> ml_collections.ConfigDict:
           "read_threads": 2,  # threads tokenizing ahead in each reading process
           "add_eos": True,
           "add_bos": False,
+          # "text": documents, next-token loss everywhere; "chat": conversations (chat.py), loss
+          # on assistant tokens only, with the two keys below
+          "format": "text",
+          "on_bad_example": "error",  # chat: "error" stops before training, "skip" drops them
+          "pack_bins": 32,  # chat: rows filled side by side by first-fit packing
       }
   )
 
@@ -181,7 +186,8 @@ class Documents:
     return self._parts[k][i - self._starts[k]]
 
 
-def _expand(pattern: str) -> list[str]:
+def expand_paths(pattern: str) -> list[str]:
+  """The files a source entry names (a path or a glob), sorted; ValueError if none."""
   if glob.has_magic(pattern):
     paths = sorted(
         p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)
@@ -211,9 +217,9 @@ def load_documents(source: str, text_key: str = "text") -> Documents:
     if entry in _STDLIB:
       parts.append(_Stdlib(_STDLIB[entry]))
     elif entry.startswith(_AR_PREFIX):
-      parts.append(_ArrayRecord(_expand(entry[len(_AR_PREFIX) :])))
+      parts.append(_ArrayRecord(expand_paths(entry[len(_AR_PREFIX) :])))
     else:
-      paths = _expand(entry)
+      paths = expand_paths(entry)
       parts += [_Jsonl(p, text_key) for p in paths if p.endswith(".jsonl")]
       plain = [p for p in paths if not p.endswith(".jsonl")]
       if plain:
@@ -358,24 +364,9 @@ def make_train_iterator(
 
   All config and source errors are raised here, before any tokenization.
   """
-  _check_common(data_cfg, tokenizer)
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(
-        f"process_index {process_index} is not in [0, process_count={process_count})"
-    )
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(
-        f"global batch size {global_batch_size} is not a positive multiple of the "
-        f"process count {process_count}"
-    )
-  if data_cfg.num_epochs is not None and data_cfg.num_epochs < 1:
-    raise ValueError(
-        f"data.num_epochs must be >= 1 or None (forever), got {data_cfg.num_epochs}"
-    )
-  if data_cfg.worker_count < 0 or data_cfg.read_threads < 0:
-    raise ValueError("data.worker_count and data.read_threads must be >= 0")
-  if data_cfg.shuffle and not 0 <= data_cfg.seed < 2**32:
-    raise ValueError(f"data.seed must be in [0, 2**32), got {data_cfg.seed}")
+  check_iterator_args(
+      data_cfg, tokenizer, global_batch_size, process_index, process_count
+  )
   docs = load_documents(data_cfg.source, data_cfg.text_key)
   if len(docs) < process_count:
     raise ValueError(
@@ -405,7 +396,44 @@ def make_train_iterator(
         window_size=data_cfg.shuffle_window,
         seed=(data_cfg.seed * 1_000_003 + process_index) % 2**32,
     )
-  it = it.batch(global_batch_size // process_count, drop_remainder=True)
+  return _JsonStateIterator(
+      iter(batch_rows(it, data_cfg, global_batch_size // process_count))
+  )
+
+
+def check_iterator_args(
+    data_cfg: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> None:
+  """The config and process-layout checks every training iterator makes first."""
+  _check_common(data_cfg, tokenizer)
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+        f"process_index {process_index} is not in [0, process_count={process_count})"
+    )
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(
+        f"global batch size {global_batch_size} is not a positive multiple of the "
+        f"process count {process_count}"
+    )
+  if data_cfg.num_epochs is not None and data_cfg.num_epochs < 1:
+    raise ValueError(
+        f"data.num_epochs must be >= 1 or None (forever), got {data_cfg.num_epochs}"
+    )
+  if data_cfg.worker_count < 0 or data_cfg.read_threads < 0:
+    raise ValueError("data.worker_count and data.read_threads must be >= 0")
+  if data_cfg.shuffle and not 0 <= data_cfg.seed < 2**32:
+    raise ValueError(f"data.seed must be in [0, 2**32), got {data_cfg.seed}")
+
+
+def batch_rows(
+    rows: grain.IterDataset, data_cfg: ml_collections.ConfigDict, batch: int
+) -> grain.IterDataset:
+  """Rows -> batches of `batch` rows, read by `data_cfg.worker_count` worker processes if > 0."""
+  it = rows.batch(batch, drop_remainder=True)
   if data_cfg.worker_count > 0:
     # grain's workers read absl flags; notebooks never parse them
     if not flags.FLAGS.is_parsed():
@@ -413,7 +441,7 @@ def make_train_iterator(
     it = it.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=data_cfg.worker_count)
     )
-  return _JsonStateIterator(iter(it))
+  return it
 
 
 def make_eval_batches(

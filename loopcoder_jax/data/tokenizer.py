@@ -95,17 +95,7 @@ class Tokenizer:
               tok.get("special", True) if isinstance(tok, dict) else True
           )
           self._added[int(idx)] = (content, bool(is_special))
-    self._added_by_text = {c: i for i, (c, _) in self._added.items()}
-    self._added_re = (
-        re.compile(
-            "|".join(
-                re.escape(c)
-                for c in sorted(self._added_by_text, key=len, reverse=True)
-            )
-        )
-        if self._added_by_text
-        else None
-    )
+    self._index_added()
 
     def special(
         key: str, defaults: Sequence[str], backend_id: int | None
@@ -142,6 +132,13 @@ class Tokenizer:
         else (self.eos_id if self.eos_id is not None else 0)
     )
     self.unk_id = special("unk_token", ("<unk>",), sp_ids[3])
+    if sp is not None:
+      # SentencePiece reads "<s>" in a text as characters; HF (and a chat template's
+      # {{ bos_token }}) means the token: split the special ones out like added tokens.
+      for idx in (self.bos_id, self.eos_id, self.unk_id):
+        if idx is not None and idx not in self._added:
+          self._added[idx] = (sp.id_to_piece(idx), True)
+      self._index_added()
     # Whether HF would prepend BOS by default (informational: `encode` only adds it when asked).
     self.add_bos_token = tcfg.get("add_bos_token")
     if self.add_bos_token is None:
@@ -166,6 +163,19 @@ class Tokenizer:
     if "chat_template.jinja" in self._files:
       template = self._files["chat_template.jinja"].decode("utf-8")
     self.chat_template: str | None = template or None
+
+  def _index_added(self) -> None:
+    self._added_by_text = {c: i for i, (c, _) in self._added.items()}
+    self._added_re = (
+        re.compile(
+            "|".join(
+                re.escape(c)
+                for c in sorted(self._added_by_text, key=len, reverse=True)
+            )
+        )
+        if self._added_by_text
+        else None
+    )
 
   def __reduce__(self):
     # Rebuilt from its files: backend objects do not pickle every setting (encode_special_tokens).
@@ -248,6 +258,40 @@ class Tokenizer:
       ids = [self.bos_id] + list(ids)
     return list(ids)
 
+  def encode_with_offsets(
+      self, text: str
+  ) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode(text)` (special tokens split out) and each token's [start, end) character span.
+
+    Spans may be empty (a SentencePiece dummy-prefix piece) or shared (the byte pieces of one
+    character); chat masking only asks which spans overlap a range of characters.
+    """
+    if self._hf is not None:
+      enc = self._hf.encode(text, add_special_tokens=False)
+      return list(enc.ids), list(enc.offsets)
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for m in self._added_re.finditer(text) if self._added_re else ():
+      self._sp_spans(text[start : m.start()], start, ids, spans)
+      ids.append(self._added_by_text[m.group()])
+      spans.append((m.start(), m.end()))
+      start = m.end()
+    self._sp_spans(text[start:], start, ids, spans)
+    return ids, spans
+
+  def _sp_spans(self, chunk: str, offset: int, ids: list, spans: list) -> None:
+    """Appends the SentencePiece ids of `chunk` and their character spans (+ `offset`)."""
+    if not chunk:
+      return
+    # piece offsets are in bytes: map them to characters
+    char_at = [0]
+    for i, ch in enumerate(chunk):
+      char_at += [i + 1] * len(ch.encode("utf-8"))
+    for piece in self._spm.encode(chunk, return_type="proto").pieces:
+      ids.append(piece.id)
+      spans.append((offset + char_at[piece.begin], offset + char_at[piece.end]))
+
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     ids = [int(i) for i in ids]
     if self._hf is not None:
@@ -293,6 +337,13 @@ class Tokenizer:
         messages=list(messages),
         add_generation_prompt=add_generation_prompt,
         **{**specials, **kwargs},
+    )
+
+  def with_chat_template(self, template: str) -> Tokenizer:
+    """A copy that renders chats with `template` (saved with it as chat_template.jinja)."""
+    return _from_files(
+        {**self._files, "chat_template.jinja": template.encode("utf-8")},
+        self.name,
     )
 
   def save(self, directory: str) -> None:

@@ -14,6 +14,10 @@ The loop count R has one rule: the preset's (or the config.json's) stands unless
 `validate(config, ...)` is the one check of a training config: the trainer calls it for the devices
 it runs on, AOT compilation for a compile-only topology. It raises a one-line ValueError for every
 bad value it can see before any data is read or anything is compiled.
+
+Fine-tuning starts from a checkpoint instead (`config.init.checkpoint`): the model config is the
+checkpoint's (`model.preset = ""`; a preset, overrides or loop count that disagree with it are an
+error), only `model.runtime` applies.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from loopcoder_jax.model.config import PLTConfig, RuntimeConfig
 from loopcoder_jax.train import optim
 
 PRESETS = ("tiny", "loopcoder_v2_7b")
+DATA_FORMATS = ("text", "chat")
+# Fields that may differ between an explicit model and the checkpoint it starts from.
+_NOT_ARCHITECTURE = ("runtime", "extra_hf", "torch_dtype")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   # on the training source on first use and cache it in WORKDIR/tokenizer.
   c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=1024))
   c.data = default_data_config()
+  # checkpoint: start from these weights with a fresh optimizer (an HF directory, a params
+  # directory or a finished training workdir; its tokenizer too). A checkpoint of the run's own
+  # workdir (a resumed run) wins over it.
+  c.init = ml_collections.ConfigDict(dict(checkpoint=""))
   # data_shards: how many data shards the global batch is read from (0 = one per process). A run
   # with the same data_shards sees the same batches whatever the number of processes.
   c.train = ml_collections.ConfigDict(
@@ -117,11 +128,68 @@ def _plain(x):
   return x.to_dict() if hasattr(x, "to_dict") else dict(x or {})
 
 
+def init_model_config(path: str, **runtime_kw) -> PLTConfig:
+  """The model config of a checkpoint to start from (reads its config.json only)."""
+  if not os.path.isdir(path):
+    raise ValueError(f"init.checkpoint {path} is not a directory")
+  for d in (path, os.path.join(path, "params")):
+    if os.path.isfile(os.path.join(d, "config.json")):
+      return PLTConfig.from_hf_file(
+          os.path.join(d, "config.json"), **runtime_kw
+      )
+  raise ValueError(
+      f"init.checkpoint {path} holds no config.json (expected an HF directory, a params "
+      "directory or a finished training workdir)"
+  )
+
+
 def model_config_from(config: ml_collections.ConfigDict) -> PLTConfig:
-  """The PLTConfig named by `config.model` (preset + overrides + runtime)."""
-  m = config.model
-  overrides = _plain(m.get("overrides", {}))
+  """The PLTConfig named by `config.model` (preset + overrides + runtime), or by
+  `config.init.checkpoint` when set (then an explicit model must agree with it).
+  """
+  init, m = config.init.checkpoint, config.model
+  if not init:
+    return _preset_config(m)
+  cfg = init_model_config(init, **_runtime_kw(m))
+  if m.preset:
+    want = _preset_config(m)
+    diff = [
+        f"{f.name} {getattr(want, f.name)!r} vs {getattr(cfg, f.name)!r}"
+        for f in dataclasses.fields(PLTConfig)
+        if f.name not in _NOT_ARCHITECTURE
+        and getattr(want, f.name) != getattr(cfg, f.name)
+    ]
+    if diff:
+      raise ValueError(
+          f"model.preset {m.preset!r} disagrees with init.checkpoint {init}: "
+          f"{'; '.join(diff)}; set model.preset='' to fine-tune the checkpoint's model"
+      )
+  elif _plain(m.get("overrides", {})):
+    raise ValueError(
+        "model.overrides need a model.preset; with init.checkpoint and no preset the "
+        "model is the checkpoint's"
+    )
+  elif m.get("loops", None) not in (None, cfg.plt_num_loops):
+    raise ValueError(
+        f"model.loops {m.loops} disagrees with init.checkpoint {init} "
+        f"(plt_num_loops {cfg.plt_num_loops})"
+    )
+  return cfg
+
+
+def _runtime_kw(m: ml_collections.ConfigDict) -> dict:
   runtime = _plain(m.get("runtime", {}))
+  bad = set(runtime) - {f.name for f in dataclasses.fields(RuntimeConfig)}
+  if bad:
+    raise ValueError(
+        f"model.runtime: unknown RuntimeConfig fields {sorted(bad)}"
+    )
+  return runtime
+
+
+def _preset_config(m: ml_collections.ConfigDict) -> PLTConfig:
+  overrides = _plain(m.get("overrides", {}))
+  runtime = _runtime_kw(m)
   fields = {f.name for f in dataclasses.fields(PLTConfig)} - {
       "runtime",
       "extra_hf",
@@ -129,11 +197,6 @@ def model_config_from(config: ml_collections.ConfigDict) -> PLTConfig:
   bad = set(overrides) - fields
   if bad:
     raise ValueError(f"model.overrides: unknown PLTConfig fields {sorted(bad)}")
-  bad = set(runtime) - {f.name for f in dataclasses.fields(RuntimeConfig)}
-  if bad:
-    raise ValueError(
-        f"model.runtime: unknown RuntimeConfig fields {sorted(bad)}"
-    )
   if "plt_window_size" in overrides:
     overrides["plt_window_size"] = tuple(overrides["plt_window_size"])
   loops = m.get("loops", None)
@@ -155,6 +218,10 @@ def model_config_from(config: ml_collections.ConfigDict) -> PLTConfig:
     return PLTConfig.loopcoder_v2_7b(**runtime).replace(**overrides)
   if isinstance(preset, str) and os.path.exists(preset):
     return PLTConfig.from_hf_file(preset, **runtime).replace(**overrides)
+  if not preset:
+    raise ValueError(
+        "model.preset is empty: name a preset or set init.checkpoint to start from"
+    )
   raise ValueError(
       f"model.preset {preset!r} is neither one of {PRESETS} nor an existing config.json path"
   )
@@ -239,7 +306,31 @@ def validate(
     raise ValueError("eval.max_tokens and eval.completion_tokens must be >= 0")
   if config.tokenizer.path and not os.path.exists(config.tokenizer.path):
     raise ValueError(f"tokenizer.path {config.tokenizer.path} does not exist")
-  if not config.tokenizer.path and config.tokenizer.vocab_size > cfg.vocab_size:
+  init = config.init.checkpoint
+  if d.format not in DATA_FORMATS:
+    raise ValueError(
+        f"data.format must be one of {DATA_FORMATS}, got {d.format!r}"
+    )
+  if d.format == "chat":
+    if not str(d.source).strip():
+      raise ValueError(
+          "data.source is empty: name the chat data (jsonl files or globs)"
+      )
+    if d.on_bad_example not in ("error", "skip"):
+      raise ValueError(
+          f"data.on_bad_example must be 'error' or 'skip', got {d.on_bad_example!r}"
+      )
+    if d.pack_bins < 1:
+      raise ValueError(f"data.pack_bins must be >= 1, got {d.pack_bins}")
+    if not (init or config.tokenizer.path):
+      raise ValueError(
+          "data.format=chat needs a tokenizer: set init.checkpoint (its tokenizer) or "
+          "tokenizer.path"
+      )
+  if (
+      not (init or config.tokenizer.path)
+      and config.tokenizer.vocab_size > cfg.vocab_size
+  ):
     raise ValueError(
         f"tokenizer.vocab_size {config.tokenizer.vocab_size} is larger than the model's "
         f"vocab_size {cfg.vocab_size}"

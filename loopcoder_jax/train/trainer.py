@@ -5,15 +5,24 @@ config validation, tokenizer (trained and cached on first use), vocab check, dat
 held-out batches, mesh and jitted step, checkpoint restore (or init), held-out bits per byte, the
 loop, a final checkpoint, held-out bits per byte again and a greedy completion.
 
+Fine-tuning (`init.checkpoint`): the weights, model config and tokenizer come from a checkpoint
+(loaded in `_load_init`) and the optimizer starts fresh; the tokenizer, with the chat template the
+run renders with, is saved in `WORKDIR/tokenizer`. Chat data (`data.format = "chat"`, see
+data/chat.py) is validated in full before anything is compiled; its held-out score is the mean loss
+per assistant token (nats) instead of bits per byte, and conversations truncated to `seq_len` are
+counted in the log.
+
 Checkpoints: `WORKDIR/checkpoints/<step>/{state,data,meta}` (see checkpoint.TrainCheckpointer); a
-run restarted with the same workdir resumes from the newest readable one and sees exactly the batch
-it would have seen. SIGTERM saves at the next step boundary and stops. A non-finite loss or
-gradient norm stops the run before that step's state can be saved. The final params are also written
-as a params directory (`WORKDIR/params`, for generate/convert).
+run restarted with the same workdir resumes from the newest readable one (of init.checkpoint only
+the config.json is read then) and sees exactly the batch it would have seen. SIGTERM saves at the
+next step boundary and stops. A non-finite loss or gradient norm stops the run before that step's
+state can be saved. The final params are also written as a params directory (`WORKDIR/params`, for
+generate/convert).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -130,6 +139,10 @@ class _Log:
     else:
       print(msg, flush=True)
 
+  def warn(self, msg: str) -> None:
+    if self.enabled:
+      print(msg, file=sys.stderr, flush=True)
+
   def bar(self, start: int, total: int, show: bool):
     if self.enabled and show:
       from tqdm import tqdm
@@ -195,17 +208,50 @@ def _local_rows(batch: dict, process_index: int, process_count: int) -> dict:
   }
 
 
+def _eval_sums(eval_fn, params, batches, mesh, rules) -> tuple[float, float]:
+  """(summed token NLL in nats, number of scored tokens) over held-out batches."""
+  pi, pc = jax.process_index(), jax.process_count()
+  total, count = 0.0, 0.0
+  for b in batches:
+    ce, n = eval_fn(
+        params, train_step.global_batch(_local_rows(b, pi, pc), mesh, rules)
+    )
+    total, count = total + float(ce), count + float(n)
+  return total, count
+
+
 def bits_per_byte(
     eval_fn, params, batches, num_bytes: int, mesh, rules
 ) -> float:
-  pi, pc = jax.process_index(), jax.process_count()
-  total = 0.0
-  for b in batches:
-    ce, _ = eval_fn(
-        params, train_step.global_batch(_local_rows(b, pi, pc), mesh, rules)
-    )
-    total += float(ce)
+  total, _ = _eval_sums(eval_fn, params, batches, mesh, rules)
   return total / (math.log(2) * num_bytes)
+
+
+def token_loss(eval_fn, params, batches, mesh, rules) -> float:
+  """Mean NLL (nats) per scored token: per assistant token for chat batches."""
+  total, count = _eval_sums(eval_fn, params, batches, mesh, rules)
+  return total / count
+
+
+def _load_init(path: str):
+  """(model config, params, tokenizer) of the checkpoint a fine-tune starts from."""
+  from loopcoder_jax import interop
+
+  return interop.load(path)
+
+
+def _place(params, abstract_params):
+  """Host or single-device params -> global arrays on `abstract_params`' shardings and dtypes."""
+
+  def put(x, a):
+    x = np.asarray(x).astype(a.dtype)
+    if x.shape != a.shape:
+      raise ValueError(
+          f"checkpoint param of shape {x.shape} where the model has {a.shape}"
+      )
+    return jax.make_array_from_callback(a.shape, a.sharding, lambda i: x[i])
+
+  return jax.tree.map(put, params, abstract_params)
 
 
 # ------------------------------------------------------------------------------------- train
@@ -228,6 +274,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
+  from loopcoder_jax.data import chat as chat_data
+
   t, d = config.train, config.data
   rules = tuple(tuple(r) for r in config.rules)
   params_dir = os.path.join(workdir, "params")
@@ -235,14 +283,25 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
   write_params = not os.path.exists(params_dir)
   log.info(f"workdir: {workdir}")
   log.info(
-      f"model: {config.model.preset} R={cfg.plt_num_loops} d={cfg.hidden_size} L={cfg.num_hidden_layers} "
+      f"model: {config.model.preset or config.init.checkpoint} R={cfg.plt_num_loops} d={cfg.hidden_size} L={cfg.num_hidden_layers} "
       f"V={cfg.vocab_size}, {cfg.num_params() / 1e6:.2f}M params; {jax.device_count()} "
       f"{jax.devices()[0].platform} devices, {pc} processes"
   )
 
-  # -- tokenizer ------------------------------------------------------------------------------
+  # -- tokenizer (and the weights a fine-tune starts from) ---------------------------------------
+  init, chat = config.init.checkpoint, d.format == "chat"
+  own_tok = os.path.join(workdir, "tokenizer")
+  init_params = None
+  if init and not _has_checkpoints(os.path.join(workdir, "checkpoints")):
+    t0 = time.time()
+    _, init_params, init_tok = _load_init(init)
+    log.info(f"loaded {init} ({time.time() - t0:.1f}s)")
   if config.tokenizer.path:
     tok = tok_lib.load_tokenizer(config.tokenizer.path)
+  elif init:  # a resumed fine-tune reads the tokenizer it saved at its start
+    tok = (
+        init_tok if init_params is not None else tok_lib.load_tokenizer(own_tok)
+    )
   else:
     texts = lambda: data.document_texts(d.source, d.text_key)  # noqa: E731
     if pi == 0:
@@ -262,14 +321,50 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
           workdir, config.tokenizer.vocab_size, texts
       )
   tok_lib.check_vocab(tok, cfg.vocab_size)
+  if chat:
+    tok = chat_data.with_template(tok)
+  if (init or chat) and pi == 0 and not os.path.isdir(own_tok):
+    tok.save(own_tok)  # generate.py and the converter find it there
 
   # -- data (errors here come before any compile) ----------------------------------------------
   data_shards = t.data_shards or pc
   per_proc = data_shards // pc
-  batches = ShardedBatches(
-      data.make_train_iterator(
+  e = config.eval
+  eval_batches, eval_bytes = ([], 0)
+  if chat:
+    convs = chat_data.load_conversations(
+        d.source, tok, on_bad=d.on_bad_example, report=log.warn
+    )
+    log.info(f"chat data: {len(convs)} conversations in {d.source}")
+    make_iterator = functools.partial(
+        chat_data.make_train_iterator, d, tok, convs
+    )
+    if e.max_tokens > 0:
+      eval_batches = chat_data.make_eval_batches(
+          chat_data.load_conversations(
+              chat_data.heldout_source(d),
+              tok,
+              on_bad=d.on_bad_example,
+              report=log.warn,
+          ),
+          tok,
+          seq_len=d.seq_len,
+          batch_size=e.batch_size,
+          max_tokens=e.max_tokens,
+          add_bos=d.add_bos,
+      )
+  else:
+    make_iterator = functools.partial(data.make_train_iterator, d, tok)
+    if e.max_tokens > 0:
+      eval_batches, eval_bytes = data.make_eval_batches(
           d,
           tok,
+          seq_len=d.seq_len,
+          batch_size=e.batch_size,
+          max_tokens=e.max_tokens,
+      )
+  batches = ShardedBatches(
+      make_iterator(
           global_batch_size=t.global_batch_size,
           process_index=pi * per_proc + j,
           process_count=data_shards,
@@ -277,16 +372,6 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
       for j in range(per_proc)
   )
   data_it = _grain_view(batches)
-  e = config.eval
-  eval_batches, eval_bytes = ([], 0)
-  if e.max_tokens > 0:
-    eval_batches, eval_bytes = data.make_eval_batches(
-        d,
-        tok,
-        seq_len=d.seq_len,
-        batch_size=e.batch_size,
-        max_tokens=e.max_tokens,
-    )
 
   # -- mesh, step, state -------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
@@ -316,7 +401,18 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
       log=log.info,
   )
   restored = ckpt.restore(abstract, data_it)
-  if restored is None:
+  if restored is None and init_params is not None:
+    fresh = jax.jit(
+        lambda p: train_step.TrainState(
+            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)
+        ),
+        out_shardings=state_sh,
+        donate_argnums=0,
+    )
+    state = fresh(_place(init_params, abstract.params))
+    del init_params
+    log.info(f"initialised from {init} with a fresh optimizer")
+  elif restored is None:
     state = init_fn(jax.random.key(config.seed))
     log.info(f"initialised a fresh model (seed {config.seed})")
   else:
@@ -330,7 +426,16 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
     log.info(f"resumed from step {step0}")
 
   summary: dict[str, Any] = {"workdir": workdir, "start_step": int(state.step)}
-  if eval_batches:
+  if eval_batches and chat:
+    summary["loss_before"] = token_loss(
+        eval_fn, state.params, eval_batches, mesh, rules
+    )
+    n = int(sum(b["loss_mask"].sum() for b in eval_batches))
+    log.info(
+        f"held-out assistant-token loss at step {int(state.step)}: "
+        f"{summary['loss_before']:.4f} nats ({n} tokens)"
+    )
+  elif eval_batches:
     summary["bpb_before"] = bits_per_byte(
         eval_fn, state.params, eval_batches, eval_bytes, mesh, rules
     )
@@ -355,9 +460,13 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
   step = int(state.step)
   bar = log.bar(step, t.total_steps, config.metrics.progress_bar)
   t_prev, timed_tokens, timed_s = None, 0.0, 0.0
+  # chat conversations cut to seq_len since this (re)start, counted per process
+  truncated = 0
   try:
     while step < t.total_steps:
-      batch = train_step.global_batch(next(batches), mesh, rules)
+      local = next(batches)
+      truncated += int(local["truncated"].sum()) if chat else 0
+      batch = train_step.global_batch(local, mesh, rules)
       state, metrics = step_fn(state, batch)
       m = jax.device_get(metrics)
       step += 1
@@ -390,13 +499,16 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
               / (peak * jax.device_count())
           )
       t_prev = now
+      logged = step % t.log_every == 0 or step == t.total_steps
+      if chat and logged:
+        values["truncated"] = float(_sum_over_processes(truncated))
       log.scalars(step, values)
       if bar is not None:
         bar.update(1)
         bar.set_postfix(
             loss=f"{loss:.3f}", tok_s=f"{values.get('tokens_per_s', 0):.0f}"
         )
-      if step % t.log_every == 0 or step == t.total_steps:
+      if logged:
         log.info(_line(step, t.total_steps, values))
       stop = preempted["flag"] or _preemption_sync(step)
       ckpt.save(step, state, data_it, meta, force=stop or step == t.total_steps)
@@ -417,7 +529,15 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
 
   if write_params:
     checkpoint.save_params(params_dir, cfg, state.params)
-  if eval_batches:
+  if eval_batches and chat:
+    summary["loss_after"] = token_loss(
+        eval_fn, state.params, eval_batches, mesh, rules
+    )
+    log.info(
+        f"held-out assistant-token loss: {summary['loss_before']:.4f} before -> "
+        f"{summary['loss_after']:.4f} after (step {step}, nats per token)"
+    )
+  elif eval_batches:
     summary["bpb_after"] = bits_per_byte(
         eval_fn, state.params, eval_batches, eval_bytes, mesh, rules
     )
@@ -432,11 +552,17 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
         tok,
         [e.prompt],
         max_new_tokens=e.completion_tokens,
+        chat=chat,
         add_bos=d.add_bos,
     )[0]
-    log.info(
-        f"greedy completion of {e.prompt!r}:\n{e.prompt}{summary['completion']}"
-    )
+    if chat:
+      log.info(
+          f"greedy chat completion of {e.prompt!r}:\n{summary['completion']}"
+      )
+    else:
+      log.info(
+          f"greedy completion of {e.prompt!r}:\n{e.prompt}{summary['completion']}"
+      )
   summary["wall_s"] = time.time() - t_start
   log.info(f"done in {summary['wall_s']:.0f}s")
   return summary
@@ -453,10 +579,27 @@ def _line(step, total, v) -> str:
     parts.append(f"tok/s {v['tokens_per_s']:.0f}")
   if "mfu" in v:
     parts.append(f"mfu {100 * v['mfu']:.1f}%")
+  if "truncated" in v:
+    parts.append(f"truncated {v['truncated']:.0f}")
   gates = [f"{v[k]:.3f}" for k in sorted(v) if k.startswith("gate_loop")]
   if gates:
     parts.append("gate/loop " + ",".join(gates))
   return "  ".join(parts)
+
+
+def _has_checkpoints(directory: str) -> bool:
+  """Whether a run's checkpoint directory holds a step (without creating it)."""
+  return os.path.isdir(directory) and any(
+      n.isdigit() for n in os.listdir(directory)
+  )
+
+
+def _sum_over_processes(n: int) -> int:
+  if jax.process_count() == 1:
+    return n
+  from jax.experimental import multihost_utils
+
+  return int(np.sum(multihost_utils.process_allgather(np.int64(n))))
 
 
 def _in_main_thread() -> bool:

@@ -1,25 +1,14 @@
 """Tokenizer: byte-level BPE and SentencePiece behind one interface; HF parity; cache; errors."""
 
-import io
-import json
 import os
 import pickle
 
 import jinja2
 import pytest
-import sentencepiece as spm
 
-from loopcoder_jax.data import corpus
 from loopcoder_jax.data import tokenizer as tk
 
 TRICKY = "def f(x):\n\tif x:  # é ✓ 世界 🙂\r\n        return x + 1   \n\n"
-CHAT = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
-    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "sort a list"},
@@ -28,68 +17,6 @@ EXPECTED_CHAT = (
     "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nsort a list"
     "<|im_end|>\n<|im_start|>assistant\n"
 )
-
-
-@pytest.fixture(scope="module")
-def texts():
-  return [t for _, t in corpus.stdlib_files("train")[:12]]
-
-
-@pytest.fixture(scope="module")
-def bpe_dir(texts, tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("bpe"))
-  tk.train_bpe(texts, 300, d)
-  return d
-
-
-@pytest.fixture(scope="module")
-def sp_dir(texts, tmp_path_factory):
-  """A tiny Llama-style SentencePiece model plus HF side files: chat markers as added tokens
-  beyond the SP vocabulary, one of them an extra end-of-turn id in generation_config.json.
-  """
-  lines = [ln for t in texts[:3] for ln in t.splitlines() if ln.strip()]
-  buf = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines),
-      model_writer=buf,
-      vocab_size=400,
-      model_type="bpe",
-      byte_fallback=True,
-      unk_id=0,
-      bos_id=1,
-      eos_id=2,
-      pad_id=-1,
-      add_dummy_prefix=True,
-      normalization_rule_name="identity",
-      remove_extra_whitespaces=False,
-      split_digits=True,
-      allow_whitespace_only_pieces=True,
-      minloglevel=2,
-      num_threads=1,
-  )
-  d = tmp_path_factory.mktemp("sp")
-  (d / "tokenizer.model").write_bytes(buf.getvalue())
-  (d / "tokenizer_config.json").write_text(
-      json.dumps(
-          {
-              "tokenizer_class": "LlamaTokenizer",
-              "legacy": True,
-              "add_bos_token": True,
-              "bos_token": "<s>",
-              "eos_token": "</s>",
-              "unk_token": "<unk>",
-              "chat_template": CHAT,
-              "added_tokens_decoder": {
-                  "400": {"content": "<|im_end|>", "special": True},
-                  "401": {"content": "<|im_start|>", "special": True},
-              },
-          }
-      )
-  )
-  (d / "generation_config.json").write_text(
-      json.dumps({"eos_token_id": [2, 400]})
-  )
-  return str(d)
 
 
 def test_bpe_round_trip_and_special_ids(bpe_dir):
@@ -163,6 +90,28 @@ def test_sentencepiece_llama_style(sp_dir):
   bare = tk.load_tokenizer(os.path.join(sp_dir, "tokenizer.model"))
   assert (bare.vocab_size, bare.bos_id, bare.eos_ids) == (400, 1, (2,))
   assert bare.encode(TRICKY, add_bos=True) == ids
+
+
+@pytest.mark.parametrize("which", ["bpe", "sp"])
+def test_encode_with_offsets(which, bpe_dir, sp_dir):
+  tok = tk.load_tokenizer(bpe_dir if which == "bpe" else sp_dir)
+  text = f"<|im_start|>user\n{TRICKY}</s><|im_end|>x"
+  ids, spans = tok.encode_with_offsets(text)
+  assert ids == tok.encode(text) and len(spans) == len(ids)
+  starts = [s for s, _ in spans]
+  assert starts == sorted(starts) and all(
+      0 <= s <= e <= len(text) for s, e in spans
+  )
+  assert set().union(*(range(s, e) for s, e in spans)) == set(range(len(text)))
+  # Cutting between two tokens that own whole characters decodes to the text up to the cut.
+  cuts = 0
+  for k in range(1, len(ids)):
+    (s0, e0), (s1, e1) = spans[k - 1], spans[k]
+    if s0 < e0 and s1 < e1 and e0 == s1:
+      cuts += 1
+      got = tok.decode(ids[:k], skip_special_tokens=False)
+      assert got == text[:e0], (which, k)
+  assert cuts > len(ids) // 2
 
 
 def test_chat_template(sp_dir, tmp_path):

@@ -1,9 +1,11 @@
-"""The sharded train step: a 2x2x2 mesh (with gradient accumulation) equals one device."""
+"""The sharded train step: a 2x2x2 mesh (with gradient accumulation) equals one device; targets
+outside the loss mask (chat prompts) have no effect at all."""
 
 import jax
 import numpy as np
 import pytest
 
+from loopcoder_jax.model import loss
 from loopcoder_jax.model import sharding as shd
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.train import optim
@@ -115,3 +117,55 @@ def test_bad_batch_and_accum():
     ts.global_batch({"inputs": np.zeros((2, 2), np.int32)}, mesh)
   with pytest.raises(ValueError, match="grad_accum"):
     ts.make_train_fns(CFG, optim.make_optimizer({}, 2)[0], mesh, grad_accum=0)
+
+
+def _chat_mask():
+  """Loss only on each packed conversation's answer, as chat data gives it (prompts are 0)."""
+  mask = np.zeros((B, S), np.float32)
+  mask[:, 6:10] = 1.0  # segment 1: 6 prompt targets, then 4 answer targets
+  mask[:, 13:15] = 1.0  # segment 2: 3 prompt targets, 2 answer targets, padding
+  return mask
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 4])
+def test_targets_outside_the_loss_mask_get_exactly_zero_gradient(loss_chunk):
+  cfg = CFG.with_runtime(loss_chunk=loss_chunk)
+  mesh = shd.make_mesh({"data": -1}, jax.devices()[:1])
+  tx, _ = optim.make_optimizer({}, 10)
+  init_fn, step_fn, _ = ts.make_train_fns(cfg, tx, mesh)
+  batch = dict(_batch(0), loss_mask=_chat_mask())
+  rng = np.random.default_rng(1)
+  off = batch["loss_mask"] == 0
+  perturbed = dict(batch, targets=batch["targets"].copy())
+  perturbed["targets"][off] = (
+      batch["targets"][off] + rng.integers(1, cfg.vocab_size, off.sum())
+  ) % cfg.vocab_size
+  assert (perturbed["targets"] != batch["targets"]).sum() == off.sum()
+
+  def one_step(b):
+    state, m = step_fn(init_fn(jax.random.key(0)), ts.global_batch(b, mesh))
+    return jax.device_get((state.params, m))
+
+  params, m = one_step(batch)
+  params_p, m_p = one_step(perturbed)
+  assert m["tokens"] == _chat_mask().sum()
+  for k in ("loss", "grad_norm"):
+    assert m[k] == m_p[k], k
+  jax.tree.map(np.testing.assert_array_equal, params, params_p)
+  # the check can fail: an answer target does move the loss
+  answer = dict(batch, targets=batch["targets"].copy())
+  answer["targets"][0, 7] = (answer["targets"][0, 7] + 1) % cfg.vocab_size
+  assert one_step(answer)[1]["loss"] != m["loss"]
+
+  # and the loss's gradient at a non-answer position is exactly zero
+  x_BxSxd = jax.random.normal(jax.random.key(2), (B, S, cfg.hidden_size))
+  w_dxV = jax.random.normal(
+      jax.random.key(3), (cfg.hidden_size, cfg.vocab_size)
+  )
+  g_BxSxd = jax.grad(
+      lambda x: loss.cross_entropy_sum(
+          x, w_dxV, batch["targets"], batch["loss_mask"], chunk=loss_chunk
+      )
+  )(x_BxSxd)
+  g_BxS = np.abs(np.asarray(g_BxSxd)).max(-1)
+  assert (g_BxS[off] == 0).all() and (g_BxS[~off] > 0).all()

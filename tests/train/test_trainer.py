@@ -2,9 +2,12 @@
 
 kill -9 mid-run + rerun gives bit-identical params; SIGTERM saves and resumes; a diverging run
 stops on the first non-finite loss and keeps its last good checkpoint; bad inputs fail in one line.
+Fine-tuning from an HF directory: the same first-step loss as loading it separately, a lower
+held-out assistant-token loss, resume before init, bad chat data stopped before training.
 """
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -227,3 +230,189 @@ def test_sharded_batches_concatenate_shards():
   np.testing.assert_array_equal(next(b)["x"], second["x"])
   with pytest.raises(ValueError, match="shards per process"):
     b.set_state({"shards": [{"n": 0}]})
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+def _sft_config(chat_assets, **extra):
+  """A chat fine-tune of the tiny HF checkpoint; the explicit tiny model agrees with it."""
+  c = _config(
+      {"tokenizer": "", "source": chat_assets["train"]},
+      **{
+          "init.checkpoint": chat_assets["hf"],
+          "data.format": "chat",
+          "data.eval_source": chat_assets["heldout"],
+          "data.pack_bins": 4,
+          "train.total_steps": 2,
+          "eval.max_tokens": 0,
+          "eval.completion_tokens": 0,
+          "metrics.peak_flops": -1.0,
+          "metrics.tensorboard": False,
+      },
+  )
+  for k, v in extra.items():
+    node = c
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def test_init_from_hf_dir_gives_the_same_first_step_loss(chat_assets, tmp_path):
+  from loopcoder_jax.data import chat, tokenizer
+  from loopcoder_jax.interop import load_hf
+  from loopcoder_jax.model import sharding as shd
+  from loopcoder_jax.model.transformer import PLTForCausalLM
+  from loopcoder_jax.train import step as ts
+
+  c = _sft_config(chat_assets)
+  trainer.train(c, str(tmp_path))
+  got = read_metrics(tmp_path)[0]["loss"]
+
+  # the same first batch and the HF weights, loaded separately, on one device
+  cfg, params = load_hf(chat_assets["hf"])
+  tok = chat.with_template(tokenizer.load_tokenizer(chat_assets["hf"]))
+  convs = chat.load_conversations(chat_assets["train"], tok)
+  batch = next(
+      chat.make_train_iterator(c.data, tok, convs, global_batch_size=8)
+  )
+  mesh = shd.make_mesh({"data": -1}, jax.devices()[:1])
+
+  def loss_of(p):
+    ce, n = ts.make_eval_fn(cfg, mesh)(p, ts.global_batch(batch, mesh))
+    return float(ce) / float(n)
+
+  want = loss_of(params)
+  # float32 forward on 8 data shards vs one device: rounding only (~1e-6 relative)
+  assert got == pytest.approx(want, rel=1e-4)
+  # the fresh init the run would have without init.checkpoint scores far from it
+  fresh = PLTForCausalLM(cfg).init(
+      jax.random.key(c.seed), np.zeros((1, 1), np.int32)
+  )["params"]
+  assert abs(loss_of(fresh) - want) > 0.1 * want
+  # the fine-tune keeps the checkpoint's tokenizer, with the template it rendered with
+  saved = tokenizer.load_tokenizer(str(tmp_path / "tokenizer"))
+  assert saved.chat_template == chat.DEFAULT_TEMPLATE
+  assert saved.encode("a</s>b") == tok.encode("a</s>b")
+
+
+@pytest.mark.slow
+def test_tiny_finetune_lowers_heldout_loss_then_resumes(
+    chat_assets, tmp_path, capsys
+):
+  c = _sft_config(
+      chat_assets,
+      **{
+          "train.total_steps": 40,
+          "train.log_every": 20,
+          "checkpoint.every_steps": 20,
+          "optim.peak_lr": 3e-3,
+          "eval.max_tokens": 512,
+          "eval.completion_tokens": 2,
+          "eval.prompt": "12+2",
+      },
+  )
+  summary = trainer.train(c, str(tmp_path))
+  out = capsys.readouterr().out
+  assert f"initialised from {chat_assets['hf']}" in out
+  assert "held-out assistant-token loss: " in out and "truncated 0" in out
+  assert "greedy chat completion of '12+2'" in out
+  assert summary["loss_after"] < 0.7 * summary["loss_before"], summary
+  assert os.path.isdir(tmp_path / "params")
+
+  c.train.total_steps = (
+      42  # the workdir's own checkpoint wins over init.checkpoint
+  )
+  summary = trainer.train(c, str(tmp_path))
+  out = capsys.readouterr().out
+  assert summary["start_step"] == 40 and "resumed from step 40" in out
+  assert "initialised from" not in out
+
+
+def test_bad_chat_data_stops_before_training(chat_assets, tmp_path, capsys):
+  bad = tmp_path / "bad.jsonl"
+  good = json.dumps(
+      {
+          "messages": [
+              {"role": "user", "content": "1+1"},
+              {"role": "assistant", "content": "2"},
+          ]
+      }
+  )
+  bad.write_text(
+      f'{good}\n{{"messages": 1\n{good}\n'
+      '{"messages": [{"role": "user", "content": "hi"}]}\n'
+  )
+  work = tmp_path / "w"
+  with pytest.raises(ValueError) as e:
+    trainer.train(
+        _sft_config(chat_assets, **{"data.source": str(bad)}), str(work)
+    )
+  assert "\n" not in str(e.value) and str(e.value).startswith(
+      "2 of 4 chat examples"
+  )
+  err = capsys.readouterr().err.splitlines()
+  assert [ln.split(": ")[0] for ln in err] == [f"{bad}:2", f"{bad}:4"]
+  assert not os.path.exists(work / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (
+            {"model.overrides.hidden_size": 64},
+            "model.preset 'tiny' disagrees with init.checkpoint .*hidden_size 64 vs 32",
+        ),
+        (
+            {"model.preset": "", "model.overrides": {}, "model.loops": 3},
+            "model.loops 3 disagrees",
+        ),
+        ({"model.preset": ""}, "model.overrides need a model.preset"),
+        (
+            {"init.checkpoint": "/nonexistent"},
+            "init.checkpoint /nonexistent is not a directory",
+        ),
+        ({"data.format": "chats"}, "data.format must be one of"),
+        ({"data.on_bad_example": "ignore"}, "data.on_bad_example must be"),
+        ({"data.pack_bins": 0}, "data.pack_bins must be >= 1"),
+        ({"init.checkpoint": ""}, "data.format=chat needs a tokenizer"),
+        ({"data.source": "stdlib"}, "is the text corpus"),
+    ],
+)
+def test_bad_fine_tune_inputs_fail_in_one_line(
+    chat_assets, tmp_path, extra, match
+):
+  with pytest.raises(ValueError, match=match) as e:
+    trainer.train(_sft_config(chat_assets, **extra), str(tmp_path))
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_init_dir_without_config(chat_assets, tmp_path):
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(ValueError, match="holds no config.json"):
+    trainer.train(
+        _sft_config(
+            chat_assets, **{"init.checkpoint": str(tmp_path / "empty")}
+        ),
+        str(tmp_path / "w"),
+    )
+
+
+@pytest.mark.parametrize("name", ["sft_tiny", "sft_loopcoder_v2_7b"])
+def test_sft_configs_take_the_checkpoints_model(chat_assets, name):
+  c = train_config.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+  assert c.data.format == "chat" and c.init.checkpoint != chat_assets["hf"]
+  c.init.checkpoint = chat_assets["hf"]
+  c.data.source = c.data.source or chat_assets["train"]
+  c.data.seq_len = 64  # the tiny checkpoint's max_position_embeddings
+  cfg = train_config.validate(c)
+  want = chat_assets["cfg"]
+  assert (cfg.hidden_size, cfg.plt_num_loops) == (
+      want.hidden_size,
+      want.plt_num_loops,
+  )
+  assert cfg.runtime.attention_impl == c.model.runtime.attention_impl
+  c.init.checkpoint = ""
+  with pytest.raises(ValueError, match="model.preset is empty"):
+    train_config.validate(c)
