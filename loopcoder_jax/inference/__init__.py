@@ -11,7 +11,13 @@ from loopcoder_jax.inference.decode import (
     make_serving_fns,
     prefill,
 )
-from loopcoder_jax.inference.generation import complete, encode_prompts
+from loopcoder_jax.inference.generation import (
+    StopWatch,
+    TextStop,
+    complete,
+    encode_prompts,
+    truncate,
+)
 from loopcoder_jax.inference.sampling import (
     Greedy,
     StopRule,
@@ -25,7 +31,9 @@ __all__ = [
     "Cache",
     "Greedy",
     "StopRule",
+    "StopWatch",
     "Temperature",
+    "TextStop",
     "TopK",
     "TopP",
     "cache_bytes",
@@ -39,4 +47,5 @@ __all__ = [
     "make_sampler",
     "make_serving_fns",
     "prefill",
+    "truncate",
 ]
