@@ -218,9 +218,8 @@ def _build_root(request: dict) -> None:
     os.symlink(os.readlink(path), root + path)
   for path in binds:
     _bind(path, fds[path], root)
-  for (
-      dev
-  ) in devices:  # character devices: read-only would not stop writes anyway
+  # character devices: a read-only mount would not stop writes to them anyway
+  for dev in devices:
     _bind(dev, fds[dev], root, read_only=False)
   for fd in fds.values():
     os.close(fd)
@@ -254,9 +253,8 @@ def _become_sandbox_uid(setgroups: bool) -> None:
   if setgroups:
     os.setgroups([])  # no supplementary group of the caller (root's) survives
   os.setresuid(0, 0, 0)
-  _prctl(
-      PR_SET_DUMPABLE, 1
-  )  # the uid change cleared it; /proc/self/fd must stay ours
+  # the uid change cleared it, and /proc/self/fd must stay readable to us
+  _prctl(PR_SET_DUMPABLE, 1)
 
 
 def _drop_privileges(limits: dict) -> None:
@@ -302,8 +300,8 @@ def _run_c(report_w: int, error_w: int, limits: dict) -> None:
         [sys.executable, "-I", "-S", "-B", "/run.py"],
         _ENV,
     )
-  except (JailError, OSError) as e:
-    os.write(error_w, f"starting the program: {e}".encode())
+  except Exception as e:  # noqa: BLE001 - a setup failure is reported, never run past
+    os.write(error_w, f"starting the program: {type(e).__name__}: {e}".encode())
   finally:
     os._exit(127)
 
@@ -313,9 +311,8 @@ def _run_b(to_a: int, limits: dict) -> None:
   try:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_DUMPABLE, 0)  # C (same uid) cannot ptrace it
-    signal.signal(
-        signal.SIGINT, signal.SIG_DFL
-    )  # pid 1 ignores signals it does not handle
+    # as pid 1 it then ignores SIGINT from inside (Python would raise KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     report_r, report_w = os.pipe()
     error_r, error_w = os.pipe()  # close-on-exec
     c = os.fork()

@@ -93,9 +93,8 @@ def run(program: str, limits: Limits = Limits()) -> str:
         "sandbox: not running as root, so sandboxed code keeps your uid and groups outside "
         "its namespaces (its files are still limited to a read-only view)"
     )
-  root = tempfile.mkdtemp(
-      prefix="loopcoder-sandbox-"
-  )  # mount point, stays empty here
+  # the sandbox's root is mounted here in its own namespace: on the host it stays empty
+  root = tempfile.mkdtemp(prefix="loopcoder-sandbox-")
   try:
     proc = subprocess.Popen(
         [sys.executable, "-I", "-S", JAIL],

@@ -23,9 +23,8 @@ DOCS = [
 def reference(cfg, params, tok, texts):
   """(summed NLL in nats, predicted tokens, predicted bytes), one unpacked forward per document."""
   docs = [tok.encode(t, split_special=False) + [tok.eos_id] for t in texts]
-  width = max(
-      len(d) for d in docs
-  )  # causal: padding after a document changes nothing in it
+  # causal: padding after a document changes nothing in it
+  width = max(len(d) for d in docs)
   forward = jax.jit(lambda p, t: PLTForCausalLM(cfg).apply({"params": p}, t))
   logits = forward(
       params, jnp.asarray([d + [0] * (width - len(d)) for d in docs])
