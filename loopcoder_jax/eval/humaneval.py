@@ -95,7 +95,10 @@ def read_samples(path: str, problems: Sequence[Mapping]) -> list[dict]:
             f'{path}:{n}: expected {{"task_id": str, "completion": str}}'
         )
       if s["task_id"] not in known:
-        raise ValueError(f"{path}:{n}: unknown task_id {s['task_id']!r}")
+        raise ValueError(
+            f"{path}:{n}: task_id {s['task_id']!r} is not among the {len(known)} "
+            "problems evaluated"
+        )
       samples.append({"task_id": s["task_id"], "completion": s["completion"]})
   missing = known - {s["task_id"] for s in samples}
   if missing:

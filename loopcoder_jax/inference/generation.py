@@ -55,20 +55,26 @@ def truncate(text: str, stops: Sequence[str]) -> str:
 
 
 class StopWatch:
-  """Host side of stop strings: each row's generated ids, and which rows' text holds a stop.
+  """Host side of stop strings: each row's text so far, and which rows' text holds a stop.
 
   `reset(rows)` before each batch; calling it with a step's sampled ids `[B]` returns `[B]` bool,
-  True for rows that have stopped (stop id or stop string) by this token.
+  True for rows that have stopped (stop id or stop string) by this token: the first token after
+  which the row's decoded text holds a stop. Text is decoded incrementally (the few tokens since
+  the last complete character), so a step costs the same at any length.
   """
 
   def __init__(self, tok: Tokenizer, stops: Sequence[str], stop_ids=()):
     if not stops or not all(stops):
       raise ValueError(f"stop strings must be non-empty, got {list(stops)!r}")
     self.tok, self.stops, self.stop_ids = tok, tuple(stops), set(stop_ids)
+    self.longest = max(len(s) for s in self.stops)
     self.reset(0)
 
   def reset(self, rows: int) -> None:
     self.ids: list[list[int]] = [[] for _ in range(rows)]
+    self.texts = [""] * rows
+    # per row: ids[start:done] are decoded into `texts`; ids[done:] await a whole character
+    self.marks = [(0, 0)] * rows
     self.stopped = np.zeros(rows, bool)
 
   def __call__(self, ids_B) -> np.ndarray:
@@ -78,9 +84,19 @@ class StopWatch:
       if t in self.stop_ids:
         self.stopped[b] = True
         continue
-      self.ids[b].append(t)
-      text = self.tok.decode(self.ids[b])
-      self.stopped[b] = any(s in text for s in self.stops)
+      ids = self.ids[b]
+      ids.append(t)
+      start, done = self.marks[b]
+      # decoding from `start` keeps the context a tokenizer needs at a token boundary
+      before = self.tok.decode(ids[start:done])
+      now = self.tok.decode(ids[start:])
+      new = now[len(before) :]
+      # a stop may end just before a character still missing bytes: look before committing
+      tail = (self.texts[b] + new)[-(len(new) + self.longest - 1) :]
+      self.stopped[b] = any(s in tail for s in self.stops)
+      if new and not now.endswith("\ufffd"):
+        self.texts[b] += new
+        self.marks[b] = (done, len(ids))
     return self.stopped.copy()
 
 
@@ -88,9 +104,8 @@ class StopWatch:
 class TextStop(sampling.StopRule):
   """A StopRule that also ends a row once its decoded text holds one of `watch.stops`."""
 
-  watch: StopWatch | None = (
-      None  # compared by identity: one host state per rule
-  )
+  # compared by identity: each rule keeps its own host state
+  watch: StopWatch | None = None
 
   def is_stop(self, ids_B):
     hit = super().is_stop(ids_B)

@@ -107,7 +107,9 @@ def test_read_samples_rejects_bad_files(tmp_path):
   cases = {
       "not JSON": "{\n",
       "expected": json.dumps({"task_id": "HumanEval/0"}) + "\n",
-      "unknown task_id": json.dumps({"task_id": "X/1", "completion": ""})
+      "not among the 2 problems": json.dumps(
+          {"task_id": "X/1", "completion": ""}
+      )
       + "\n",
       "no sample for 1 of the 2": json.dumps(good[0]) + "\n",
   }
