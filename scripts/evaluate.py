@@ -233,6 +233,9 @@ def _humaneval():
 def _perplexity():
   from loopcoder_jax.eval import perplexity
 
+  for name in ("completions", "output"):
+    if flags.FLAGS[name].present:
+      raise ValueError(f"--{name} is for --task=humaneval")
   cfg, params, tok = _load_model()
   seq_len = _SEQ_LEN.value or min(1024, cfg.max_position_embeddings)
   result = perplexity.held_out_perplexity(

@@ -160,6 +160,11 @@ def score_samples(
 ) -> list[dict]:
   """Each sample run against its problem's tests in the sandbox; records in the samples' order."""
   by_id = {p["task_id"]: p for p in problems}
+  unknown = {s["task_id"] for s in samples} - set(by_id)
+  if unknown:
+    raise ValueError(
+        f"samples for tasks not among the problems: {sorted(unknown)[:3]}"
+    )
   with tqdm.tqdm(
       total=len(samples), desc="executing", unit="sample", disable=not progress
   ) as bar:

@@ -123,6 +123,8 @@ def test_read_samples_rejects_bad_files(tmp_path):
   assert humaneval.read_samples(str(path), problems) == good
   with pytest.raises(ValueError, match="does not exist"):
     humaneval.read_samples(str(tmp_path / "missing.jsonl"), problems)
+  with pytest.raises(ValueError, match="not among the problems"):
+    humaneval.score_samples(problems[:1], good, workers=1)
 
 
 def test_generate_batches_like_complete(tiny_model):
@@ -201,6 +203,7 @@ def test_evaluate_cli_bad_input_is_one_line(tmp_path):
       "needs --checkpoint": ["--limit=1"],
       "identical samples": ["--n_samples=2", "--checkpoint=x"],
       "does not exist": [f"--completions={tmp_path / 'nope.jsonl'}"],
+      "is for --task=humaneval": ["--task=perplexity", "--output=x.jsonl"],
   }
   for message, flags in cases.items():
     run = evaluate(*flags)
