@@ -225,7 +225,9 @@ def _humaneval():
   if not source:
     print(
         f"  generation {summary['generated_tokens']} tokens in {summary['decode_s']:.1f} s: "
-        f"{summary['tokens_per_s']:.1f} tokens/s (compilation {summary['compile_s']:.1f} s apart)"
+        f"{summary['tokens_per_s']:.1f} tokens/s, {summary['decode_steps']} steps of "
+        f"{_BATCH.value} rows at {summary['steps_per_s']:.1f}/s (compilation "
+        f"{summary['compile_s']:.1f} s apart)"
     )
   return summary
 

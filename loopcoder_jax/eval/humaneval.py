@@ -234,7 +234,8 @@ def generate_samples(
 
   Rows are sorted by prompt length so a batch pads little.
   Returns the samples (problem order, then sample order) and generation figures: generated
-  tokens, decode seconds and tokens/s (compilation excluded, reported apart).
+  tokens and tokens/s, decode steps (a batch steps until its longest row ends; rows that stopped
+  sooner idle) and steps/s, decode seconds (compilation excluded, reported apart).
   """
   if n_samples < 1 or batch_size < 1 or max_new_tokens < 1:
     raise ValueError(
@@ -270,7 +271,7 @@ def generate_samples(
       key=lambda r: len(ids[r[0]]),
   )
   texts: dict[tuple[int, int], str] = {}
-  tokens, decode_s = 0, 0.0
+  tokens, steps, decode_s = 0, 0, 0.0
   bar = tqdm.tqdm(
       total=len(rows), desc="generating", unit="sample", disable=not progress
   )
@@ -292,6 +293,7 @@ def generate_samples(
         program(params, jnp.asarray(tokens_BxP), jnp.asarray(lengths_B), key)
     )
     decode_s += time.perf_counter() - t - (program.compile_s - before)
+    steps += int(counts.max())  # the loop runs until its longest row ends
     for b, row in enumerate(batch):
       n = int(counts[b])
       tokens += n
@@ -308,8 +310,10 @@ def generate_samples(
   ]
   stats = {
       "generated_tokens": tokens,
+      "decode_steps": steps,
       "decode_s": decode_s,
       "tokens_per_s": tokens / decode_s if decode_s > 0 else math.nan,
+      "steps_per_s": steps / decode_s if decode_s > 0 else math.nan,
       "compile_s": program.compile_s,
   }
   return samples, stats
