@@ -21,7 +21,13 @@ from loopcoder_jax.inference.decode import (
     make_serving_fns,
     prefill,
 )
-from loopcoder_jax.inference.generation import complete, encode_prompts
+from loopcoder_jax.inference.generation import (
+    StopWatch,
+    TextStop,
+    complete,
+    encode_prompts,
+    truncate,
+)
 from loopcoder_jax.inference.sampling import (
     Greedy,
     StopRule,
@@ -41,7 +47,9 @@ __all__ = [
     "Greedy",
     "Layout",
     "StopRule",
+    "StopWatch",
     "Temperature",
+    "TextStop",
     "TopK",
     "TopP",
     "cache_bytes",
@@ -57,4 +65,5 @@ __all__ = [
     "make_serving_fns",
     "params_layout",
     "prefill",
+    "truncate",
 ]

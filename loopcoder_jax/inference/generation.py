@@ -5,14 +5,22 @@
 One jitted program per call: prefill (whole prompt or chunks), then the decode loop with static
 shapes. With `on_text` set and a single prompt, the completion is streamed: the loop's host
 callback hands over each token and `on_text` receives each new piece of decoded text.
+
+Stop strings (`stop=("\ndef",)`) are text-level, so they are checked on the host: `TextStop` is a
+`StopRule` whose `is_stop` also asks the host (an `io_callback` per decode step) whether a row's
+decoded text now holds one; that row then ends like one that sampled EOS, the loop ends once every
+row has, and the text is cut where the first stop string starts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 
 import jax
+from jax.experimental import io_callback
 import jax.numpy as jnp
+import numpy as np
 
 from loopcoder_jax.data.tokenizer import Tokenizer
 from loopcoder_jax.inference import decode, sampling
@@ -39,6 +47,75 @@ def encode_prompts(
   return texts, ids
 
 
+def truncate(text: str, stops: Sequence[str]) -> str:
+  """`text` up to where the first of `stops` begins (all of it if none occurs)."""
+  cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+  return text if cut < 0 else text[:cut]
+
+
+class StopWatch:
+  """Host side of stop strings: each row's text so far, and which rows' text holds a stop.
+
+  `reset(rows)` before each batch; calling it with a step's sampled ids `[B]` returns `[B]` bool,
+  True for rows that have stopped (stop id or stop string) by this token: the first token after
+  which the row's decoded text holds a stop. Text is decoded incrementally (the few tokens since
+  the last complete character), so a step costs the same at any length.
+  """
+
+  def __init__(self, tok: Tokenizer, stops: Sequence[str], stop_ids=()):
+    if not stops or not all(stops):
+      raise ValueError(f"stop strings must be non-empty, got {list(stops)!r}")
+    self.tok, self.stops, self.stop_ids = tok, tuple(stops), set(stop_ids)
+    self.longest = max(len(s) for s in self.stops)
+    self.reset(0)
+
+  def reset(self, rows: int) -> None:
+    self.ids: list[list[int]] = [[] for _ in range(rows)]
+    self.texts = [""] * rows
+    # per row: ids[start:done] are decoded into `texts`; ids[done:] await a whole character
+    self.marks = [(0, 0)] * rows
+    self.stopped = np.zeros(rows, bool)
+
+  def __call__(self, ids_B) -> np.ndarray:
+    for b, t in enumerate(np.asarray(ids_B).tolist()):
+      if self.stopped[b]:
+        continue
+      if t in self.stop_ids:
+        self.stopped[b] = True
+        continue
+      ids = self.ids[b]
+      ids.append(t)
+      start, done = self.marks[b]
+      # decoding from `start` keeps the context a tokenizer needs at a token boundary
+      before = self.tok.decode(ids[start:done])
+      now = self.tok.decode(ids[start:])
+      new = now[len(before) :]
+      # a stop may end just before a character still missing bytes: look before committing
+      tail = (self.texts[b] + new)[-(len(new) + self.longest - 1) :]
+      self.stopped[b] = any(s in tail for s in self.stops)
+      if new and not now.endswith("\ufffd"):
+        self.texts[b] += new
+        self.marks[b] = (done, len(ids))
+    return self.stopped.copy()
+
+
+@dataclasses.dataclass(frozen=True)
+class TextStop(sampling.StopRule):
+  """A StopRule that also ends a row once its decoded text holds one of `watch.stops`."""
+
+  # compared by identity: each rule keeps its own host state
+  watch: StopWatch | None = None
+
+  def is_stop(self, ids_B):
+    hit = super().is_stop(ids_B)
+    if self.watch is None:
+      return hit
+    host = io_callback(
+        self.watch, jax.ShapeDtypeStruct(ids_B.shape, jnp.bool_), ids_B
+    )
+    return hit | host
+
+
 def complete(
     cfg: PLTConfig,
     params,
@@ -53,8 +130,13 @@ def complete(
     seed: int = 0,
     add_bos: bool | None = None,
     on_text: Callable[[str], None] | None = None,
+    stop: Sequence[str] = (),
 ) -> list[str]:
-  """Completions (without the prompt, stop tokens removed) for a batch of prompts."""
+  """Completions (without the prompt, stop tokens removed) for a batch of prompts.
+
+  With `stop` strings, each completion ends before the first one it produces (and decoding of a
+  row ends as soon as its text holds one).
+  """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if prefill_chunk < 0:
@@ -68,9 +150,13 @@ def complete(
         f"prompt ({plen} tokens) + max_new_tokens={max_new_tokens} exceed the model's "
         f"max_position_embeddings={cfg.max_position_embeddings}"
     )
-  stop = sampling.StopRule(
-      max_new_tokens, tuple(sorted(set(tok.eos_ids) | set(cfg.eos_ids)))
-  )
+  stop_ids = tuple(sorted(set(tok.eos_ids) | set(cfg.eos_ids)))
+  watch = StopWatch(tok, stop, stop_ids) if stop else None
+  if watch is not None:
+    watch.reset(len(ids))
+  rule = TextStop(max_new_tokens, stop_ids, watch)
+  # a stop string may be forming: its first characters are held back while streaming
+  hold = max((len(s) for s in stop), default=1) - 1
   pad = tok.pad_id if tok.pad_id is not None else 0
   tokens = jnp.asarray([i + [pad] * (plen - len(i)) for i in ids], jnp.int32)
   lengths = jnp.asarray([len(i) for i in ids], jnp.int32)
@@ -82,13 +168,16 @@ def complete(
   # host side: decode all so far, hand over the new suffix
   def on_token(step, ids_B, live_B):
     del step
-    if live_B[0] and int(ids_B[0]) not in stop.stop_ids:
+    if live_B[0] and int(ids_B[0]) not in rule.stop_ids:
       streamed.append(int(ids_B[0]))
       text = tok.decode(streamed)
       # wait for the rest of a multi-byte character
       if not text.endswith("\ufffd"):
-        on_text(text[len(shown[0]) :])
-        shown[0] = text
+        cut = truncate(text, stop)
+        safe = cut if len(cut) < len(text) else text[: len(text) - hold]
+        if len(safe) > len(shown[0]):
+          on_text(safe[len(shown[0]) :])
+          shown[0] = safe
 
   if jax.default_backend() == "cpu":
     # XLA:CPU decodes 1.2-2.6x faster with per-layer weight and cache buffers (it copies slices of
@@ -107,7 +196,7 @@ def complete(
         logits,
         key,
         sampler,
-        stop,
+        rule,
         mode,
         callback=on_token if stream else None,
         pad_id=pad,
@@ -119,7 +208,10 @@ def complete(
   )
   jax.effects_barrier()
   texts = [
-      tok.decode([int(t) for t in row[:n] if int(t) not in stop.stop_ids])
+      truncate(
+          tok.decode([int(t) for t in row[:n] if int(t) not in rule.stop_ids]),
+          stop,
+      )
       for row, n in zip(out_ids, counts)
   ]
   if on_text is not None and stream and texts[0] != shown[0]:

@@ -1,5 +1,6 @@
 """Text-level generation (`generation.complete`), checkpoint loading, and the generate CLI."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 from loopcoder_jax import PLTConfig, PLTForCausalLM, interop
 from loopcoder_jax.data import tokenizer
-from loopcoder_jax.inference import generation
+from loopcoder_jax.inference import decode, generation, sampling
 from loopcoder_jax.interop import convert
 from loopcoder_jax.model.transformer import init_params
 from loopcoder_jax.train import checkpoint
@@ -151,3 +152,68 @@ def test_generate_cli(tiny_checkpoint):
       timeout=300,
   )
   assert bad.returncode != 0 and "top_p" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_stop_strings_end_a_row_at_the_token_that_completes_one(
+    tiny_checkpoint,
+):
+  root, cfg, params, tok = tiny_checkpoint
+  prompts, n = ["def add(", "for i"], 12
+  _, ids = generation.encode_prompts(tok, prompts)
+  plen = max(len(i) for i in ids)
+  lengths = jnp.asarray([len(i) for i in ids], jnp.int32)
+  tokens = jnp.asarray([i + [0] * (plen - len(i)) for i in ids])
+  stop_ids = tuple(cfg.eos_ids)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(rule):
+    logits, cache = decode.prefill(cfg, params, tokens, lengths, plen + n)
+    out, counts, _ = decode.generate(
+        cfg, params, cache, logits, jax.random.key(0), sampling.Greedy(), rule
+    )
+    return out, counts
+
+  free, free_counts = jax.device_get(run(sampling.StopRule(n, stop_ids)))
+
+  def text(row, c):
+    return tok.decode([t for t in row[:c].tolist() if t not in stop_ids])
+
+  texts = [text(r, c) for r, c in zip(free, free_counts)]  # as complete()
+  stop = text(free[0], n // 2)[-2:]  # row 0 has produced it by token n/2
+  assert stop and free_counts[0] > n // 2
+  watch = generation.StopWatch(tok, [stop], stop_ids)
+  watch.reset(2)
+  out, counts = jax.device_get(run(generation.TextStop(n, stop_ids, watch)))
+  # each row ends at the first token whose text completes the stop string
+  want = [
+      next((i for i in range(1, c + 1) if stop in text(r, i)), c)
+      for r, c in zip(free, free_counts)
+  ]
+  assert counts.tolist() == want and want[0] < free_counts[0]
+  for r, f, c in zip(out, free, counts):
+    assert (r[:c] == f[:c]).all()
+
+  cut = generation.complete(
+      cfg, params, tok, prompts, max_new_tokens=n, stop=[stop]
+  )
+  assert cut == [generation.truncate(t, [stop]) for t in texts]
+  assert len(cut[0]) < len(texts[0])
+  pieces = []
+  streamed = generation.complete(
+      cfg,
+      params,
+      tok,
+      prompts[:1],
+      max_new_tokens=n,
+      stop=[stop],
+      on_text=pieces.append,
+  )
+  assert "".join(pieces) == streamed[0] == cut[0]
+
+
+def test_truncate_cuts_before_the_earliest_stop():
+  stops = ["\ndef", "\nprint"]
+  text = "    return 1\nprint(f())\ndef g():\n"
+  assert generation.truncate(text, stops) == "    return 1"
+  assert generation.truncate("    return 1\n", stops) == "    return 1\n"
+  assert generation.truncate("x", []) == "x"

@@ -1,0 +1,188 @@
+"""Contained execution of untrusted Python: the programs a code model writes, and their tests.
+
+    check(problem, completion, timeout=3.0) -> {"passed": bool, "result": "passed" | "timed out" | "failed: ..."}
+    run(program, Limits(...)) -> result string;  check_all(jobs, workers=...) -> results in order
+
+Generated code is hostile until proven otherwise, so each program runs in its own process tree
+contained by the operating system (`jail.py` builds it; docs/evaluation.md has the threat model):
+
+  protection                                  mechanism
+  ends at the time limit                      the jail's wall clock kills the namespace's pid 1
+                                              (RLIMIT_CPU as a second line)
+  memory                                      RLIMIT_AS per process; RLIMIT_NPROC caps the count
+  no process survives `check`                 PID namespace: when its pid 1 exits the kernel kills
+                                              every process in it, forked or `setsid`; the jail
+                                              returns only after that (and reaps as a subreaper)
+  no writes outside its temporary directory   mount namespace + pivot_root into a read-only tmpfs
+                                              root holding read-only binds of the system and Python
+                                              directories; /tmp is a size-limited tmpfs that
+                                              vanishes with the namespace; RLIMIT_FSIZE
+  no network                                  network namespace with no interfaces up
+  no privileges                               user namespace; as root the code runs as a fresh
+                                              unprivileged uid with no groups; empty capability
+                                              bounding set and no_new_privs before exec
+  a clean exit before the tests is a failure  the driver reports "passed" only after the
+                                              program's last line (the `check(...)` call) ran
+
+Fail closed: when namespaces cannot be created (no permission, a seccomp profile that forbids
+unshare, pivot_root refused) `SandboxUnavailable` is raised and nothing runs. Degraded, with a
+one-line warning: without root the code keeps the caller's uid and groups outside its namespaces
+(its file access is still limited to the read-only view). Not protected: see docs/evaluation.md.
+Parallel runs are separate process trees; `check_all` drives them from threads (they only wait).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+JAIL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail.py")
+# time to build and tear down the namespaces, beyond the program's own limit
+_SETUP_SLACK_S = 30.0
+_warned: set[str] = set()
+
+
+class SandboxUnavailable(RuntimeError):
+  """The sandbox cannot be built on this machine; no program was run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What one program may use (per process unless said otherwise)."""
+
+  timeout: float = 3.0  # wall-clock seconds for the whole process tree
+  memory_mb: int = 1024  # address space
+  max_processes: int = 16  # at once, the program's own process included
+  file_mb: int = 16  # largest file it may write
+  tmp_mb: int = 64  # its /tmp (RAM-backed), all files together
+  open_files: int = 64
+
+  def __post_init__(self):
+    if not self.timeout > 0:
+      raise ValueError(f"sandbox timeout must be > 0 s, got {self.timeout}")
+    for f in dataclasses.fields(self)[1:]:
+      if getattr(self, f.name) < 1:
+        raise ValueError(
+            f"sandbox {f.name} must be >= 1, got {getattr(self, f.name)}"
+        )
+
+
+def _warn_once(message: str) -> None:
+  if message not in _warned:
+    _warned.add(message)
+    logging.getLogger(__name__).warning(message)
+
+
+def run(program: str, limits: Limits = Limits()) -> str:
+  """Runs `program` (Python source) contained; "passed", "timed out" or "failed: <why>".
+
+  "passed" means the program ran to its last line. Raises SandboxUnavailable if the sandbox
+  cannot be built.
+  """
+  if os.geteuid() != 0:
+    _warn_once(
+        "sandbox: not running as root, so sandboxed code keeps your uid and groups outside "
+        "its namespaces (its files are still limited to a read-only view)"
+    )
+  # the sandbox's root is mounted here in its own namespace: on the host it stays empty
+  root = tempfile.mkdtemp(prefix="loopcoder-sandbox-")
+  try:
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", JAIL],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    request = {
+        "program": program,
+        "root": root,
+        "limits": dataclasses.asdict(limits),
+    }
+    try:
+      out, err = proc.communicate(
+          json.dumps(request).encode(), timeout=limits.timeout + _SETUP_SLACK_S
+      )
+    except subprocess.TimeoutExpired:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+      raise SandboxUnavailable(
+          f"the sandbox did not finish within {limits.timeout + _SETUP_SLACK_S:.0f} s"
+      ) from None
+  finally:
+    os.rmdir(root)
+  lines = [json.loads(line) for line in out.decode().splitlines() if line]
+  errors = [m["error"] for m in lines if "error" in m]
+  if errors or not lines:
+    why = errors[0] if errors else err.decode().strip()[-500:] or "no result"
+    raise SandboxUnavailable(f"cannot build the sandbox: {why}")
+  return lines[-1]["result"]
+
+
+def program(problem: Mapping[str, str], completion: str) -> str:
+  """HumanEval's layout: prompt + completion, the tests, then the call that runs them."""
+  return (
+      f"{problem['prompt']}{completion}\n{problem['test']}\n"
+      f"check({problem['entry_point']})\n"
+  )
+
+
+def check(
+    problem: Mapping[str, str],
+    completion: str,
+    timeout: float = 3.0,
+    limits: Limits | None = None,
+) -> dict:
+  """{"passed", "result"} of one completion of a HumanEval-format problem (prompt, test,
+  entry_point); `timeout` overrides `limits.timeout`."""
+  limits = dataclasses.replace(limits or Limits(), timeout=timeout)
+  result = run(program(problem, completion), limits)
+  return {"passed": result == "passed", "result": result}
+
+
+def check_all(
+    jobs: Sequence[tuple[Mapping[str, str], str]],
+    *,
+    workers: int,
+    limits: Limits = Limits(),
+    on_done: Callable[[], None] | None = None,
+) -> list[dict]:
+  """`check` of each (problem, completion), `workers` sandboxes at a time; results in job order.
+
+  `on_done()` is called as each one finishes (a progress bar). The first SandboxUnavailable stops
+  the rest and is raised.
+  """
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
+
+  def one(job):
+    out = check(*job, timeout=limits.timeout, limits=limits)
+    if on_done is not None:
+      on_done()
+    return out
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    futures = [pool.submit(one, job) for job in jobs]
+    try:
+      return [f.result() for f in futures]
+    except SandboxUnavailable:
+      for f in futures:
+        f.cancel()
+      raise
+
+
+def probe(limits: Limits = Limits()) -> None:
+  """Raises SandboxUnavailable (one line, the cause) unless a trivial program passes."""
+  result = run("assert True\n", limits)
+  if result != "passed":
+    raise SandboxUnavailable(f"the sandbox's self-test gave {result!r}")

@@ -1,0 +1,279 @@
+"""The sandbox: correct code passes; each hostile behaviour fails, is contained and leaves no trace.
+
+"No trace" is checked from the host: no process carrying the test's marker in /proc, no file at
+the paths the code wrote to, nothing received by a localhost listener.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+
+import pytest
+
+from loopcoder_jax.eval import sandbox
+from tests.helpers import ROOT
+
+PROBLEM = {
+    "prompt": "def double(x):\n",
+    "test": "def check(candidate):\n    assert candidate(2) == 4\n",
+    "entry_point": "double",
+}
+GOOD = "    return 2 * x\n"
+# namespace setup and two interpreter starts, on a busy 2-core machine
+STARTUP_S = 5.0
+
+
+def body(code: str) -> str:
+  """A completion of `double` that runs `code` first, then returns the right answer."""
+  return textwrap.indent(textwrap.dedent(code), "    ") + GOOD
+
+
+def processes_with(marker: str) -> list[int]:
+  """Host pids whose command line holds `marker`."""
+  found = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if marker.encode() in f.read():
+          found.append(int(pid))
+    except OSError:
+      continue  # exited while we looked
+  return found
+
+
+def test_correct_code_passes_and_wrong_code_fails():
+  assert sandbox.check(PROBLEM, GOOD) == {"passed": True, "result": "passed"}
+  wrong = sandbox.check(PROBLEM, "    return x + 3\n")
+  assert not wrong["passed"]
+  assert wrong["result"].startswith("failed: AssertionError")
+  syntax = sandbox.check(PROBLEM, "    return (\n")
+  assert syntax["result"].startswith("failed: SyntaxError")
+
+
+def test_infinite_loop_ends_at_the_time_limit():
+  start = time.monotonic()
+  out = sandbox.check(PROBLEM, body("while True:\n    pass\n"), timeout=1.0)
+  elapsed = time.monotonic() - start
+  assert out == {"passed": False, "result": "timed out"}
+  assert 1.0 <= elapsed < 1.0 + STARTUP_S
+
+
+def test_huge_allocations_hit_the_memory_limit():
+  limits = sandbox.Limits(memory_mb=256)
+  one = sandbox.check(
+      PROBLEM, body("bytearray(1 << 40)\n"), timeout=10.0, limits=limits
+  )
+  assert one["result"].startswith("failed: MemoryError")
+  # Growing until refused: the refusal comes from the limit, long before the clock.
+  grow = body("""
+      blocks = []
+      try:
+        while True:
+          blocks.append(bytearray(16 << 20))
+      except MemoryError:
+        raise AssertionError(f"allocated {len(blocks)}") from None
+      """)
+  start = time.monotonic()
+  out = sandbox.check(PROBLEM, grow, timeout=30.0, limits=limits)
+  assert time.monotonic() - start < 30.0
+  assert out["result"].startswith("failed: AssertionError: allocated ")
+  assert int(out["result"].rsplit(" ", 1)[1]) * 16 <= 256
+
+
+def _spawn_daemon(marker: str, then: str) -> str:
+  """Code that forks, starts a new session, forks again and execs a sleeper carrying `marker`
+  (waiting until it runs), then does `then`."""
+  return body(f"""
+      import os, sys
+      r, w = os.pipe()
+      if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+          os.set_inheritable(w, True)
+          os.execv(sys.executable, [sys.executable, "-c",
+              "import os, time; os.write({{w}}, b'1'); time.sleep(600)".format(w=w),
+              "{marker}"])
+        os._exit(0)
+      assert os.read(r, 1) == b"1"
+      {then}
+      """)
+
+
+def test_forked_and_setsid_processes_do_not_outlive_a_passing_check():
+  marker = f"loopcoder-daemon-{uuid.uuid4().hex}"
+  out = sandbox.check(PROBLEM, _spawn_daemon(marker, "pass"))
+  assert out == {"passed": True, "result": "passed"}
+  assert processes_with(marker) == []
+
+
+def test_forked_and_setsid_processes_do_not_outlive_a_timeout():
+  marker = f"loopcoder-daemon-{uuid.uuid4().hex}"
+  code = _spawn_daemon(marker, "while True: pass")
+  result = {}
+  worker = threading.Thread(
+      target=lambda: result.update(sandbox.check(PROBLEM, code, timeout=3.0))
+  )
+  worker.start()
+  seen = []  # the daemon is visible from the host while the sandbox runs
+  while worker.is_alive() and not seen:
+    seen = processes_with(marker)
+    time.sleep(0.05)
+  worker.join()
+  assert seen, "the daemon never started"
+  assert result["result"] == "timed out"
+  assert processes_with(marker) == []
+
+
+def test_fork_bomb_hits_the_process_limit():
+  limits = sandbox.Limits(max_processes=8)
+  marker = f"loopcoder-bomb-{uuid.uuid4().hex}"
+  code = body(f"""
+      import os, sys
+      children = 0
+      try:
+        while True:
+          if os.fork() == 0:
+            os.execv(sys.executable, [sys.executable, "-c",
+                     "import time; time.sleep(600)", "{marker}"])
+          children += 1
+      except OSError:
+        raise AssertionError(f"forked {{children}}") from None
+      """)
+  out = sandbox.check(PROBLEM, code, timeout=10.0, limits=limits)
+  assert out["result"] == "failed: AssertionError: forked 7"
+  assert processes_with(marker) == []
+
+
+def test_writes_outside_its_tmp_fail_and_leave_nothing(tmp_path):
+  name = f"loopcoder-escape-{uuid.uuid4().hex}"
+  targets = [
+      str(tmp_path / name),  # the host's temp dir: not in its view at all
+      os.path.join(sys.prefix, name),  # the Python installation: read-only
+      os.path.join("/usr", name),
+      os.path.join(ROOT, name),  # this repository: not in its view
+  ]
+  # Read-only by the mount, not only by file permissions (which protect less without root).
+  code = body(f"""
+      import os, sys
+      for path in ("/", "/usr", sys.prefix):
+        assert os.statvfs(path).f_flag & os.ST_RDONLY, path
+      assert not os.statvfs("/tmp").f_flag & os.ST_RDONLY
+      written = []
+      for path in {targets!r}:
+        try:
+          with open(path, "w") as f:
+            f.write("x")
+          written.append(path)
+        except OSError:
+          pass
+      assert not written, written
+      """)
+  assert sandbox.check(PROBLEM, code)["passed"]
+  for path in targets:
+    assert not os.path.exists(path)
+
+
+def test_writes_to_its_own_tmp_work_and_vanish():
+  name = f"loopcoder-tmp-{uuid.uuid4().hex}"
+  code = body(f"""
+      import os
+      with open("/tmp/{name}", "w") as f:
+        f.write("x" * 1000)
+      with open("{name}", "w") as f:  # the working directory is /tmp
+        f.write("y")
+      assert sorted(os.listdir("/tmp")) == ["{name}"]
+      """)
+  assert sandbox.check(PROBLEM, code)["passed"]
+  for tmp in {tempfile.gettempdir(), "/tmp", os.getcwd()}:
+    assert not os.path.exists(os.path.join(tmp, name))
+
+
+def test_network_fails_and_nothing_reaches_a_localhost_listener():
+  tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+  with tcp, udp:
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    udp.bind(("127.0.0.1", 0))
+    ports = (tcp.getsockname()[1], udp.getsockname()[1])
+    code = body(f"""
+        import socket
+        reached = []
+        try:
+          with socket.create_connection(("127.0.0.1", {ports[0]}), timeout=1) as s:
+            s.sendall(b"hello")
+            reached.append("tcp")
+        except OSError:
+          pass
+        try:
+          with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"hello", ("127.0.0.1", {ports[1]}))
+            reached.append("udp")
+        except OSError:
+          pass
+        assert not reached, reached
+        """)
+    assert sandbox.check(PROBLEM, code)["passed"]
+    for sock in (tcp, udp):
+      sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+      tcp.accept()
+    with pytest.raises(BlockingIOError):
+      udp.recv(16)
+
+
+@pytest.mark.parametrize(
+    "exit_call", ["import sys; sys.exit(0)", "import os; os._exit(0)"]
+)
+def test_a_clean_exit_before_the_tests_is_not_a_pass(exit_call):
+  out = sandbox.check(PROBLEM, f"{GOOD}{exit_call}\n")
+  assert not out["passed"]
+  assert "before its tests finished" in out["result"]
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_no_namespaces_fails_closed():
+  """In a user namespace that may not create more, the sandbox refuses: nothing runs."""
+  code = (
+      "from loopcoder_jax.eval import sandbox\n"
+      "try:\n"
+      '  sandbox.run(\'open("/tmp/ran", "w")\\n\')\n'
+      "except sandbox.SandboxUnavailable as e:\n"
+      "  print('refused:', e)\n"
+  )
+  out = subprocess.run(
+      [
+          "unshare",
+          "--user",
+          "--map-root-user",
+          "sh",
+          "-c",
+          'echo 0 > /proc/sys/user/max_user_namespaces && exec "$0" -c "$1"',
+          sys.executable,
+          code,
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+  )
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith("refused: cannot build the sandbox: unshare"), (
+      out.stdout + out.stderr
+  )
+
+
+def test_bad_limits():
+  with pytest.raises(ValueError, match="timeout"):
+    sandbox.Limits(timeout=0)
+  with pytest.raises(ValueError, match="memory_mb"):
+    sandbox.Limits(memory_mb=0)
+  with pytest.raises(ValueError, match="workers"):
+    sandbox.check_all([(PROBLEM, GOOD)], workers=0)
