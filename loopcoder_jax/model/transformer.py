@@ -85,6 +85,8 @@ def rope_tables(cfg: PLTConfig, positions_BxS):
     elif kind == "llama3":
       low = float(scaling.get("low_freq_factor", 1.0))
       high = float(scaling.get("high_freq_factor", 4.0))
+      # absent key: max_position_embeddings (transformers'
+      # standardize_rope_params)
       old_ctx = float(
           scaling.get(
               "original_max_position_embeddings", cfg.max_position_embeddings
