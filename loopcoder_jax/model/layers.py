@@ -72,6 +72,7 @@ def rope_tables(cfg: PLTConfig, positions_BxS):
     elif kind == "llama3":
       low = float(scaling.get("low_freq_factor", 1.0))
       high = float(scaling.get("high_freq_factor", 4.0))
+      # Absent key: max_position_embeddings, as transformers' standardize_rope_params.
       old_ctx = float(
           scaling.get(
               "original_max_position_embeddings", cfg.max_position_embeddings

@@ -16,13 +16,19 @@ from loopcoder_jax.model.transformer import (
     init_params,
     unstack_layers,
 )
+from tests import helpers
 
 SEQ = 14  # > window (left=4, 5 ring slots): the ring wraps for every row
 PROMPT = 9  # padded prompt width; row lengths below mix short and long prompts
 LENGTHS = (6, 2, 9)
 CHUNK = 4  # chunk boundaries at 4 and 8 fall inside the prompts
 MAX_LEN = 16
-ATOL = 1e-5
+
+
+def close(got, want, loops, what=""):
+  """Decoding recomputes the forward in pieces: a forward's rounding apart."""
+  ops = helpers.forward_ops(PLTConfig.tiny(loops=loops), SEQ)
+  helpers.assert_close(got, want, ops=ops, what=what)
 
 
 def _perturbed(params, scale=0.05):
@@ -94,7 +100,7 @@ def test_prefill_and_decode_match_forward(loops, mode):
   _, _, _, full = _setup(loops)
   prompt_logits, step_logits, pos, cache = _teacher_forced(loops, mode, CHUNK)
   for b, n in enumerate(LENGTHS):
-    np.testing.assert_allclose(prompt_logits[b, :n], full[b, :n], atol=ATOL)
+    close(prompt_logits[b, :n], full[b, :n], loops, f"prompt {b}")
   # step i of row b predicts after position pos[i, b]; rows reach the end of the sequence at
   # different steps (then their extra steps are ignored)
   checked = 0
@@ -102,9 +108,7 @@ def test_prefill_and_decode_match_forward(loops, mode):
     for b in range(len(LENGTHS)):
       if LENGTHS[b] + i < SEQ:
         assert pos[i, b] == LENGTHS[b] + i
-        np.testing.assert_allclose(
-            step_logits[i, b], full[b, pos[i, b]], atol=ATOL
-        )
+        close(step_logits[i, b], full[b, pos[i, b]], loops, f"step {i}, {b}")
         checked += 1
   assert checked == sum(SEQ - n for n in LENGTHS)
   w = cache_lib.ring_slots(PLTConfig.tiny(loops=loops))
@@ -119,8 +123,8 @@ def test_prefill_and_decode_match_forward(loops, mode):
 def test_batched_equals_serial(loops):
   _, batched, _, cache_b = _teacher_forced(loops, "batched", CHUNK)
   _, serial, _, cache_s = _teacher_forced(loops, "serial", CHUNK)
-  np.testing.assert_allclose(batched, serial, atol=ATOL)
-  np.testing.assert_allclose(cache_b.carry, cache_s.carry, atol=ATOL)
+  close(batched, serial, loops, "logits")
+  close(cache_b.carry, cache_s.carry, loops, "carry")
   np.testing.assert_array_equal(cache_b.ring_pos, cache_s.ring_pos)
 
 
@@ -131,12 +135,12 @@ def test_per_layer_params_give_the_same_numbers(mode, chunk):
   """`unstack_layers` (L weight and cache buffers, a Python loop over layers) changes no number."""
   prompt, steps, pos, cache = _teacher_forced(2, mode, chunk, per_layer=True)
   prompt_w, steps_w, pos_w, cache_w = _teacher_forced(2, mode, chunk)
-  np.testing.assert_allclose(prompt, prompt_w, atol=ATOL)
+  close(prompt, prompt_w, 2, "prompt")
   np.testing.assert_array_equal(pos, pos_w)
   # steps of a row past the cache's end (ignored by the other tests too) may differ: there the
   # per-layer cache drops the new key before attending, the stacked one attends to it unstored
   valid = np.array(LENGTHS)[None, :] + np.arange(steps.shape[0])[:, None] < SEQ
-  np.testing.assert_allclose(steps[valid], steps_w[valid], atol=ATOL)
+  close(steps[valid], steps_w[valid], 2, "steps")
   assert cache.layout is inference.PER_LAYER
   assert len(cache.k1) == PLTConfig.tiny().num_hidden_layers
   # per-layer buffers are [K*B, S, D], rows k*B + b
@@ -147,8 +151,8 @@ def test_per_layer_params_give_the_same_numbers(mode, chunk):
         np.stack(layers).reshape(n_layers, k, b, s, d).transpose(0, 2, 3, 1, 4)
     )
 
-  np.testing.assert_allclose(stacked(cache.k1), cache_w.k1, atol=ATOL)
-  np.testing.assert_allclose(stacked(cache.v1), cache_w.v1, atol=ATOL)
+  close(stacked(cache.k1), cache_w.k1, 2, "k1")
+  close(stacked(cache.v1), cache_w.v1, 2, "v1")
   np.testing.assert_array_equal(cache.lengths, cache_w.lengths)
 
 
@@ -162,17 +166,13 @@ def test_whole_prompt_prefill_matches_chunked():
       lambda p, t: decode.prefill(cfg, p, t, lengths, MAX_LEN, CHUNK)
   )(params, tokens[:, :PROMPT])
   for b, n in enumerate(LENGTHS):
-    np.testing.assert_allclose(last[b], full[b, n - 1], atol=ATOL)
-    np.testing.assert_allclose(
-        cache.k1[:, b, :n], cache_c.k1[:, b, :n], atol=ATOL
-    )
-  np.testing.assert_allclose(last, last_c, atol=ATOL)
+    close(last[b], full[b, n - 1], 2, f"last {b}")
+    close(cache.k1[:, b, :n], cache_c.k1[:, b, :n], 2, f"k1 {b}")
+  close(last, last_c, 2, "last")
   np.testing.assert_array_equal(cache.ring_pos, cache_c.ring_pos)
   np.testing.assert_array_equal(cache.lengths, np.array(LENGTHS))
   for name in ("ring_k", "ring_v", "carry"):
-    np.testing.assert_allclose(
-        getattr(cache, name), getattr(cache_c, name), atol=ATOL
-    )
+    close(getattr(cache, name), getattr(cache_c, name), 2, name)
 
 
 @functools.cache

@@ -1,6 +1,8 @@
 """The exported PyTorch model (hf_modeling/, loaded through auto_map) against our JAX model."""
 
+import copy
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,12 @@ from loopcoder_jax.inference import decode
 from loopcoder_jax.inference.sampling import Greedy, StopRule
 from loopcoder_jax.interop import convert, hf_names
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.model.transformer import PLTForCausalLM, abstract_params
+from loopcoder_jax.model.transformer import (
+    PLTForCausalLM,
+    abstract_params,
+    rope_tables,
+)
+from tests import helpers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -36,6 +43,19 @@ CONFIGS = {
         plt_hidden_scale=0.3,
     ),
     "R4-hidden": dict(loops=4, plt_window_size=(2, 0)),
+    # no original_max_position_embeddings: HF's convention takes
+    # max_position_embeddings, which here puts the head's frequencies in all
+    # three llama3 bands (kept, smoothed, divided)
+    "R2-llama3": dict(
+        loops=2,
+        max_position_embeddings=1024,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        },
+    ),
 }
 
 
@@ -93,7 +113,7 @@ def test_logits_match_jax(build, name):
   with torch.no_grad():
     theirs = model(torch.tensor(tokens)).logits.numpy()
   assert theirs.shape == ours.shape == (B, S, cfg.vocab_size)
-  assert np.abs(ours - theirs).max() <= 1e-4, name
+  helpers.assert_close(theirs, ours, ops=helpers.forward_ops(cfg, S), what=name)
 
 
 def greedy_jax(forward, prompt, new_tokens, eos_ids):
@@ -175,7 +195,49 @@ def test_left_padding_is_a_segment_boundary(build):
   with torch.no_grad():
     plain = model(tokens).logits
     pad = model(padded, attention_mask=mask).logits[:, 3:]
-  torch.testing.assert_close(pad, plain, atol=1e-5, rtol=1e-5)
+  helpers.assert_close(
+      pad, plain, ops=helpers.forward_ops(cfg, padded.shape[1])
+  )
+
+
+def test_llama3_rope_follows_transformers(build):
+  """llama3 RoPE without original_max_position_embeddings: JAX and the exported
+  file take max_position_embeddings, as transformers' Llama does; inv_freq
+  equals transformers' own.
+  """
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  cfg, _, model = build("R2-llama3")
+  assert "original_max_position_embeddings" not in cfg.rope_scaling
+  llama = transformers.LlamaConfig(
+      hidden_size=cfg.hidden_size,
+      num_attention_heads=cfg.num_attention_heads,
+      head_dim=cfg.head_size,
+      max_position_embeddings=cfg.max_position_embeddings,
+      rope_theta=cfg.rope_theta,
+      rope_scaling=dict(cfg.rope_scaling),
+  )
+  want = ROPE_INIT_FUNCTIONS["llama3"](llama, "cpu")[0].double().numpy()
+  # the three bands (wavelengths 2 pi 10^(2i/D) against 1024/4 and 1024): kept,
+  # kept, smoothed, divided by the factor
+  d = cfg.head_size
+  ratio = np.round(want * cfg.rope_theta ** (np.arange(0, d, 2) / d), 6)
+  assert ratio[[0, 1, 3]].tolist() == [1, 1, 1 / 8] and 1 / 8 < ratio[2] < 1
+  # the exported file, on a config whose rope_parameters lack the key
+  # (transformers fills it in on load, so the fallback shows only without it)
+  bare = copy.deepcopy(model.config)
+  del bare.rope_parameters["original_max_position_embeddings"]
+  modeling = sys.modules[type(model).__module__]
+  ops = 8  # theta ** x, 1 / ., the band scaling; position 1 and atan2 below
+  helpers.assert_close(
+      modeling._inv_freq(bare, "cpu"), want, ops=ops, what="torch"
+  )
+  # JAX: at position 1 the angle is inv_freq
+  cos, sin = rope_tables(cfg, jnp.ones((1, 1), jnp.int32))
+  angle = np.arctan2(np.asarray(sin, np.float64), np.asarray(cos, np.float64))
+  helpers.assert_close(
+      angle[0, 0, : cfg.head_size // 2], want, ops=ops, what="jax"
+  )
 
 
 def test_exported_directory_is_self_contained(build):
@@ -201,7 +263,8 @@ def test_bf16_export_loads_in_bf16(tmp_path):
     out = model.generate(
         torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False
     )
-  assert out.shape[1] > 3
+  # three new tokens (none of them EOS for these weights) after the prompt
+  assert out.shape == (1, 6) and out[0, :3].tolist() == [5, 6, 7]
 
 
 def test_torch_save_pretrained_converts_back(build, tmp_path):

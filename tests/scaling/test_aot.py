@@ -85,8 +85,9 @@ def test_tiny_train_step_v5e_2x2():
   assert r["argument_bytes"] >= 3 * 4 * cfg.num_params()
   assert r["alias_bytes"] > 0.9 * r["argument_bytes"]
   assert 0 < r["peak_bytes"] < r["hbm_bytes"]
-  assert r["flops_per_device"] == pytest.approx(
-      flops.train_flops_per_token(cfg, 64) * 8 * 64 / 4
+  # the same float64 products in the same order
+  assert (
+      r["flops_per_device"] == flops.train_flops_per_token(cfg, 64) * 8 * 64 / 4
   )
   assert r["compile_s"] > 0
 

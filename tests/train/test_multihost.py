@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests.helpers import (
     ROOT,
     TRAIN_SCRIPT,
@@ -101,13 +102,19 @@ def test_two_processes_match_one_process_with_8_devices(assets, tmp_path):  # no
   assert (
       [m["step"] for m in got] == [m["step"] for m in ref] == list(range(1, 7))
   )
-  np.testing.assert_allclose(
-      [m["loss"] for m in got], [m["loss"] for m in ref], rtol=1e-5
-  )
-  np.testing.assert_allclose(
-      [m["grad_norm"] for m in got], [m["grad_norm"] for m in ref], rtol=1e-4
-  )
-  np.testing.assert_allclose(_bpb(outs[0][0]), _bpb(single.stdout), rtol=1e-5)
+  # Both run the same per-device programs; only the reductions across the 8
+  # devices (gradients, loss) may add in another order: 8 ops a step, carried
+  # through the 6 steps and the evaluation.
+  ops = 8 * 7
+  for key in ("loss", "grad_norm"):
+    helpers.assert_close(
+        [m[key] for m in got], [m[key] for m in ref], ops=ops, what=key
+    )
+  # bits per byte are printed with 4 decimals: each print rounds by up to 0.5e-4
+  got_bpb, want_bpb = np.array(_bpb(outs[0][0])), np.array(_bpb(single.stdout))
+  assert np.abs(got_bpb - want_bpb).max() <= (
+      helpers.tolerance(want_bpb, ops=ops) + 1e-4
+  ), (got_bpb, want_bpb)
   # both processes wrote their own data-iterator state into the shared checkpoint
   data_dir = tmp_path / "multi" / "checkpoints" / "6" / "data"
   assert sorted(

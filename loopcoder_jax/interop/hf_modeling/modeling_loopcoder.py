@@ -68,7 +68,13 @@ def _inv_freq(config, device):
     low, high = float(rp.get("low_freq_factor", 1.0)), float(
         rp.get("high_freq_factor", 4.0)
     )
-    old_ctx = float(rp.get("original_max_position_embeddings", 8192))
+    # absent key: max_position_embeddings, as transformers'
+    # standardize_rope_params fills it in
+    old_ctx = float(
+        rp.get(
+            "original_max_position_embeddings", config.max_position_embeddings
+        )
+    )
     wavelen = 2 * math.pi / inv
     smooth = (old_ctx / wavelen - low) / (high - low)
     scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
