@@ -9,6 +9,8 @@ document boundary (`segment_ids`). Per loop r = 1..R, h(0) = E (loop 1's input):
   fixed_point_gap[r] mean_t ||h(r)_t - f(h(r))_t||, f = one more loop (needs gate params: R >= 2)
   clp_mismatch[r]   Omega(r) = mean ||h(r-1)_t - h(r-1)_{t-1}|| over adjacent real pairs of one
                     document, r >= 2 (the CLP offset cost)
+  clp_state_ratio[r] mean ||b P(r-1)_{t-1}|| / ||a E_t|| over the same pairs, r >= 2 (how much the
+                    carried state outweighs the token's own embedding in loop r's input)
   mean_gate[r], gate_std[r]  per head: mean and standard deviation over tokens of the weight on the
                     global branch; per loop: their mean over layers and heads (r >= 2)
   logit lens (p(r) = softmax(head(N(h(r))))): median_rank[r] of the true next token,
@@ -174,6 +176,19 @@ def _loop_stats(
       _masked_mean(norm(h[:, 1:] - h[:, :-1]), pair_mask) for h in hs[: r - 1]
   ]
   out["clp_mismatch"] = jnp.stack([jnp.float32(jnp.nan)] + omega)
+  if r > 1:
+    # loop r's input a * E_t + b * P(r-1)_{t-1}: the weight of the carried state in it
+    p = jax.vmap(
+        lambda h: jnp.asarray(
+            model.apply(v, h, method=PLTForCausalLM.clp_state)
+        ).astype(jnp.float32)
+    )(hs[: r - 1])
+    ratio = norm(cfg.hidden_scale * p[:, :, :-1]) / jnp.maximum(
+        norm(cfg.emb_scale * e[:, 1:]), 1e-12
+    )
+    out["clp_state_ratio"] = jnp.concatenate(
+        [nan, jax.vmap(lambda x: _masked_mean(x, pair_mask))(ratio)]
+    )
 
   logp = jax.vmap(
       lambda h: jax.nn.log_softmax(

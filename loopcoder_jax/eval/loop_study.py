@@ -327,6 +327,7 @@ _DIAG_ROWS = (
     "update_cos",
     "effective_rank",
     "clp_mismatch",
+    "clp_state_ratio",
     "kl_prev",
     "attn_kl_global",
     "mean_gate",
@@ -382,71 +383,97 @@ def _mean_sd(xs) -> tuple[float, float]:
   return float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else math.nan
 
 
+def _paired(a, b) -> list[float]:
+  """b's bpb minus a's, seed by seed (positive: a is better), over the seeds both ran."""
+  bpb_a, bpb_b = dict(zip(a["seeds"], a["bpb"])), dict(
+      zip(b["seeds"], b["bpb"])
+  )
+  return [bpb_b[s] - bpb_a[s] for s in sorted(set(bpb_a) & set(bpb_b))]
+
+
 def _compare(a, b) -> str:
-  """How row a's bpb compares with row b's: better or worse when every seed of one beats every
-  seed of the other, else within the seed spread."""
-  if max(a["bpb"]) < min(b["bpb"]):
+  """How row a compares with row b, seed by seed: better or worse when it is so in every seed
+  (a seed gives both the same initial weights and batches), else mixed."""
+  gains = _paired(a, b)
+  if gains and all(g > 0 for g in gains):
     return "better than"
-  if min(a["bpb"]) > max(b["bpb"]):
+  if gains and all(g < 0 for g in gains):
     return "worse than"
-  return "within the seed spread of"
+  return "mixed against"
+
+
+def _gains(a, b) -> str:
+  return ", ".join(f"{g:+.4f}" for g in _paired(a, b))
 
 
 def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
-  """Statements read off the results by fixed rules (no judgement added)."""
+  """Statements read off the results by fixed rules (no judgement added). Comparisons are paired:
+  two variants of one seed start from the same weights and see the same batches.
+  """
   main = sorted((r for r in rows if not r["control"]), key=lambda r: r["loops"])
   by_r = {r["loops"]: r for r in main}
   means = {r["loops"]: _mean_sd(r["bpb"])[0] for r in main}
-  out = []
-  best = min(means, key=lambda k: means[k])
-  out.append(
-      f"Lowest mean held-out bits per byte: R = {best} ({means[best]:.4f})."
-  )
+  n_seeds = len(main[0]["seeds"])
+  out = [
+      f"Lowest mean held-out bits per byte: R = {min(means, key=means.get)} "
+      f"({min(means.values()):.4f}). Comparisons below are seed by seed ({n_seeds} "
+      "seed(s)); 'better' or 'worse' means in every seed, which two seeds show only weakly."
+  ]
   if 1 in by_r:
     for r in sorted(by_r):
       if r > 1:
         out.append(
-            f"R = {r} is {_compare(by_r[r], by_r[1])} R = 1 "
-            f"(mean difference {means[1] - means[r]:+.4f} bpb in favour of R = {r})."
+            f"R = {r} is {_compare(by_r[r], by_r[1])} R = 1 (bits per byte saved per seed: "
+            f"{_gains(by_r[r], by_r[1])})."
         )
-  loop_counts = sorted(means)
+  loop_counts = sorted(by_r)
   if len(loop_counts) >= 3:
     steps = [
         _compare(by_r[b], by_r[a]) for a, b in zip(loop_counts, loop_counts[1:])
     ]
+    best = min(means, key=means.get)
     if all(s == "better than" for s in steps):
       out.append(
-          "Every extra loop lowered the bits per byte beyond the seed spread: the gain grows "
+          "Every extra loop lowered the bits per byte in every seed: the gain grows "
           "monotonically with the loop count, so the paper's non-monotonic finding does not "
           "appear at this scale."
       )
-    elif best not in (loop_counts[0], loop_counts[-1]) and any(
-        _compare(by_r[r], by_r[best]) == "worse than"
-        for r in loop_counts
-        if r > best
+    elif all(s == "worse than" for s in steps):
+      out.append(
+          "Every extra loop raised the bits per byte in every seed: at this scale looping "
+          "does not pay at any loop count, so neither the paper's gain at R = 2 nor its "
+          "non-monotonic shape appears."
+      )
+    elif (
+        best not in (loop_counts[0], loop_counts[-1])
+        and _compare(by_r[best], by_r[loop_counts[0]]) == "better than"
+        and any(
+            _compare(by_r[r], by_r[best]) == "worse than"
+            for r in loop_counts
+            if r > best
+        )
     ):
       out.append(
-          f"The gain is non-monotonic: R = {best} is best and a larger loop count is worse "
-          "beyond the seed spread, the shape of the paper's finding."
+          f"The gain is non-monotonic: R = {best} beats both R = {loop_counts[0]} and a "
+          "larger loop count in every seed, the shape of the paper's finding."
       )
     else:
       out.append(
-          "Neither a monotonic gain nor the paper's peak at an intermediate loop count is "
-          "resolved: consecutive loop counts differ by "
-          + ", ".join(
-              f"R {a}->{b}: {means[a] - means[b]:+.4f}"
+          "Neither a monotonic trend nor the paper's peak at an intermediate loop count "
+          "holds in every seed; consecutive loop counts save "
+          + "; ".join(
+              f"R {a}->{b}: {_gains(by_r[b], by_r[a])}"
               for a, b in zip(loop_counts, loop_counts[1:])
           )
-          + " bpb (positive: the larger R is better), and some of these lie within the "
-          "seed spread."
+          + " bits per byte per seed (positive: the larger R is better)."
       )
   for c in (r for r in rows if r["control"]):
     ref = by_r.get(c["control"])
     if ref is not None:
       out.append(
           f"At matched training FLOPs, R = {ref['loops']} with {ref['layers']} layers is "
-          f"{_compare(ref, c)} the unlooped {c['layers']}-layer control "
-          f"({_mean_sd(ref['bpb'])[0]:.4f} vs {_mean_sd(c['bpb'])[0]:.4f}); it decodes at "
+          f"{_compare(ref, c)} the unlooped {c['layers']}-layer control (bits per byte "
+          f"saved per seed: {_gains(ref, c)}); it decodes at "
           f"{ref['decode_flops'] / c['decode_flops']:.2f}x the control's FLOPs per token and "
           f"{ref['kv_bytes'] / c['kv_bytes']:.2f}x its KV-cache bytes."
       )
@@ -455,7 +482,7 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
   if deepest["loops"] >= 3:
     er = d["effective_rank"]
     cos = d["update_cos"][2:]
-    out.append(
+    line = (
         f"Mechanism (R = {deepest['loops']}, means over seeds): the effective rank peaks "
         f"after loop {int(np.argmax(er)) + 1} ({', '.join(f'{x:.1f}' for x in er)} by loop); "
         "the update cosine of loops 3 and on is "
@@ -465,8 +492,15 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
             if all(x < 0 for x in cos)
             else ""
         )
-        + f"; step sizes {', '.join(f'{x:.2f}' for x in d['step_size'])}."
+        + f"; step sizes {', '.join(f'{x:.2f}' for x in d['step_size'])}"
     )
+    ratio = d.get("clp_state_ratio")
+    if ratio is not None:
+      line += (
+          "; the previous loop's state outweighs the token's own embedding in the input of "
+          "loops 2 and on by " + ", ".join(f"{x:.1f}x" for x in ratio[1:])
+      )
+    out.append(line + ".")
   return out
 
 
@@ -518,21 +552,24 @@ def report_markdown(
       "",
       "Quality is held-out bits per byte on the corpus' held-out split "
       f"({base.eval.max_tokens:,} tokens; lower is better): mean ± standard deviation over "
-      "seeds, then each seed's value. Training FLOPs count the whole run "
+      "seeds, each seed's value, and the bits per byte it saves against R = 1 of the same "
+      "seed (same initial weights, same batches). Training FLOPs count the whole run "
       "(`scaling.flops.train_flops_per_token` x tokens); decode cost is "
       f"`flops.decode_flops_per_token` at context {d.seq_len} and the KV cache of one "
       f"{d.seq_len}-token sequence (float32). Wall time is summed over the variant's runs.",
       "",
       "| variant | R | layers | params | train TFLOPs | decode MFLOP/token | KV cache KiB "
-      "| bpb mean ± sd | bpb per seed | "
+      "| bpb mean ± sd | bpb per seed | saved vs R1 per seed | "
       + ("pass@1 | " if has_code else "")
       + "wall min |",
-      "|---|---|---|---|---|---|---|---|---|"
+      "|---|---|---|---|---|---|---|---|---|---|"
       + ("---|" if has_code else "")
       + "---|",
   ]
+  r1 = next((r for r in rows if r["loops"] == 1 and not r["control"]), None)
   for r in rows:
     mean, sd = _mean_sd(r["bpb"])
+    saved = "-" if r1 is None or r is r1 else _gains(r, r1)
     code = (
         f" {r['code_eval'].get('pass@1', math.nan):.3f} |" if has_code else ""
     )
@@ -541,7 +578,7 @@ def report_markdown(
         f"{_fmt_flops(r['train_flops'])} | {r['decode_flops'] / 1e6:.2f} | "
         f"{r['kv_bytes'] / 1024:.0f} | {mean:.4f} ± "
         f"{'-' if math.isnan(sd) else f'{sd:.4f}'} | "
-        f"{', '.join(f'{x:.4f}' for x in r['bpb'])} |{code} "
+        f"{', '.join(f'{x:.4f}' for x in r['bpb'])} | {saved} |{code} "
         f"{r['wall_s'] / 60:.1f} |"
     )
   lines += [

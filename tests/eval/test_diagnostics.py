@@ -94,6 +94,7 @@ def test_loop_statistics_match_their_definitions():
       "effective_rank",
       "fixed_point_gap",
       "clp_mismatch",
+      "clp_state_ratio",
       "mean_gate",
       "gate_std",
       "median_rank",
@@ -136,6 +137,17 @@ def test_loop_statistics_match_their_definitions():
   pair = m[:, 1:] * m[:, :-1]
   omega = masked_mean(np.linalg.norm(h1[:, 1:] - h1[:, :-1], axis=-1), pair)
   np.testing.assert_allclose(res["clp_mismatch"][1], omega, rtol=1e-5)
+  # P(1) = N(h(1)) (plt_normalize_per_loop), a = b = 1
+  scale = np.asarray(params["norm"]["scale"])
+  p1 = (
+      h1 / np.sqrt((h1 * h1).mean(-1, keepdims=True) + cfg.rms_norm_eps) * scale
+  )
+  ratio = np.linalg.norm(p1[:, :-1], axis=-1) / np.linalg.norm(
+      e[:, 1:], axis=-1
+  )
+  np.testing.assert_allclose(
+      res["clp_state_ratio"][1], masked_mean(ratio, pair), rtol=1e-5
+  )
   # the gate is zero-initialised: 0.5 everywhere, no spread
   np.testing.assert_allclose(res["mean_gate"][1], 0.5, atol=1e-7)
   np.testing.assert_allclose(res["gate_std"][1], 0.0, atol=1e-7)
