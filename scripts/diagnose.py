@@ -15,7 +15,7 @@ Exit codes: 0 done; 2 bad input (flags, checkpoint, data: one `error:` line on s
 import json
 import os
 
-from absl import flags
+from absl import flags, logging
 
 from loopcoder_jax import cli
 
@@ -55,6 +55,8 @@ _PLOTS = flags.DEFINE_string(
 
 
 def main():
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
   from loopcoder_jax import interop
   from loopcoder_jax.data import pipeline as data
   from loopcoder_jax.eval import diagnostics

@@ -19,9 +19,11 @@ training run resumes from its last checkpoint):
   study.json                 the plan (variants, seeds, the control's FLOP match)
   sessions.jsonl             wall and CPU seconds of every invocation
   tokenizer/                 trained once on the training source, shared by every run
-  <variant>-s<seed>/         the run's training workdir, plus run_config.json (a rerun with another
-                             config is refused), train.json (the trainer's summary), eval.json and
-                             timing.jsonl (wall and CPU seconds per stage)
+  <variant>-s<seed>/         the run's training workdir (a checkpoint for scripts/diagnose.py and
+                             generate.py once trained, with a copy of the tokenizer), plus
+                             run_config.json (a rerun with another config is refused), train.json
+                             (the trainer's summary), eval.json and timing.jsonl (wall and CPU
+                             seconds per stage)
 `write_report` turns the results into docs/loop_study.md with its plots.
 """
 
@@ -240,6 +242,7 @@ def run_study(
               s,
               c,
               os.path.join(study_dir, f"{v.name}-s{s}"),
+              tok,
               diag_batches,
               code_eval,
               log,
@@ -257,7 +260,7 @@ def _check_run_dir(workdir: str, config) -> None:
     )
 
 
-def _run(v, seed, config, workdir, diag_batches, code_eval, log):
+def _run(v, seed, config, workdir, tok, diag_batches, code_eval, log):
   from loopcoder_jax import interop
   from loopcoder_jax.eval import diagnostics
   from loopcoder_jax.inference import cache
@@ -265,6 +268,9 @@ def _run(v, seed, config, workdir, diag_batches, code_eval, log):
   from loopcoder_jax.train import trainer
 
   os.makedirs(workdir, exist_ok=True)
+  if not os.path.isdir(os.path.join(workdir, "tokenizer")):
+    # beside the weights, where diagnose.py and generate.py look for it
+    tok.save(os.path.join(workdir, "tokenizer"))
   _write_json(
       os.path.join(workdir, "run_config.json"), json.loads(config.to_json())
   )
@@ -286,7 +292,7 @@ def _run(v, seed, config, workdir, diag_batches, code_eval, log):
       code_eval is not None and "code_eval" not in evaluated
   ):
     with _Timer(timing, stage="eval"):
-      cfg, params, tok = interop.load(workdir, tokenizer=config.tokenizer.path)
+      cfg, params, _ = interop.load(workdir)
       if "diagnostics" not in evaluated:
         evaluated["diagnostics"] = diagnostics.loop_diagnostics(
             cfg, params, diag_batches

@@ -108,6 +108,7 @@ def diagnostics_plots(result: Mapping[str, Any], directory: str) -> list[str]:
         [f"r{r + 2} L{i}" for r in range(r_loops - 1) for i in range(n_layers)],
         fontsize=7,
     )
+    b.set_xticks(range(n_heads))
     b.set_xlabel("head")
     b.set_title("mean gate per loop, layer and head", fontsize=9)
     fig.colorbar(im, ax=b)
