@@ -251,9 +251,8 @@ def _map_stats(maps, gates, mask):
       [jnp.full((n_layers, n_heads, n_heads), jnp.nan)]
       + [_head_similarity(glob[i], glob[i - 1], mask) for i in range(1, r)]
   )
-  g = jnp.moveaxis(
-      gates[: r - 1], -1, 3
-  )  # [R-1, L, B, S, H] -> [R-1, L, B, H, S]
+  # [R-1, L, B, S, H] -> [R-1, L, B, H, S]
+  g = jnp.moveaxis(gates[: r - 1], -1, 3)
   mean = jax.vmap(lambda x: _head_mean(x, mask))(g)  # [R-1, L, H]
   var = jax.vmap(_head_mean, (0, None))(
       (g - mean[:, :, None, :, None]) ** 2, mask
