@@ -507,6 +507,13 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
           "loops 2 and on by " + ", ".join(f"{x:.1f}x" for x in ratio[1:])
       )
     out.append(line + ".")
+  out.append(
+      f"Scale: {main[0]['params'] / 1e6:.2f}M parameters trained on "
+      f"{main[0]['tokens'] / 1e6:.2f}M tokens, judged by held-out bits per byte, against the "
+      "paper's 7B parameters, 18T tokens and code benchmarks after instruction tuning. "
+      "What shows here (or does not) is how loops behave early in the training of a tiny "
+      "model, not a test of the paper's result at its scale."
+  )
   return out
 
 
