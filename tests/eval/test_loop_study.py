@@ -101,6 +101,16 @@ def test_bad_plans_are_refused(loops, control, override, match):
     loop_study.plan(b, loops, control)
 
 
+def test_a_run_dir_of_another_config_is_refused_before_training(tmp_path):
+  (tmp_path / "R1-s0").mkdir()
+  (tmp_path / "R1-s0" / "run_config.json").write_text('{"seed": 0}')
+  with pytest.raises(ValueError, match="R1-s0 holds a run with another config"):
+    loop_study.run_study(
+        base(), str(tmp_path), loops=(1,), seeds=(0,), control_matches=0
+    )
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["R1-s0"]
+
+
 def row(name, loops, bpb, control=0, layers=2, flops_=1.0):
   return dict(
       name=name,
