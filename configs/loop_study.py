@@ -1,8 +1,9 @@
 """The loop study's training run (scripts/loop_study.py): tiny_cpu with 2 layers, short.
 
 The study sets the loop count, the layer count (its R = 1 control) and the seed per run. Sized so
-that the default study (R = 1..4 and the control, 2 seeds: 10 runs) needs about 75 minutes of a
-2-core CPU (docs/loop_study.md).
+that the default study (R = 1..4 and the control, 2 seeds: 10 runs) finishes well within two hours
+on a 2-core CPU: measured, an hour of wall time on a 2-core machine shared with other jobs, 24
+minutes of process CPU time (docs/loop_study.md).
 """
 
 import os

@@ -21,7 +21,7 @@ from absl import flags, logging
 
 from loopcoder_jax import cli
 
-_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cli.define_config_flag(os.path.join(_ROOT, "configs", "loop_study.py"))
 _STUDY_DIR = flags.DEFINE_string(
     "study_dir",

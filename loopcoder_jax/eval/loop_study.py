@@ -421,7 +421,7 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
   means = {r["loops"]: _mean_sd(r["bpb"])[0] for r in main}
   n_seeds = len(main[0]["seeds"])
   out = [
-      f"Lowest mean held-out bits per byte: R = {min(means, key=means.get)} "
+      f"Lowest mean held-out bits per byte: R = {min(means, key=lambda r: means[r])} "
       f"({min(means.values()):.4f}). Comparisons below are seed by seed ({n_seeds} "
       "seed(s)); 'better' or 'worse' means in every seed, which two seeds show only weakly."
   ]
@@ -437,7 +437,7 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
     steps = [
         _compare(by_r[b], by_r[a]) for a, b in zip(loop_counts, loop_counts[1:])
     ]
-    best = min(means, key=means.get)
+    best = min(means, key=lambda r: means[r])
     if all(s == "better than" for s in steps):
       out.append(
           "Every extra loop lowered the bits per byte in every seed: the gain grows "
@@ -483,6 +483,13 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
           f"{ref['decode_flops'] / c['decode_flops']:.2f}x the control's FLOPs per token and "
           f"{ref['kv_bytes'] / c['kv_bytes']:.2f}x its KV-cache bytes."
       )
+    if 1 in by_r and _compare(c, by_r[1]) == "worse than":
+      out.append(
+          f"The {c['layers']}-layer control is itself worse than R = 1 with "
+          f"{by_r[1]['layers']} layers in every seed (bits per byte saved per seed: "
+          f"{_gains(c, by_r[1])}): at this training length, more compute per token does "
+          "not pay, whether spent on loops or on layers."
+      )
   deepest = main[-1]
   d = deepest["diagnostics"]
   if deepest["loops"] >= 3:
@@ -527,7 +534,7 @@ def report_markdown(
     base: ml_collections.ConfigDict,
     study: dict[str, Any],
     command: str,
-    sessions: dict[str, float],
+    sessions: dict[str, Any],
     plots: dict[str, str],
     conclusion: Sequence[str],
 ) -> str:
@@ -637,7 +644,9 @@ def report_markdown(
       "",
       f"The whole study took {sessions['wall_s'] / 60:.1f} minutes of wall time and "
       f"{sessions['cpu_s'] / 60:.1f} minutes of process CPU time over "
-      f"{sessions['sessions']} invocation(s) (`sessions.jsonl` in the study directory; the "
+      f"{sessions['sessions']} invocation(s) of "
+      + ", ".join(f"{w / 60:.1f}" for w in sessions["each"])
+      + " minutes (`sessions.jsonl` in the study directory; the "
       "machine is a 2-core CPU shared with other jobs, so wall time runs above the compute "
       "it needed). Rerunning the command skips finished runs and resumes an interrupted one "
       "from its last checkpoint.",
@@ -662,7 +671,8 @@ def write_report(
   with open(os.path.join(study_dir, "sessions.jsonl")) as f:
     entries = [json.loads(line) for line in f if line.strip()]
   sessions = {k: sum(e[k] for e in entries) for k in ("wall_s", "cpu_s")} | {
-      "sessions": len(entries)
+      "sessions": len(entries),
+      "each": [e["wall_s"] for e in entries],
   }
   prefix = os.path.splitext(os.path.abspath(doc_path))[0]
   plots = plots_lib.study_plots(rows, prefix)

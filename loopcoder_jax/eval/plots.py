@@ -9,6 +9,7 @@ against decode cost, and per-loop diagnostics by variant. Each returns the paths
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence, Sized
+import itertools
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 _DPI = 110
@@ -26,6 +28,11 @@ def _save(fig, path: str) -> str:
   fig.savefig(path, dpi=_DPI)
   plt.close(fig)
   return path
+
+
+def _colors():
+  """The default colour cycle, endlessly: one colour per variant in every panel."""
+  return itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
 
 
 def _loops(values: Sized) -> np.ndarray:
@@ -131,7 +138,7 @@ def study_plots(
       ("train_flops", axes[0], "training FLOPs (whole run)"),
       ("decode_flops", axes[1], "decode FLOPs per token (at full context)"),
   ):
-    for row in rows:
+    for row, color in zip(rows, _colors()):
       bpb = np.asarray(row["bpb"], float)
       x = row[x_key]
       ax.scatter(np.full(bpb.shape, x), bpb, s=12, alpha=0.5, color="gray")
@@ -140,6 +147,7 @@ def study_plots(
           bpb.mean(),
           yerr=bpb.std(ddof=1) if bpb.size > 1 else None,
           fmt="o",
+          color=color,
           capsize=4,
           label=row["name"],
       )
@@ -158,15 +166,24 @@ def study_plots(
   axes[1].set_title("quality vs decode cost", fontsize=9)
   paths["quality"] = _save(fig, f"{prefix}_quality.png")
 
-  looped = [row for row in rows if row["diagnostics"]]
   names = ("step_size", "effective_rank", "kl_prev")
   fig, axes = plt.subplots(1, len(names), figsize=(12, 3.5))
   for ax, name in zip(axes, names):
-    for row in looped:
+    # markers too: two variants' means can coincide
+    for row, color, marker in zip(rows, _colors(), itertools.cycle("osD^v")):
       ys = np.asarray(row["diagnostics"].get(name, []), float)
       if ys.size and not np.all(np.isnan(ys)):
-        ax.plot(_loops(ys), ys, "o-", label=row["name"])
+        ax.plot(
+            _loops(ys),
+            ys,
+            f"{marker}-",
+            color=color,
+            alpha=0.8,
+            mfc="none",
+            label=row["name"],
+        )
     ax.set_xlabel("loop r")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(name, fontsize=9)
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)

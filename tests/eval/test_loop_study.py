@@ -158,6 +158,16 @@ def test_the_verdict_compares_seed_by_seed(bpbs, expected):
       "Scale: 0.00M parameters",
   ):
     assert any(text in line for line in lines), (text, lines)
+  # the control's [2.5, 2.6] is worse than R = 1 in every seed of every case here
+  assert any("control is itself worse" in line for line in lines), lines
+
+
+def test_a_control_mixed_against_r1_gets_no_such_note():
+  rows = [row("R1", 1, [2.0, 2.1]), row("R2", 2, [2.3, 2.4])]
+  rows.append(row("R1-L4", 1, [2.2, 2.05], control=2, layers=4))
+  lines = loop_study.verdict(rows)
+  assert not any("control is itself worse" in line for line in lines), lines
+  assert any("worse than the unlooped 4-layer control" in x for x in lines)
 
 
 def _committed(workdir, step):
