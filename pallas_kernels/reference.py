@@ -30,22 +30,34 @@ def window_visible(q_idx, k_idx, left: int | None):
   return ok
 
 
-def masked_attention(q, k, v, mask):
-  """Softmax attention `[B, S, H, D]` with an explicit boolean mask `[B, S, T]` (f32 softmax)."""
+def attention_probs(q, k, mask):
+  """Softmax probabilities `[B, Hkv, G, S, T]` (f32) of q `[B, S, H, D]` over k `[B, T, Hkv, D]`
+  under a boolean mask `[B, S, T]`; query head h is (h // G, h % G) for G = H // Hkv.
+  """
   b, s, h, d = q.shape
   qg = q.reshape(b, s, k.shape[2], h // k.shape[2], d)
   scores = jnp.einsum(
       "bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32
   )
   scores = jnp.where(mask[:, None, None], scores / math.sqrt(d), MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+def attention_output(probs, v):
+  """`[B, S, H, D]` from probabilities `[B, Hkv, G, S, T]` and v `[B, T, Hkv, D]` (f32 sums)."""
+  b, kv_heads, g, s = probs.shape[:4]
   out = jnp.einsum(
       "bkgst,btkd->bskgd",
       probs.astype(v.dtype),
       v,
       preferred_element_type=jnp.float32,
   )
-  return out.reshape(b, s, h, d).astype(q.dtype)
+  return out.reshape(b, s, kv_heads * g, v.shape[-1])
+
+
+def masked_attention(q, k, v, mask):
+  """Softmax attention `[B, S, H, D]` with an explicit boolean mask `[B, S, T]` (f32 softmax)."""
+  return attention_output(attention_probs(q, k, mask), v).astype(q.dtype)
 
 
 def dense_mask(segment_ids, length: int, left: int | None):

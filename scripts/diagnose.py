@@ -1,18 +1,21 @@
 """Loop-count diagnostics of a PLT checkpoint on held-out text (spec section 6).
 
     python scripts/diagnose.py --checkpoint=DIR [--data=stdlib:heldout] [--loops=R]
-        [--seq_len=256 --batch_size=4 --max_tokens=8192]
+        [--seq_len=256 --batch_size=4 --max_tokens=8192] [--plots=DIR]
 
 Prints a per-loop table (step size, update alignment, effective rank, fixed-point gap, CLP
-mismatch, mean gate, logit-lens rank/KL/entropy; see loopcoder_jax/eval/diagnostics.py) and, as the
-last line, the same figures as one JSON object. --loops evaluates the shared weights with a
+mismatch, gate, logit-lens rank/KL/entropy, attention entropy and inter-loop KL; see
+loopcoder_jax/eval/diagnostics.py) and, as the last line, the same figures (with the per-layer,
+per-head ones) as one JSON object. --plots=DIR also writes them as DIR/diagnostics.json and PNG
+plots beside it (loopcoder_jax/eval/plots.py). --loops evaluates the shared weights with a
 different loop count than they were trained with (R >= 2 checkpoints only).
 Exit codes: 0 done; 2 bad input (flags, checkpoint, data: one `error:` line on stderr).
 """
 
 import json
+import os
 
-from absl import flags
+from absl import flags, logging
 
 from loopcoder_jax import cli
 
@@ -43,13 +46,24 @@ _BATCH = flags.DEFINE_integer("batch_size", 4, "Rows per batch.", lower_bound=1)
 _MAX_TOKENS = flags.DEFINE_integer(
     "max_tokens", 8192, "Held-out tokens to evaluate at most.", lower_bound=1
 )
+_PLOTS = flags.DEFINE_string(
+    "plots",
+    None,
+    "Directory for PNG plots and diagnostics.json (created; files of those names "
+    "are replaced).",
+)
 
 
 def main():
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
   from loopcoder_jax import interop
   from loopcoder_jax.data import pipeline as data
   from loopcoder_jax.eval import diagnostics
 
+  if _PLOTS.value and os.path.exists(_PLOTS.value):
+    if not os.path.isdir(_PLOTS.value):
+      raise ValueError(f"--plots={_PLOTS.value} is a file, not a directory")
   cfg, params, tok = interop.load(_CHECKPOINT.value, loops=_LOOPS.value or None)
   if _SEQ_LEN.value > cfg.max_position_embeddings:
     raise ValueError(
@@ -70,7 +84,15 @@ def main():
   )
   result = diagnostics.loop_diagnostics(cfg, params, batches)
   print(diagnostics.format_table(result))
-  print(json.dumps({"loops": cfg.plt_num_loops, **result}))
+  line = json.dumps({"loops": cfg.plt_num_loops, **result})
+  if _PLOTS.value:
+    from loopcoder_jax.eval import plots
+
+    os.makedirs(_PLOTS.value, exist_ok=True)
+    with open(os.path.join(_PLOTS.value, "diagnostics.json"), "w") as f:
+      f.write(line + "\n")
+    plots.diagnostics_plots(result, _PLOTS.value)
+  print(line)
 
 
 if __name__ == "__main__":

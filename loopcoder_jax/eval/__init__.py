@@ -1,6 +1,11 @@
-"""Evaluating checkpoints: loop-count diagnostics, HumanEval pass@k in a sandbox, perplexity."""
+"""Evaluating checkpoints: loop-count diagnostics (plots in `eval.plots`, the R = 1..4 study in
+`eval.loop_study`), HumanEval pass@k in a sandbox, held-out perplexity."""
 
-from loopcoder_jax.eval.diagnostics import format_table, loop_diagnostics
+from loopcoder_jax.eval.diagnostics import (
+    MapsKV,
+    format_table,
+    loop_diagnostics,
+)
 from loopcoder_jax.eval.humaneval import (
     STOP_SEQUENCES,
     canonical_samples,
@@ -23,6 +28,7 @@ from loopcoder_jax.eval.sandbox import (
 __all__ = [
     "STOP_SEQUENCES",
     "Limits",
+    "MapsKV",
     "SandboxUnavailable",
     "canonical_samples",
     "check",

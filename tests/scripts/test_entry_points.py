@@ -22,6 +22,7 @@ HEAVY = (
     "bench_attention.py",
     "bench_decode.py",
     "bench_train.py",
+    "loop_study.py",
     "train.py",
 )
 SCRIPT_NAMES = sorted(f for f in os.listdir(SCRIPTS) if f.endswith(".py"))
@@ -84,6 +85,7 @@ BAD_FLAG = {
         ["--checkpoint=c", "--prompt=p", "--max_new_tokens=0"],
         "--max_new_tokens=0",
     ),
+    "loop_study.py": (["--loops=1,0"], "--loops=1,0", "less than 1"),
     "train.py": (
         ["--config.train.total_stepz=3"],
         "--config.train.total_stepz",

@@ -1,0 +1,124 @@
+"""The loop study: R = 1..4 and an R = 1 control at matched training FLOPs, trained alike.
+
+    python scripts/loop_study.py [--config=configs/loop_study.py] [--config.<key>=<value>]
+        [--study_dir=runs/loop_study] [--loops=1,2,3,4] [--seeds=0,1] [--control_matches=2]
+        [--doc=docs/loop_study.md] [--code_eval_problems=0]
+
+Trains one run per (variant, seed) in STUDY_DIR/<variant>-s<seed> (a training workdir), evaluates
+held-out bits per byte and the loop diagnostics, and writes the report (DOC, with its plots beside
+it). Rerunning the same command resumes: finished runs are skipped, an interrupted one continues
+from its last checkpoint. See loopcoder_jax/eval/loop_study.py.
+Exit codes: 0 done; 2 bad input (flags, config: one `error:` line on stderr, before any training);
+1 a run diverged or was stopped by SIGTERM (rerun to resume).
+"""
+
+import json
+import os
+import shlex
+import sys
+
+from absl import flags, logging
+
+from loopcoder_jax import cli
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+cli.define_config_flag(os.path.join(_ROOT, "configs", "loop_study.py"))
+_STUDY_DIR = flags.DEFINE_string(
+    "study_dir",
+    os.path.join(_ROOT, "runs", "loop_study"),
+    "Directory of the study's runs.",
+)
+_LOOPS = cli.define_int_list("loops", [1, 2, 3, 4], "Loop counts to train.")
+_SEEDS = cli.define_int_list(
+    "seeds", [0, 1], "Seeds (init and data order).", lower_bound=0
+)
+_CONTROL = flags.DEFINE_integer(
+    "control_matches",
+    2,
+    "Add an R = 1 control whose training FLOPs match this loop count's (0: none).",
+    lower_bound=0,
+)
+_DIAG_TOKENS = flags.DEFINE_integer(
+    "diag_tokens", 4096, "Held-out tokens for the diagnostics.", lower_bound=1
+)
+_DIAG_BATCH = flags.DEFINE_integer(
+    "diag_batch", 8, "Rows per diagnostics batch.", lower_bound=1
+)
+_DOC = flags.DEFINE_string(
+    "doc",
+    os.path.join(_ROOT, "docs", "loop_study.md"),
+    "Report to write (plots beside it); empty: none.",
+)
+_CODE_EVAL = flags.DEFINE_integer(
+    "code_eval_problems",
+    0,
+    "HumanEval problems for pass@1 per run (0: no code evaluation); needs "
+    "loopcoder_jax.eval.humaneval.",
+    lower_bound=0,
+)
+
+
+def _code_eval(problems: int):
+  """pass@1 on the first `problems` HumanEval problems, one greedy sample each."""
+  try:
+    from loopcoder_jax.eval import humaneval
+  except ImportError:
+    raise ValueError(
+        "--code_eval_problems needs loopcoder_jax.eval.humaneval, which this "
+        "checkout lacks"
+    ) from None
+  chosen = humaneval.load_problems(problems)
+
+  def run(cfg, params, tok):
+    samples, _ = humaneval.generate_samples(
+        cfg, params, tok, chosen, n_samples=1
+    )
+    records = humaneval.score_samples(chosen, samples)
+    return humaneval.pass_at_k(records, ks=(1,))
+
+  return run
+
+
+def main():
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  from loopcoder_jax.eval import loop_study
+  from loopcoder_jax.train import trainer
+
+  config = flags.FLAGS.config
+  code_eval = _code_eval(_CODE_EVAL.value) if _CODE_EVAL.value else None
+  try:
+    results = loop_study.run_study(
+        config,
+        _STUDY_DIR.value,
+        loops=_LOOPS.value,
+        seeds=_SEEDS.value,
+        control_matches=_CONTROL.value,
+        diag_tokens=_DIAG_TOKENS.value,
+        diag_batch=_DIAG_BATCH.value,
+        code_eval=code_eval,
+    )
+  except (trainer.TrainingDiverged, loop_study.Interrupted) as e:
+    raise cli.Failure(str(e)) from e
+  if _DOC.value:
+    command = " ".join(
+        ["python scripts/loop_study.py", *map(shlex.quote, sys.argv[1:])]
+    )
+    paths = loop_study.write_report(
+        os.path.abspath(_STUDY_DIR.value),
+        results,
+        _DOC.value,
+        base=config,
+        command=command,
+    )
+    print("wrote " + ", ".join(paths))
+  rows = loop_study.summarize(results)
+  print(
+      json.dumps(
+          [{k: r[k] for k in ("name", "loops", "layers", "bpb")} for r in rows]
+      )
+  )
+
+
+if __name__ == "__main__":
+  cli.run(main)
