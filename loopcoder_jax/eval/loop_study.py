@@ -12,7 +12,7 @@ config that only the loop count (and, for the control, the layer count) changes:
                    `control_matches`
 The seed sets both the initialisation and the data order. Each run is evaluated on the built-in
 held-out split: bits per byte (the trainer's), `diagnostics.loop_diagnostics`, and the code
-evaluation when a `code_eval` callable is given (none is built in).
+evaluation when a `code_eval` callable is given (scripts/loop_study.py builds one on HumanEval).
 
 Study directory (rerunning the same command resumes: finished stages are skipped, an interrupted
 training run resumes from its last checkpoint):
@@ -630,10 +630,9 @@ def report_markdown(
       (
           "pass@1 per run is in the table above (means over seeds)."
           if has_code
-          else "Not run: this checkout has no code evaluation "
-          "(`loopcoder_jax.eval.humaneval`). `scripts/loop_study.py "
-          "--code_eval_problems=N` adds HumanEval pass@1 on the first N problems to every run "
-          "once it exists; the finished runs are evaluated without retraining."
+          else "Not run (`--code_eval_problems=0`). `scripts/loop_study.py "
+          "--code_eval_problems=N` adds HumanEval pass@1 on the first N problems to every run; "
+          "finished runs are evaluated without retraining."
       ),
       "",
       "## Verdict",
