@@ -253,11 +253,35 @@ def run_study(
 
 def _check_run_dir(workdir: str, config) -> None:
   path = os.path.join(workdir, "run_config.json")
-  if os.path.exists(path) and _read_json(path) != json.loads(config.to_json()):
+  if os.path.exists(path) and not _same_run(
+      _read_json(path), json.loads(config.to_json())
+  ):
     raise ValueError(
         f"{workdir} holds a run with another config (run_config.json differs); "
         "use a new study directory"
     )
+
+
+def _same_run(stored: dict, current: dict) -> bool:
+  """Whether a stored run config is the current one.
+
+  Keys the stored config lacks were added to the training config after that run; they are not
+  compared (the trainer's own resume checks cover the model, batch and tokenizer). The tokenizer
+  path is the study's own tokenizer, which moves with the study directory.
+  """
+
+  def restrict(current, stored):  # current's values at stored's keys
+    return {
+        k: restrict(current[k], v)
+        if isinstance(v, dict) and isinstance(current.get(k), dict)
+        else current.get(k)
+        for k, v in stored.items()
+    }
+
+  a, b = dict(stored), restrict(current, stored)
+  for c in (a, b):
+    c["tokenizer"] = {**c.get("tokenizer", {}), "path": None}
+  return a == b
 
 
 def _run(v, seed, config, workdir, tok, diag_batches, code_eval, log):

@@ -103,12 +103,22 @@ def test_bad_plans_are_refused(loops, control, override, match):
 
 def test_a_run_dir_of_another_config_is_refused_before_training(tmp_path):
   (tmp_path / "R1-s0").mkdir()
-  (tmp_path / "R1-s0" / "run_config.json").write_text('{"seed": 0}')
+  (tmp_path / "R1-s0" / "run_config.json").write_text('{"seed": 7}')
   with pytest.raises(ValueError, match="R1-s0 holds a run with another config"):
     loop_study.run_study(
         base(), str(tmp_path), loops=(1,), seeds=(0,), control_matches=0
     )
   assert sorted(p.name for p in tmp_path.iterdir()) == ["R1-s0"]
+
+
+def test_a_stored_config_predating_new_keys_is_the_same_run():
+  current = {"seed": 0, "data": {"format": "text"}, "tokenizer": {"path": "/b"}}
+  older = {"seed": 0, "data": {}, "tokenizer": {"path": "/a"}}
+  assert loop_study._same_run(older, current)
+  assert not loop_study._same_run({**older, "seed": 1}, current)
+  assert not loop_study._same_run(
+      {**older, "data": {"format": "chat"}}, current
+  )
 
 
 def row(name, loops, bpb, control=0, layers=2, flops_=1.0):
