@@ -166,6 +166,8 @@ def test_bench_convert(tmp_path):
       "hf_to_orbax",
       "orbax_to_hf",
       "verify",
+      "load_1",
+      "load_mesh",
   )
   assert set(out["peak_rss_bytes"]) == set(phases) and all(
       positive(v) for v in out["peak_rss_bytes"].values()
@@ -174,3 +176,10 @@ def test_bench_convert(tmp_path):
   assert ratios["baseline"] == 0 and all(
       positive(ratios[p]) for p in phases[1:]
   ), ratios
+  # the whole checkpoint lands on the devices: once on one, once in all on a tensor mesh whose
+  # replicated params (norms, gate) are held by each of the 8 devices
+  one, mesh = out["loads"]["load_1"], out["loads"]["load_mesh"]
+  assert (one["devices"], mesh["devices"]) == (1, 8)
+  assert one["device_bytes"] == out["tensor_bytes"] < out["checkpoint_bytes"]
+  assert mesh["device_bytes"] > one["device_bytes"]
+  assert positive(out["largest_shard_bytes"])
