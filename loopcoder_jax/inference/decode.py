@@ -260,7 +260,7 @@ def prefill_and_generate(
     params = unstack_layers(params)
   place_cache = None
   jit_kw: dict[str, Any] = {}
-  if sharded:
+  if mesh is not None and sharded:
     p_sh, place_cache, rows = serving_shardings(
         cfg, mesh, tokens_BxP.shape[0], rules
     )

@@ -127,7 +127,8 @@ def compile_tpu(jitted, args: tuple) -> tuple[Any, str | None]:
   `(compiled, None)`, or `(None, the compiler's one-line refusal)` when it does not fit.
   """
   # Compile-only TPU executables cannot be read back from the persistent cache: keep them out of it.
-  cache_on = jax.config.jax_enable_compilation_cache
+  # (`jax.config.read` refuses flags that have a context manager, as this one does)
+  cache_on = jax.config.jax_enable_compilation_cache  # type: ignore[attr-defined]
   jax.config.update("jax_enable_compilation_cache", False)
   try:
     # The kernels pick their backend at trace time: compile-only TPU devices need the Mosaic kernels,
@@ -214,7 +215,7 @@ def compile_train(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
       "train",
       step_fn,
       (_with_shardings(abs_state, state_sh), batch),
-      hbm_bytes=flops.PEAKS[chip]["hbm_bytes"],
+      hbm_bytes=int(flops.PEAKS[chip]["hbm_bytes"]),
       flops_per_device=step_flops / len(devices),
   )
   report.update(
@@ -282,7 +283,7 @@ def compile_serving(
       cache_shardings=c_sh,
       data_sharding=rows,
   )
-  hbm = flops.PEAKS[chip]["hbm_bytes"]
+  hbm = int(flops.PEAKS[chip]["hbm_bytes"])
   cache_bytes = sum(
       math.prod(s.shape) * s.dtype.itemsize
       for s in jax.tree.leaves(inference.cache_shapes(cfg, batch, max_len))
