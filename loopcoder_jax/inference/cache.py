@@ -259,37 +259,19 @@ def cache_shapes(
 
 
 # Logical axes (`model/sharding.py` rules) of the stacked cache's arrays.
+_KV = (
+    "layers",
+    "activation_batch",
+    "activation_length",
+    "kv_heads",
+    "head_dim",
+)
+_RING = (None, "layers", "activation_batch", None, "kv_heads", "head_dim")
 _CACHE_AXES = {
-    "k1": (
-        "layers",
-        "activation_batch",
-        "activation_length",
-        "kv_heads",
-        "head_dim",
-    ),
-    "v1": (
-        "layers",
-        "activation_batch",
-        "activation_length",
-        "kv_heads",
-        "head_dim",
-    ),
-    "ring_k": (
-        None,
-        "layers",
-        "activation_batch",
-        None,
-        "kv_heads",
-        "head_dim",
-    ),
-    "ring_v": (
-        None,
-        "layers",
-        "activation_batch",
-        None,
-        "kv_heads",
-        "head_dim",
-    ),
+    "k1": _KV,
+    "v1": _KV,
+    "ring_k": _RING,
+    "ring_v": _RING,
     "ring_pos": ("activation_batch", None),
     "carry": (None, "activation_batch", "activation_embed"),
     "lengths": ("activation_batch",),

@@ -255,12 +255,13 @@ def prefill_and_generate(
   every step); accelerators and meshes keep the stacked layout (one compiled layer, and the
   layout the shardings describe). `callback` as in `generate`, called in step order.
   """
-  sharded = mesh is not None and mesh.size > 1
-  if jax.default_backend() == "cpu" and not sharded:
+  if mesh is not None and mesh.size == 1:
+    mesh = None
+  if jax.default_backend() == "cpu" and mesh is None:
     params = unstack_layers(params)
   place_cache = None
   jit_kw: dict[str, Any] = {}
-  if mesh is not None and sharded:
+  if mesh is not None:
     p_sh, place_cache, rows = serving_shardings(
         cfg, mesh, tokens_BxP.shape[0], rules
     )
@@ -292,7 +293,7 @@ def prefill_and_generate(
           mode,
           callback,
           pad_id,
-          ordered=not sharded,
+          ordered=mesh is None,
       )
     return ids, counts
 

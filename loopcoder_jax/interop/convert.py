@@ -78,12 +78,13 @@ class HFSource:
   """An HF directory checked against its config: where each slot's tensor is and its dtype."""
 
   cfg: PLTConfig
-  files: dict[str, str]  # checkpoint key -> safetensors file
-  keys: dict[
-      str, str
-  ]  # slot key -> the checkpoint key holding it (canonical or alias)
+  # checkpoint key -> safetensors file
+  files: dict[str, str]
+  # slot key -> the checkpoint key holding it (canonical or alias)
+  keys: dict[str, str]
   slots: list[hf_names.Slot]
-  dtypes: dict[str, str]  # our param path -> dtype its array gets
+  # our param path -> the dtype its array gets
+  dtypes: dict[str, str]
 
   def shape(self, path: str) -> tuple[int, ...]:
     """Our (stacked) shape of a param."""
