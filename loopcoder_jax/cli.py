@@ -216,6 +216,41 @@ def define_choice_list(
   )
 
 
+class _MeshParser(flags.ArgumentParser):
+  """`axis=size` pairs, comma-separated (e.g. `fsdp=2,tensor=4`); empty: no mesh."""
+
+  syntactic_help = "axis=size pairs, e.g. tensor=8 or fsdp=2,tensor=4"
+
+  def parse(self, argument):
+    if isinstance(argument, dict):
+      return argument
+    out = {}
+    for item in filter(None, (x.strip() for x in str(argument).split(","))):
+      axis, _, size = (x.strip() for x in item.partition("="))
+      if not axis or not size.lstrip("-").isdigit():
+        raise ValueError(f"{item!r} is not axis=size (e.g. tensor=8)")
+      out[axis] = int(size)
+    return out
+
+  def flag_type(self):
+    return "mesh"
+
+
+class _MeshSerializer(flags.ArgumentSerializer):
+
+  def serialize(self, value):
+    return ",".join(f"{k}={v}" for k, v in value.items())
+
+
+def define_mesh(
+    name: str, default: str, help_string: str
+) -> flags.FlagHolder[dict[str, int]]:
+  """A device mesh as `axis=size` pairs (axes and sizes are checked when the mesh is built)."""
+  return flags.DEFINE(
+      _MeshParser(), name, default, help_string, serializer=_MeshSerializer()
+  )
+
+
 def flag_values(
     flag_holders: Sequence[flags.FlagHolder],
 ) -> types.SimpleNamespace:

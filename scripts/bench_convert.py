@@ -8,7 +8,12 @@ as many layers as reach --params), then converts HF -> HF (re-shard: our reader 
 HF -> Orbax and Orbax -> HF, each in a fresh process, and reads that process's peak RSS (`os.wait4`
 rusage, ru_maxrss) next to a baseline process that only imports the converter and starts JAX.
 Streaming target: peak RSS about one copy of the weights (checkpoint bytes) plus the baseline. The
-round trip is checked tensor by tensor (bytes equal). Prints a table and, as the last line, one JSON object.
+round trip is checked tensor by tensor (bytes equal).
+Loading for use (`convert.load_hf_sharded`, what `interop.load` runs) is measured onto one CPU device
+and onto `--load_devices` fake CPU devices (mesh `tensor` = all of them): there the devices' arrays
+are host memory too, so the loader's own transient memory is the peak minus the process's RSS before
+the load minus the bytes the devices hold; it is reported against the largest shard file.
+Prints a table and, as the last line, one JSON object.
 Exit codes: 0 done; 2 bad flags (one `error:` line on stderr, before any process starts); 1 a
 phase failed or the round trip changed a tensor.
 """
@@ -33,7 +38,10 @@ PHASES = (
     "hf_to_orbax",
     "orbax_to_hf",
     "verify",
+    "load_1",
+    "load_mesh",
 )
+LOADS = ("load_1", "load_mesh")
 
 # run_phase / measure read these as attributes of one namespace named like the flags.
 _FLAGS = (
@@ -53,6 +61,12 @@ _FLAGS = (
         "workdir",
         None,
         "Scratch directory, empty or new (default: a temp dir, removed).",
+    ),
+    flags.DEFINE_integer(
+        "load_devices",
+        8,
+        "Fake CPU devices of the sharded load (mesh tensor=N).",
+        lower_bound=1,
     ),
     flags.DEFINE_enum(
         "phase",
@@ -124,6 +138,8 @@ def run_phase(args, phase: str) -> None:
     convert.convert_checkpoint(hf, orbax, "orbax")
   elif phase == "orbax_to_hf":
     convert.convert_checkpoint(orbax, hf2, "hf", shard_size=args.shard_size)
+  elif phase in LOADS:
+    _load_phase(args, phase, hf)
   elif phase == "verify":
     from safetensors import safe_open
 
@@ -137,6 +153,43 @@ def run_phase(args, phase: str) -> None:
           raise cli.Failure(f"round trip changed {k}")
 
 
+def _load_phase(args, phase: str, hf: str) -> None:
+  """Load `hf` onto one device or a tensor mesh; record the RSS before and the bytes placed."""
+  import resource
+
+  import jax
+
+  from loopcoder_jax.interop import convert
+  from loopcoder_jax.model import sharding
+  from loopcoder_jax.model.transformer import abstract_params
+
+  jax.numpy.zeros(1).block_until_ready()
+  cfg = convert.read_hf_config(hf)
+  target = abstract_params(cfg)
+  if phase == "load_1":
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: one, target)
+  else:
+    mesh = sharding.make_mesh({"tensor": -1})
+    shardings = sharding.param_shardings(target, mesh)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  _, params = convert.load_hf_sharded(hf, shardings)
+  placed = sum(
+      s.data.nbytes
+      for x in jax.tree.leaves(params)
+      for s in x.addressable_shards
+  )
+  with open(os.path.join(args.workdir, f"{phase}.json"), "w") as f:
+    json.dump(
+        {
+            "rss_before": before,
+            "device_bytes": placed,
+            "devices": len(jax.devices()),
+        },
+        f,
+    )
+
+
 def measure(args, phase: str) -> int:
   """Peak RSS in bytes of a child process running `phase`."""
   cmd = [
@@ -148,7 +201,12 @@ def measure(args, phase: str) -> int:
       f"--dtype={args.dtype}",
       f"--shard_size={args.shard_size}",
   ]
-  proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  if phase == "load_mesh":
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={args.load_devices}"
+    )
+  proc = subprocess.Popen(cmd, env=env)
   _, status, usage = os.wait4(proc.pid, 0)
   if os.waitstatus_to_exitcode(status) != 0:
     raise cli.Failure(f"phase {phase} failed")
@@ -178,6 +236,8 @@ def run(args):
     raise ValueError(f"--params must be positive, got {args.params}")
   if args.workdir and os.path.isdir(args.workdir) and os.listdir(args.workdir):
     raise ValueError(f"--workdir {args.workdir} is not empty")
+  import numpy as np
+
   from loopcoder_jax.interop import safetensors_io as st
 
   # before the children start: a bad size would otherwise fail inside write_hf
@@ -188,6 +248,26 @@ def run(args):
     cfg = bench_cfg(args.params, args.dtype)
     rss = {p: measure(args, p) for p in PHASES}
     weights = dir_bytes(os.path.join(args.workdir, "hf"), ".safetensors")
+    headers = st.read_headers(st.weight_files(os.path.join(args.workdir, "hf")))
+    tensor_bytes = sum(
+        int(np.prod(shape)) * st.DTYPES[dtype].itemsize
+        for shape, dtype in headers.values()
+    )
+    largest = max(
+        os.path.getsize(os.path.join(args.workdir, "hf", f))
+        for f in os.listdir(os.path.join(args.workdir, "hf"))
+        if f.endswith(".safetensors")
+    )
+    loads = {}
+    for p in LOADS:
+      with open(os.path.join(args.workdir, f"{p}.json")) as f:
+        loads[p] = json.load(f)
+      loads[p]["transient_bytes"] = (
+          rss[p] - loads[p]["rss_before"] - loads[p]["device_bytes"]
+      )
+      loads[p]["transient_per_largest_shard"] = round(
+          loads[p]["transient_bytes"] / largest, 3
+      )
   finally:
     if own:
       shutil.rmtree(args.workdir, ignore_errors=True)
@@ -205,11 +285,24 @@ def run(args):
         f"{p:<14}{rss[p] / gib:>14.2f}{extra / gib:>16.2f}{extra / weights:>14.2f}"
     )
   print(
+      f"\nloading for use (largest shard {largest / gib:.2f} GiB):\n"
+      f"{'phase':<14}{'devices':>8}{'placed GiB':>12}{'transient GiB':>15}"
+      f"{'/ largest shard':>17}"
+  )
+  for p, r in loads.items():
+    print(
+        f"{p:<14}{r['devices']:>8}{r['device_bytes'] / gib:>12.2f}"
+        f"{r['transient_bytes'] / gib:>15.2f}{r['transient_per_largest_shard']:>17.2f}"
+    )
+  print(
       json.dumps(
           {
               "params": cfg.num_params(),
               "dtype": args.dtype,
               "checkpoint_bytes": weights,
+              "tensor_bytes": tensor_bytes,
+              "largest_shard_bytes": largest,
+              "loads": loads,
               "peak_rss_bytes": rss,
               "over_baseline_per_checkpoint_byte": {
                   p: round((rss[p] - rss["baseline"]) / weights, 3)

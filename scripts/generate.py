@@ -2,12 +2,16 @@
 
     python scripts/generate.py --checkpoint=DIR --prompt="def fib(n):" [--chat]
         [--max_new_tokens=128 --temperature=0 --top_k=0 --top_p=1 --seed=0 --loops=R
-         --mode=batched|serial --prefill_chunk=0 --dtype=float32 --tokenizer=PATH]
+         --mode=batched|serial --prefill_chunk=0 --dtype=bfloat16 --tokenizer=PATH
+         --mesh=tensor=8]
 
 DIR is a params directory (config.json + Orbax params/), a finished training workdir or an HF
 directory (config.json + safetensors); the tokenizer is read from there (or --tokenizer).
 Temperature 0 is greedy. Several --prompt flags make a batch (printed when done); a single prompt
-streams token by token.
+streams token by token. Weights and compute keep the checkpoint's dtype (bf16 for the released
+7B) unless --dtype says otherwise. --mesh shards the model over the devices (axes data, fsdp,
+tensor; e.g. tensor=8 on a TPU v5e-8 or v2-8, fsdp=2,tensor=4): each device loads only its slices
+and prefill and decoding run on the mesh; without it, everything is on one device.
 Exit codes: 0 done; 2 bad input (flags, checkpoint, tokenizer, prompt: one `error:` line on stderr).
 """
 
@@ -49,7 +53,16 @@ _PREFILL_CHUNK = flags.DEFINE_integer(
     lower_bound=0,
 )
 _DTYPE = flags.DEFINE_enum(
-    "dtype", "float32", ["float32", "bfloat16"], "Param and compute dtype."
+    "dtype",
+    None,
+    ["float32", "bfloat16"],
+    "Param and compute dtype (default: the checkpoint's).",
+)
+_MESH = cli.define_mesh(
+    "mesh",
+    "",
+    "Shard over a device mesh, e.g. tensor=8 or fsdp=2,tensor=4 (-1: the rest of the devices; "
+    "default: one device).",
 )
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer",
@@ -61,16 +74,21 @@ _TOKENIZER = flags.DEFINE_string(
 def main():
   from loopcoder_jax import interop
   from loopcoder_jax.inference import generation, sampling
+  from loopcoder_jax.model import sharding
 
   sampler = sampling.make_sampler(
       _TEMPERATURE.value, _TOP_K.value, _TOP_P.value
   )
+  mesh = sharding.make_mesh(_MESH.value) if _MESH.value else None
   cfg, params, tok = interop.load(
       _CHECKPOINT.value,
       _DTYPE.value,
       loops=_LOOPS.value or None,
       tokenizer=_TOKENIZER.value,
+      mesh=mesh,
   )
+  if _DTYPE.value is None:  # compute (and cache) in the weights' dtype too
+    cfg = cfg.with_runtime(dtype=cfg.runtime.param_dtype)
   prompts, _ = generation.encode_prompts(tok, _PROMPT.value, _CHAT.value)
   stream = len(prompts) == 1
   if stream:
@@ -87,6 +105,7 @@ def main():
       prefill_chunk=_PREFILL_CHUNK.value,
       seed=_SEED.value,
       on_text=(lambda s: print(s, end="", flush=True)) if stream else None,
+      mesh=mesh,
   )
   if stream:
     print()

@@ -11,6 +11,7 @@ from loopcoder_jax import cli
 
 _INTS = cli.define_int_list("test_cli_ints", [1, 2], "Test list.", 0)
 _NAMES = cli.define_choice_list("test_cli_names", ["a"], ["a", "b"], "Test.")
+_MESH = cli.define_mesh("test_cli_mesh", "", "Test mesh.")
 
 
 def test_one_line():
@@ -106,6 +107,17 @@ def test_choice_list_flag():
       flags.IllegalFlagValueError, match="'c' is not one of a, b"
   ):
     flag.parse("a,c")
+
+
+def test_mesh_flag():
+  flag = flags.FLAGS["test_cli_mesh"]
+  assert flag.default == {}
+  flag.parse(" fsdp=2, tensor=-1 ")
+  assert flag.value == {"fsdp": 2, "tensor": -1}
+  assert flag.serialize() == "--test_cli_mesh=fsdp=2,tensor=-1"
+  for bad in ("tensor", "tensor=x", "=4", "tensor=8,data"):
+    with pytest.raises(flags.IllegalFlagValueError, match="is not axis=size"):
+      flag.parse(bad)
 
 
 def test_flag_values():

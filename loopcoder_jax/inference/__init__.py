@@ -10,6 +10,7 @@ from loopcoder_jax.inference.cache import (
     cache_bytes,
     cache_entries_per_sequence,
     cache_shapes,
+    cache_shardings,
     init_cache,
     params_layout,
 )
@@ -20,6 +21,8 @@ from loopcoder_jax.inference.decode import (
     generate,
     make_serving_fns,
     prefill,
+    prefill_and_generate,
+    serving_shardings,
 )
 from loopcoder_jax.inference.generation import (
     StopWatch,
@@ -55,6 +58,7 @@ __all__ = [
     "cache_bytes",
     "cache_entries_per_sequence",
     "cache_shapes",
+    "cache_shardings",
     "complete",
     "decode_step",
     "encode_prompts",
@@ -66,4 +70,6 @@ __all__ = [
     "params_layout",
     "prefill",
     "truncate",
+    "prefill_and_generate",
+    "serving_shardings",
 ]

@@ -29,7 +29,9 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
 
+from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import stack_layers, unstack_layers
 from pallas_kernels.reference import (
@@ -287,6 +289,46 @@ def cache_shapes(
       ring_pos=sds((batch, w), jnp.int32),
       carry=sds((r - 1, batch, cfg.hidden_size), dt),
       lengths=sds((batch,), jnp.int32),
+  )
+
+
+# Logical axes (`model/sharding.py` rules) of the stacked cache's arrays.
+_KV = (
+    "layers",
+    "activation_batch",
+    "activation_length",
+    "kv_heads",
+    "head_dim",
+)
+_RING = (None, "layers", "activation_batch", None, "kv_heads", "head_dim")
+_CACHE_AXES = {
+    "k1": _KV,
+    "v1": _KV,
+    "ring_k": _RING,
+    "ring_v": _RING,
+    "ring_pos": ("activation_batch", None),
+    "carry": (None, "activation_batch", "activation_embed"),
+    "lengths": ("activation_batch",),
+}
+
+
+def cache_shardings(
+    cfg: PLTConfig, mesh: Mesh, batch: int, rules=sharding.DEFAULT_RULES
+) -> Cache:
+  """NamedShardings of the STACKED cache on a mesh, by the logical axis rules: rows over the data
+  axes that divide `batch`, kv heads over `tensor` when it divides them, the rest replicated.
+  """
+  shapes = cache_shapes(cfg, batch, 1)  # the length is never sharded
+  return Cache(
+      **{
+          name: NamedSharding(
+              mesh,
+              sharding.logical_to_spec(
+                  axes, getattr(shapes, name).shape, mesh, rules
+              ),
+          )
+          for name, axes in _CACHE_AXES.items()
+      }
   )
 
 

@@ -2,9 +2,10 @@
 
     texts = complete(cfg, params, tokenizer, ["def fib(n):"], max_new_tokens=64)
 
-One jitted program per call: prefill (whole prompt or chunks), then the decode loop with static
-shapes. With `on_text` set and a single prompt, the completion is streamed: the loop's host
-callback hands over each token and `on_text` receives each new piece of decoded text.
+One jitted program per call (`decode.prefill_and_generate`): prefill (whole prompt or chunks), then
+the decode loop with static shapes, sharded over a `mesh` when one is given. With `on_text` set and a
+single prompt, the completion is streamed: the loop's host callback hands over each token and
+`on_text` receives each new piece of decoded text.
 
 Stop strings (`stop=("\ndef",)`) are text-level, so they are checked on the host: `TextStop` is a
 `StopRule` whose `is_stop` also asks the host (an `io_callback` per decode step) whether a row's
@@ -20,12 +21,13 @@ import dataclasses
 import jax
 from jax.experimental import io_callback
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 
 from loopcoder_jax.data.tokenizer import Tokenizer
 from loopcoder_jax.inference import decode, sampling
+from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.model.transformer import unstack_layers
 
 
 def encode_prompts(
@@ -131,11 +133,13 @@ def complete(
     add_bos: bool | None = None,
     on_text: Callable[[str], None] | None = None,
     stop: Sequence[str] = (),
+    mesh: Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
 ) -> list[str]:
   """Completions (without the prompt, stop tokens removed) for a batch of prompts.
 
   With `stop` strings, each completion ends before the first one it produces (and decoding of a
-  row ends as soon as its text holds one).
+  row ends as soon as its text holds one). `mesh` and `rules` as in `decode.prefill_and_generate`.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -179,32 +183,23 @@ def complete(
           on_text(safe[len(shown[0]) :])
           shown[0] = safe
 
-  if jax.default_backend() == "cpu":
-    # XLA:CPU decodes 1.2-2.6x faster with per-layer weight and cache buffers (it copies slices of
-    # stacked ones at every step); accelerators keep the stacked layout (one compiled layer).
-    params = unstack_layers(params)
-
-  @jax.jit
-  def run(params, tokens, lengths, key):
-    logits, cache = decode.prefill(
-        cfg, params, tokens, lengths, max_len, prefill_chunk
-    )
-    out_ids, counts, _ = decode.generate(
-        cfg,
-        params,
-        cache,
-        logits,
-        key,
-        sampler,
-        rule,
-        mode,
-        callback=on_token if stream else None,
-        pad_id=pad,
-    )
-    return out_ids, counts
-
   out_ids, counts = jax.device_get(
-      run(params, tokens, lengths, jax.random.key(seed))
+      decode.prefill_and_generate(
+          cfg,
+          params,
+          tokens,
+          lengths,
+          jax.random.key(seed),
+          sampler,
+          rule,
+          max_len=max_len,
+          mode=mode,
+          prefill_chunk=prefill_chunk,
+          callback=on_token if stream else None,
+          pad_id=pad,
+          mesh=mesh,
+          rules=rules,
+      )
   )
   jax.effects_barrier()
   texts = [

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import contextlib
+import dataclasses
+import functools
 import glob
 import os
 import shutil
@@ -71,14 +73,30 @@ def read_hf_config(path: str) -> PLTConfig:
   return PLTConfig.from_hf_file(os.path.join(path, "config.json"))
 
 
-def load_hf(
-    path: str | os.PathLike, dtype: str | None = None
-) -> tuple[PLTConfig, dict]:
-  """Read an HF directory into `(cfg, params)` (numpy, stacked layers) for `PLTForCausalLM(cfg).apply`.
+@dataclasses.dataclass(frozen=True)
+class HFSource:
+  """An HF directory checked against its config: where each slot's tensor is and its dtype."""
 
-  `dtype=None` keeps each tensor's stored dtype; a dtype name casts every tensor to it.
-  `cfg.runtime.param_dtype` is set to the params' dtype when they share one.
-  """
+  cfg: PLTConfig
+  # checkpoint key -> safetensors file
+  files: dict[str, str]
+  # slot key -> the checkpoint key holding it (canonical or alias)
+  keys: dict[str, str]
+  slots: list[hf_names.Slot]
+  # our param path -> the dtype its array gets
+  dtypes: dict[str, str]
+
+  def shape(self, path: str) -> tuple[int, ...]:
+    """Our (stacked) shape of a param."""
+    s = next(s for s in self.slots if s.rule.path == path)
+    return (
+        (self.cfg.num_hidden_layers,) if s.rule.per_layer else ()
+    ) + s.our_shape
+
+
+def open_hf(path: str | os.PathLike, dtype: str | None = None) -> HFSource:
+  """Check every key, alias, shape and dtype of an HF directory against its config, from the headers
+  alone (no tensor is read). `dtype=None` keeps each tensor's stored dtype."""
   path = os.path.abspath(os.fspath(path))
   st.check_dtype(dtype)
   cfg = read_hf_config(path)
@@ -92,7 +110,6 @@ def load_hf(
       raise ValueError(
           f"{source[s.key]}: checkpoint shape {shape} does not match the config's {s.hf_shape}"
       )
-
   stored: dict[str, str] = {}  # our path -> dtype
   for s in slots:
     d = dtype or headers[source[s.key]][1]
@@ -100,14 +117,31 @@ def load_hf(
       raise ValueError(
           f"{source[s.key]} is {d} but other layers of it are {stored[s.rule.path]}; pass dtype="
       )
-  layers = cfg.num_hidden_layers
+  dtypes = set(stored.values())
+  if dtype is not None:
+    cfg = cfg.replace(torch_dtype=dtype)
+  if len(dtypes) == 1:
+    cfg = cfg.with_runtime(param_dtype=dtypes.pop())
+  return HFSource(cfg, files, source, slots, stored)
+
+
+def load_hf(
+    path: str | os.PathLike, dtype: str | None = None
+) -> tuple[PLTConfig, dict]:
+  """Read an HF directory into `(cfg, params)` (numpy, stacked layers) for `PLTForCausalLM(cfg).apply`.
+
+  `dtype=None` keeps each tensor's stored dtype; a dtype name casts every tensor to it.
+  `cfg.runtime.param_dtype` is set to the params' dtype when they share one.
+  """
+  src = open_hf(path, dtype)
   flat = {}
-  for s in slots:
+  for s in src.slots:
     if s.rule.path not in flat:
-      shape = ((layers,) if s.rule.per_layer else ()) + s.our_shape
-      flat[s.rule.path] = _aligned_empty(shape, st.DTYPES[stored[s.rule.path]])
-    key = source[s.key]
-    w = st.read_tensor(files[key], key)
+      flat[s.rule.path] = _aligned_empty(
+          src.shape(s.rule.path), st.DTYPES[src.dtypes[s.rule.path]]
+      )
+    key = src.keys[s.key]
+    w = st.read_tensor(src.files[key], key)
     if dtype is not None:
       w = w.astype(st.DTYPES[dtype], copy=False)
     x = s.rule.to_ours(w, s.our_shape)
@@ -116,12 +150,85 @@ def load_hf(
     else:
       flat[s.rule.path][s.layer] = x
     del w, x
-  dtypes = set(stored.values())
-  if dtype is not None:
-    cfg = cfg.replace(torch_dtype=dtype)
-  if len(dtypes) == 1:
-    cfg = cfg.with_runtime(param_dtype=dtypes.pop())
-  return cfg, hf_names.unflatten(flat)
+  return src.cfg, hf_names.unflatten(flat)
+
+
+def load_hf_sharded(
+    path: str | os.PathLike, shardings: Any, dtype: str | None = None
+) -> tuple[PLTConfig, dict]:
+  """Read an HF directory straight onto `shardings` (a params-like tree of `jax.sharding.Sharding`s):
+  `(cfg, params as global jax.Arrays)`.
+
+  Each device receives only its block of each param: the block is read from the safetensors files
+  (one layer's HF tensor region at a time, through the table's transpose and reshape), placed on
+  the devices that hold it (replicas read it once) and released. Host memory holds about one
+  device's block of one param. dtype as in `load_hf`.
+  """
+  src = open_hf(path, dtype)
+  by_path: dict[str, list[hf_names.Slot]] = {}
+  for s in src.slots:
+    by_path.setdefault(s.rule.path, []).append(s)
+  flat_sh = hf_names.flatten(shardings)
+  missing = sorted(set(by_path) - set(flat_sh))
+  if missing:
+    raise ValueError(f"shardings lack param(s) {missing}")
+  flat = {
+      p: _sharded_param(src, slots, flat_sh[p]) for p, slots in by_path.items()
+  }
+  return src.cfg, hf_names.unflatten(flat)
+
+
+def _sharded_param(
+    src: HFSource, slots: list[hf_names.Slot], sharding
+) -> jax.Array:
+  path = slots[0].rule.path
+  shape, dtype = src.shape(path), st.DTYPES[src.dtypes[path]]
+  groups: dict[tuple, list] = {}  # one block -> the devices holding it
+  for device, index in sharding.addressable_devices_indices_map(shape).items():
+    block = tuple(slice(*b.indices(n)[:2]) for b, n in zip(index, shape))
+    groups.setdefault(tuple((b.start, b.stop) for b in block), []).append(
+        device
+    )
+  arrays = []
+  for bounds, devices in groups.items():
+    host = _read_block(src, slots, [slice(*b) for b in bounds], dtype)
+    placed = [jax.device_put(host, d) for d in devices]
+    jax.block_until_ready(
+        placed
+    )  # the host block is released before the next one is read
+    arrays += placed
+    del host
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _read_hf_block(
+    src: HFSource, key: str, hf_block: tuple[slice, ...]
+) -> np.ndarray:
+  return st.read_block(src.files[key], key, hf_block)
+
+
+def _read_block(
+    src: HFSource, slots: list[hf_names.Slot], block: list[slice], dtype
+) -> np.ndarray:
+  """One block of a param (our stacked layout), one layer's HF region at a time."""
+  out = _aligned_empty(tuple(b.stop - b.start for b in block), dtype)
+  per_layer = slots[0].rule.per_layer
+  rest = tuple(block[1:]) if per_layer else tuple(block)
+  by_layer = {s.layer: s for s in slots}
+  layers = range(block[0].start, block[0].stop) if per_layer else [None]
+  for i, layer in enumerate(layers):
+    s = by_layer[layer]
+    x = s.rule.read_ours(
+        functools.partial(_read_hf_block, src, src.keys[s.key]),
+        s.hf_shape,
+        s.our_shape,
+        rest,
+    ).astype(dtype, copy=False)
+    if per_layer:
+      out[i] = x
+    else:
+      out[...] = x
+  return out
 
 
 # ------------------------------------------------------------------------------------- writing HF
@@ -272,8 +379,11 @@ def detect_format(path: str) -> str:
   )
 
 
-def load_orbax(path: str, dtype: str | None = None) -> tuple[PLTConfig, Any]:
-  """A params directory restored in its stored dtype (or cast to `dtype`)."""
+def load_orbax(
+    path: str, dtype: str | None = None, shardings: Any = None
+) -> tuple[PLTConfig, Any]:
+  """A params directory restored in its stored dtype (or cast to `dtype`), onto `shardings` (see
+  `checkpoint.load_params`; default: the first local device)."""
   st.check_dtype(dtype)
   if dtype is None:
     stored = checkpoint.stored_dtypes(path)
@@ -282,7 +392,7 @@ def load_orbax(path: str, dtype: str | None = None) -> tuple[PLTConfig, Any]:
           f"{path} holds params of mixed dtypes {sorted(stored)}; pass an explicit dtype"
       )
     dtype = stored.pop()
-  return checkpoint.load_params(path, param_dtype=dtype)
+  return checkpoint.load_params(path, shardings, param_dtype=dtype)
 
 
 def save_orbax(

@@ -4,12 +4,15 @@
 HF shape, and whether the linear is transposed (HF `[out, in]`, ours `[in, ...out]`; reshapes come
 from comparing the HF shape with `abstract_params`). Both directions read the same rows; an input
 alias is one more string in a row's `aliases`; `when` drops a row for configs without that param.
+`Rule.read_ours` maps a block of our layout back to the HF region it comes from, so a sharded load
+reads only each device's slice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -38,6 +41,59 @@ class Rule:
     shape = self.hf_shape(cfg)
     x = x.reshape(shape[::-1] if self.transpose else shape)
     return x.T if self.transpose else x
+
+  def read_ours(
+      self,
+      read: Callable[[tuple[slice, ...]], np.ndarray],
+      hf_shape: tuple[int, ...],
+      our_shape: tuple[int, ...],
+      block: tuple[slice, ...],
+  ) -> np.ndarray:
+    """`to_ours(w, our_shape)[block]`, reading only the region of `w` it comes from.
+
+    `read(hf_block)` returns that block of the HF tensor (e.g. a safetensors slice). Our axes split
+    HF axes (`[in, H*D]` -> `[in, H, D]`): a block that takes whole inner axes (D, never sharded)
+    is one contiguous HF range; otherwise the range of whole inner rows around it is read.
+    """
+    src = tuple(hf_shape[::-1] if self.transpose else hf_shape)
+    groups = _split_groups(src, our_shape, self.hf)
+    bounds = [b.indices(n)[:2] for b, n in zip(block, our_shape)]
+    region, expanded, inner_block = [], [], []
+    for axes in groups:
+      (lo, hi), inner = bounds[axes[0]], math.prod(
+          our_shape[a] for a in axes[1:]
+      )
+      region.append(slice(lo * inner, hi * inner))
+      expanded += [hi - lo] + [our_shape[a] for a in axes[1:]]
+      inner_block += [slice(None)] + [slice(*bounds[a]) for a in axes[1:]]
+    w = read(tuple(region[::-1]) if self.transpose else tuple(region))
+    w = w.T if self.transpose else w
+    return w.reshape(expanded)[tuple(inner_block)]
+
+
+def _split_groups(
+    src: tuple[int, ...], dst: tuple[int, ...], what: str
+) -> list[list[int]]:
+  """Per axis of `src`, the axes of `dst` it is split into (a reshape that only splits axes)."""
+  groups, j = [], 0
+  for n in src:
+    group: list[int] = []
+    size = 1
+    while j < len(dst) and (not group or size < n):
+      group.append(j)
+      size *= dst[j]
+      j += 1
+    if size != n:
+      raise ValueError(
+          f"hf_names.TABLE: {what} maps {src} to {dst}, which is not a split of axes"
+      )
+    groups.append(group)
+  groups[-1] += range(j, len(dst))  # trailing size-1 axes
+  if math.prod(dst[j:]) != 1:
+    raise ValueError(
+        f"hf_names.TABLE: {what} maps {src} to {dst}, which is not a split of axes"
+    )
+  return groups
 
 
 _L, _A = "model.layers.{i}.", "layers/self_attn/"

@@ -4,6 +4,12 @@ One call takes any checkpoint directory we write or read: a params directory (co
 params/), a finished training workdir (its params/ export, tokenizer in tokenizer/) or an HF
 directory (config.json + safetensors). Everything that can be checked from the config and the
 tokenizer (format, dtype, loop count, vocabulary) is checked before any weight is read.
+
+Weights go straight onto their devices: one device by default, or a mesh's shardings by the logical
+axis rules (`model/sharding.py`: heads, kv heads, MLP and vocab on `tensor`, the model dimension on
+`fsdp`), each device receiving only its slices. HF safetensors are read block by block
+(`convert.load_hf_sharded`: host memory about one device's block of one param, never a full copy);
+an Orbax params directory is restored onto the same shardings.
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from loopcoder_jax.data import tokenizer as tok_lib
 from loopcoder_jax.interop import convert
 from loopcoder_jax.interop import safetensors_io as st
+from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.train import checkpoint
 
@@ -49,11 +56,16 @@ def load(
     dtype: str | None = None,
     loops: int | None = None,
     tokenizer: str | os.PathLike | None = None,
+    *,
+    mesh: Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
 ) -> tuple[PLTConfig, Any, tok_lib.Tokenizer]:
   """(cfg, params as jax arrays, tokenizer) of a checkpoint, ready for `PLTForCausalLM(cfg).apply`.
 
   dtype: cast the params to it and compute in it; None keeps the stored dtype (and the config's
     compute dtype).
+  mesh: place the params on it, sharded by `rules` (`sharding.param_shardings`); None puts them on
+    the first local device.
   loops: evaluate the shared weights with this loop count; None keeps the checkpoint's. R > 1 needs
     a checkpoint trained with R > 1 (the gate params).
   tokenizer: a tokenizer file or directory; None finds it beside the weights (or in a workdir's
@@ -78,11 +90,20 @@ def load(
   )
   tok_lib.check_vocab(tok, cfg.vocab_size)
 
-  if fmt == "orbax":
-    cfg, params = convert.load_orbax(weights_dir, dtype)
+  from loopcoder_jax.model.transformer import (
+      abstract_params,  # local: model imports are heavy
+  )
+
+  target = abstract_params(cfg)
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one, target)
   else:
-    cfg, params = convert.load_hf(weights_dir, dtype)
-    params = jax.tree.map(jnp.asarray, params)
+    shardings = sharding.param_shardings(target, mesh, rules)
+  if fmt == "orbax":
+    cfg, params = convert.load_orbax(weights_dir, dtype, shardings)
+  else:
+    cfg, params = convert.load_hf_sharded(weights_dir, shardings, dtype)
   if dtype is not None:
     cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)
   if loops is not None:

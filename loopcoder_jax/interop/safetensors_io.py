@@ -2,9 +2,9 @@
 
 Reading: `weight_files` maps every key of a directory (a single `model.safetensors`, or the shards of
 `model.safetensors.index.json`) to its file; `read_headers` gives shapes and dtypes from the file
-headers alone; `read_tensor` reads one tensor through its own `safe_open`, so closing it unmaps the
-shard and RSS holds about one tensor, not a whole shard. PyTorch pickles (`*.bin`) are refused,
-never unpickled.
+headers alone; `read_tensor` reads one tensor (`read_block` one block of it) through its own
+`safe_open`, so closing it unmaps the shard and RSS holds about one tensor, not a whole shard.
+PyTorch pickles (`*.bin`) are refused, never unpickled.
 
 Writing: `write_safetensors` writes the header from declared shapes, then asks each `Entry` for its
 tensor in turn; `write_sharded` splits entries into shards of at most a given size, plus the index.
@@ -124,6 +124,12 @@ def read_tensor(fname: str, key: str) -> np.ndarray:
   """One tensor, through its own handle (closing it unmaps the shard)."""
   with safe_open(fname, "numpy") as f:
     return f.get_tensor(key)
+
+
+def read_block(fname: str, key: str, block: tuple[slice, ...]) -> np.ndarray:
+  """One block of a tensor (a slice per axis): only that region is read from the file."""
+  with safe_open(fname, "numpy") as f:
+    return f.get_slice(key)[block]
 
 
 # ------------------------------------------------------------------------------------- writing

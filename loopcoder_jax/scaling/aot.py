@@ -6,6 +6,7 @@ devices is lowered with abstract arguments and compiled by the real TPU compiler
 refuses a program that does not fit the chip's HBM: that is reported (`fits=False`, one line), not
 raised. Reported per device: memory from `compiled.memory_analysis()` against the chip's HBM, and
 useful FLOPs per step from `flops.py` (XLA's cost analysis does not multiply scan bodies).
+Chips: v5e, v5p, v6e and v2 (`v2:2x2` is a v2-8: 4 chips of two TensorCores, 8 devices of 8 GiB).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
 import numpy as np  # noqa: E402
 
 from loopcoder_jax.model import sharding
@@ -31,7 +31,7 @@ from loopcoder_jax.model.config import PLTConfig  # noqa: E402
 from loopcoder_jax.scaling import flops  # noqa: E402
 import pallas_kernels  # noqa: E402
 
-_TOPOLOGY = re.compile(r"^(v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+_TOPOLOGY = re.compile(r"^(v2|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 _OOM = re.compile(
     r"RESOURCE_EXHAUSTED|[Rr]an out of memory|exceeds? .*memory|Out of memory|HBM",
     re.S,
@@ -43,8 +43,8 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
   m = _TOPOLOGY.match(topology or "")
   if not m:
     raise ValueError(
-        f"topology {topology!r} is not of the form CHIP:AxB[xC] with CHIP one of v5e, v5p, v6e "
-        f"(e.g. v5e:2x2, v5p:4x4x4, v6e:4x8)"
+        f"topology {topology!r} is not of the form CHIP:AxB[xC] with CHIP one of v2, v5e, v5p, "
+        f"v6e (e.g. v5e:2x2, v5p:4x4x4, v6e:4x8, v2:2x2 = a v2-8)"
     )
   dims = tuple(int(x) for x in m.group(2).split("x"))
   if m.group(1) == "v5p" and len(dims) != 3:
@@ -122,6 +122,34 @@ def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
   }
 
 
+def compile_tpu(jitted, args: tuple) -> tuple[Any, str | None]:
+  """Lower and compile a jitted function on abstract sharded `args` for compile-only TPU devices:
+  `(compiled, None)`, or `(None, the compiler's one-line refusal)` when it does not fit.
+  """
+  # Compile-only TPU executables cannot be read back from the persistent cache: keep them out of it.
+  # (`jax.config.read` refuses flags that have a context manager, as this one does)
+  cache_on = jax.config.jax_enable_compilation_cache  # type: ignore[attr-defined]
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    # The kernels pick their backend at trace time: compile-only TPU devices need the Mosaic kernels,
+    # not this CPU host's interpret path.
+    with pallas_kernels.default_backend("tpu"):
+      lowered = jitted.lower(*args)
+    return lowered.compile(), None
+  # The TPU compiler reports an HBM overflow as a runtime error.
+  except Exception as e:
+    msg = str(e)
+    if not _OOM.search(msg):
+      raise
+    first = next(
+        (line for line in msg.splitlines() if _OOM.search(line)),
+        msg.splitlines()[0],
+    )
+    return None, first.strip()[:300]
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_on)
+
+
 def compile_report(
     name: str,
     fn: Callable,
@@ -137,37 +165,12 @@ def compile_report(
   )
   t0 = time.perf_counter()
   report: dict[str, Any] = {"what": name, "flops_per_device": flops_per_device}
-  # Compile-only TPU executables cannot be read back from the persistent cache: keep them out of it.
-  cache_on = jax.config.jax_enable_compilation_cache  # type: ignore[attr-defined]
-  jax.config.update("jax_enable_compilation_cache", False)
-  try:
-    # The kernels pick their backend at trace time: compile-only TPU devices need the Mosaic kernels,
-    # not this CPU host's interpret path.
-    with pallas_kernels.default_backend("tpu"):
-      lowered = jitted.lower(*args)
-    compiled = lowered.compile()
-  # The TPU compiler reports an HBM overflow as a runtime error.
-  except Exception as e:
-    msg = str(e)
-    if not _OOM.search(msg):
-      raise
-    first = next(
-        (line for line in msg.splitlines() if _OOM.search(line)),
-        msg.splitlines()[0],
-    )
-    report.update(
-        fits=False,
-        error=first.strip()[:300],
-        compile_s=time.perf_counter() - t0,
-    )
+  compiled, error = compile_tpu(jitted, args)
+  report["compile_s"] = time.perf_counter() - t0
+  if compiled is None:
+    report.update(fits=False, error=error)
     return report
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cache_on)
-  report.update(
-      fits=True,
-      compile_s=time.perf_counter() - t0,
-      **memory_report(compiled, hbm_bytes),
-  )
+  report.update(memory_report(compiled, hbm_bytes))
   report["fits"] = report["peak_bytes"] <= hbm_bytes
   return report
 
@@ -241,33 +244,6 @@ def _context(
 
 
 # ------------------------------------------------------------------------------------- serving
-def serving_shardings(cfg: PLTConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
-  """Params by the training rules; cache K/V split over kv heads on `tensor` and batch over data axes."""
-  from loopcoder_jax import inference
-  from loopcoder_jax.model import transformer as model
-
-  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
-  tp = mesh.shape["tensor"]
-  heads = "tensor" if tp > 1 and cfg.num_key_value_heads % tp == 0 else None
-  kv = NamedSharding(mesh, P(None, batch_axes, None, heads, None))
-  ring = NamedSharding(mesh, P(None, None, batch_axes, None, heads, None))
-  rows = NamedSharding(mesh, P(batch_axes))
-  cache_sh = inference.Cache(
-      k1=kv,
-      v1=kv,
-      ring_k=ring,
-      ring_v=ring,
-      ring_pos=NamedSharding(mesh, P(batch_axes, None)),
-      carry=NamedSharding(mesh, P(None, batch_axes, None)),
-      lengths=rows,
-  )
-  return (
-      sharding.param_shardings(model.abstract_params(cfg), mesh, rules),
-      cache_sh,
-      rows,
-  )
-
-
 def compile_serving(
     cfg: PLTConfig,
     topology: str,
@@ -289,7 +265,7 @@ def compile_serving(
   mesh = make_mesh(
       mesh_cfg or {"data": 1, "fsdp": 1, "tensor": -1}, devices, num_slices
   )
-  p_sh, c_sh, rows = serving_shardings(cfg, mesh)
+  p_sh, c_sh, rows = decode.serving_shardings(cfg, mesh, batch)
   if batch % sharding.batch_shards(
       mesh, (("activation_batch", ("data", "fsdp")),)
   ):

@@ -31,12 +31,17 @@ import jax.numpy as jnp
 
 from loopcoder_jax.model.config import PLTConfig
 
-# Dense bf16 peak FLOP/s and HBM bytes per chip (vendor figures), keyed by `device_kind` fragments.
+# Per JAX device: dense bf16 peak FLOP/s, HBM bytes and HBM bandwidth (bytes/s), vendor figures.
+# Sources: Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v5e, /v5p, /v6e: per chip,
+# one device per chip); TPU v2 (two TensorCores per chip, each its own JAX device with 8 GiB): JAX's
+# TPU hardware reference (docs.jax.dev pallas/tpu/hardware, `pltpu.get_tpu_info`: 46 TFLOP/s and
+# 716 GB/s per chip, halved per core); NVIDIA H200 SXM datasheet (989 TFLOP/s dense, 4.8 TB/s).
 PEAKS = {
-    "v5e": dict(bf16_flops=197e12, hbm_bytes=16 * 2**30),
-    "v5p": dict(bf16_flops=459e12, hbm_bytes=95 * 2**30),
-    "v6e": dict(bf16_flops=918e12, hbm_bytes=32 * 2**30),
-    "h200": dict(bf16_flops=989e12, hbm_bytes=141 * 10**9),
+    "v2": dict(bf16_flops=23e12, hbm_bytes=8 * 2**30, hbm_bw=358e9),
+    "v5e": dict(bf16_flops=197e12, hbm_bytes=16 * 2**30, hbm_bw=819e9),
+    "v5p": dict(bf16_flops=459e12, hbm_bytes=95 * 2**30, hbm_bw=2765e9),
+    "v6e": dict(bf16_flops=918e12, hbm_bytes=32 * 2**30, hbm_bw=1640e9),
+    "h200": dict(bf16_flops=989e12, hbm_bytes=141 * 10**9, hbm_bw=4.8e12),
 }
 _KIND_ALIASES = {
     "v5 lite": "v5e",
@@ -49,6 +54,7 @@ _KIND_ALIASES = {
     "v5e": "v5e",
     "v6e": "v6e",
     "h200": "h200",
+    "tpu v2": "v2",
 }
 
 

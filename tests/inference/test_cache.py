@@ -1,11 +1,13 @@
-"""The PLT cache: sizes by the formula, layouts, and the layout check."""
+"""The PLT cache: sizes by the formula, layouts, the layout check, shardings on a mesh."""
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
 from loopcoder_jax import inference
 from loopcoder_jax.inference import decode
+from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import init_params, unstack_layers
 
@@ -51,3 +53,24 @@ def test_cache_layout_must_match_params():
         unstack_layers(params),
         cache,
     )
+
+
+def test_cache_shardings_split_rows_and_kv_heads():
+  """Rows over the data axes, kv heads over `tensor`; what the rules cannot split stays whole."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  cfg = PLTConfig.tiny(loops=2, num_key_value_heads=2)
+  sh = inference.cache_shardings(cfg, mesh, 4)
+  rows = ("data", "fsdp")
+  assert sh.k1.spec == sh.v1.spec == P(None, rows, None, "tensor", None)
+  assert (
+      sh.ring_k.spec
+      == sh.ring_v.spec
+      == P(None, None, rows, None, "tensor", None)
+  )
+  assert sh.ring_pos.spec == P(rows, None)
+  assert sh.carry.spec == P(None, rows, None)
+  assert sh.lengths.spec == P(rows)
+  # 3 rows, 1 kv head: neither splits
+  sh = inference.cache_shardings(cfg.replace(num_key_value_heads=1), mesh, 3)
+  assert sh.k1.spec == P(None, None, None, None, None)
+  assert sh.lengths.spec == P(None)

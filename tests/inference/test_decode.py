@@ -1,15 +1,18 @@
-"""Prefill + cached decoding reproduce the full forward; batched-loop decode equals serial decode."""
+"""Prefill + cached decoding reproduce the full forward; batched-loop decode equals serial decode;
+greedy decoding on a mesh equals one device."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
 from loopcoder_jax import inference
 from loopcoder_jax.inference import cache as cache_lib
 from loopcoder_jax.inference import decode, sampling
+from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import (
     PLTForCausalLM,
@@ -303,3 +306,104 @@ def test_batched_decode_step_is_one_pass_over_the_layers(loops):
   per_layer = unstack_layers(params)
   assert passes(per_layer, "batched") == (0, n_layers)
   assert passes(per_layer, "serial") == (0, loops * n_layers)
+
+
+# ------------------------------------------------------------------------------------- on a mesh
+# 16 query and 8 kv heads of 8: tensor=8 splits every head axis (a tiny config's 4 / 2 would stay
+# whole), as well as the MLP (64) and the vocabulary (128).
+MESH_HEADS = dict(num_attention_heads=16, num_key_value_heads=8, head_dim=8)
+MESH_LENGTHS = (5, 2, 7, 3)
+NEW_TOKENS = 6
+# A mesh splits matmuls over heads, MLP width and vocabulary and all-reduces the parts: sums in
+# another order, so each logit moves by at most a few hundred float32 roundings (eps 2^-23) of the
+# logits' scale for this depth. A greedy pick is the same on every mesh when its lead over the
+# runner-up exceeds that; 2^-13 of the scale leaves two orders of magnitude of room.
+GREEDY_MARGIN = 2.0**-13
+
+
+@functools.cache
+def _mesh_setup(loops):
+  cfg = PLTConfig.tiny(loops=loops, **MESH_HEADS)
+  params = _perturbed(init_params(cfg, jax.random.key(loops)))
+  tokens = jax.random.randint(
+      jax.random.key(10 + loops),
+      (len(MESH_LENGTHS), max(MESH_LENGTHS)),
+      0,
+      cfg.vocab_size,
+  )
+  return cfg, params, tokens
+
+
+@functools.cache
+def _greedy(loops, mesh_axes=None, chunk=0):
+  """Greedy ids `[B, NEW_TOKENS]` of `prefill_and_generate`, on one device or a mesh."""
+  cfg, params, tokens = _mesh_setup(loops)
+  mesh = None if mesh_axes is None else sharding.make_mesh(dict(mesh_axes))
+  if mesh is not None:  # as the loader gives them: already on the mesh
+    params = jax.device_put(
+        params, decode.serving_shardings(cfg, mesh, len(MESH_LENGTHS))[0]
+    )
+  ids, counts = decode.prefill_and_generate(
+      cfg,
+      params,
+      tokens,
+      jnp.array(MESH_LENGTHS),
+      jax.random.key(0),
+      sampling.Greedy(),
+      sampling.StopRule(NEW_TOKENS, ()),
+      max_len=max(MESH_LENGTHS) + NEW_TOKENS,
+      prefill_chunk=chunk,
+      mesh=mesh,
+  )
+  np.testing.assert_array_equal(counts, NEW_TOKENS)
+  return np.asarray(ids)
+
+
+def _assert_picks_are_clear(loops, ids):
+  """Each single-device pick leads the runner-up by GREEDY_MARGIN of the logits' scale (full
+  forward over prompt + generated tokens), so no mesh may change it."""
+  cfg, params, tokens = _mesh_setup(loops)
+  fwd = jax.jit(lambda p, t: PLTForCausalLM(cfg).apply({"params": p}, t))
+  for b, n in enumerate(MESH_LENGTHS):
+    seq = np.concatenate([np.asarray(tokens[b, :n]), ids[b]])[None]
+    logits = np.asarray(fwd(params, seq))[0, n - 1 : n - 1 + NEW_TOKENS]
+    np.testing.assert_array_equal(logits.argmax(-1), ids[b])
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    gap = float(np.min(top2[:, 1] - top2[:, 0]))
+    scale = float(np.max(np.abs(logits)))
+    assert gap > GREEDY_MARGIN * scale, (b, gap, scale)
+
+
+@pytest.mark.parametrize(
+    "loops, mesh_axes, chunk",
+    [
+        (1, (("tensor", 8),), 0),
+        (2, (("tensor", 8),), 0),
+        (3, (("tensor", 8),), 0),
+        # rows split over data x fsdp = 4, weights over fsdp and tensor; chunked prefill
+        (2, (("data", 2), ("fsdp", 2), ("tensor", 2)), 3),
+    ],
+)
+def test_greedy_tokens_on_a_mesh_equal_one_device(loops, mesh_axes, chunk):
+  one = _greedy(loops)
+  _assert_picks_are_clear(loops, one)
+  np.testing.assert_array_equal(_greedy(loops, mesh_axes, chunk), one)
+
+
+def test_in_step_order():
+  seen = []
+  call = decode.in_step_order(lambda step, x: seen.append((step, x)))
+  for step in (1, 0, 3, 2):
+    call(np.int32(step), step * 10)
+  assert seen == [(0, 0), (1, 10), (2, 20), (3, 30)]
+
+
+def test_serving_shardings_split_rows_like_the_cache():
+  cfg = PLTConfig.tiny(loops=2, **MESH_HEADS)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  for batch, rows_spec in ((4, P(("data", "fsdp"))), (3, P(None))):
+    p_sh, c_sh, rows = decode.serving_shardings(cfg, mesh, batch)
+    assert rows.spec == rows_spec and c_sh.lengths.spec == rows_spec
+    assert c_sh == inference.cache_shardings(cfg, mesh, batch)
+  attn = p_sh["layers"]["self_attn"]
+  assert attn["k_proj"]["kernel"].spec == P(None, "fsdp", "tensor", None)

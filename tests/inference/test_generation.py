@@ -13,6 +13,7 @@ from loopcoder_jax import PLTConfig, PLTForCausalLM, interop
 from loopcoder_jax.data import tokenizer
 from loopcoder_jax.inference import decode, generation, sampling
 from loopcoder_jax.interop import convert
+from loopcoder_jax.model import sharding
 from loopcoder_jax.model.transformer import init_params
 from loopcoder_jax.train import checkpoint
 from tests.helpers import SCRIPTS
@@ -113,6 +114,69 @@ def test_bad_generation_input(tiny_checkpoint, tmp_path):
     generation.complete(cfg, params, tok, [""], max_new_tokens=2)
   with pytest.raises(ValueError, match="no tokenizer"):
     tokenizer.find_tokenizer(str(tmp_path))
+
+
+def test_complete_on_a_mesh(tiny_checkpoint):
+  root, cfg, params, tok = tiny_checkpoint
+  prompts = ["def add(", "for i", "x"]
+  one = generation.complete(cfg, params, tok, prompts, max_new_tokens=5)
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+  assert (
+      generation.complete(
+          cfg, params, tok, prompts, max_new_tokens=5, mesh=mesh
+      )
+      == one
+  )
+  # a single prompt streams: on a mesh the loop's host callbacks are unordered
+  pieces = []
+  [text] = generation.complete(
+      cfg,
+      params,
+      tok,
+      prompts[:1],
+      max_new_tokens=5,
+      mesh=mesh,
+      on_text=pieces.append,
+  )
+  assert text == one[0] == "".join(pieces)
+
+
+def test_generate_cli_on_a_mesh(tiny_checkpoint):
+  """`--mesh=tensor=8` on 8 CPU devices prints what one device does; a mesh that does not fit the
+  devices is bad input."""
+  root, cfg, params, tok = tiny_checkpoint
+  script = os.path.join(SCRIPTS, "generate.py")
+  env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  }
+
+  def run(mesh):
+    return subprocess.run(
+        [
+            sys.executable,
+            script,
+            f"--checkpoint={root / 'params'}",
+            "--prompt=def add(",
+            "--max_new_tokens=5",
+            f"--mesh={mesh}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+  ok = run("tensor=8")
+  assert ok.returncode == 0, ok.stderr
+  expected = generation.complete(
+      cfg, params, tok, ["def add("], max_new_tokens=5
+  )[0]
+  assert ok.stdout == "def add(" + expected + "\n"
+  bad = run("tensor=3")
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: mesh ")
 
 
 def test_generate_cli(tiny_checkpoint):

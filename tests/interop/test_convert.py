@@ -14,7 +14,9 @@ from safetensors import safe_open
 from loopcoder_jax.data import tokenizer
 from loopcoder_jax.interop import convert, hf_names
 from loopcoder_jax.interop import safetensors_io as st
+from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
+from loopcoder_jax.model.transformer import abstract_params
 from loopcoder_jax.train import checkpoint
 from tests import helpers
 from tests.helpers import ROOT, SCRIPTS
@@ -341,6 +343,62 @@ def test_tied_embeddings_round_trip(tmp_path):
   assert sorted(back) == sorted(orig) and all(
       back[k].tobytes() == orig[k].tobytes() for k in orig
   )
+
+
+# ------------------------------------------------------------------------------------- sharded reading
+@pytest.mark.parametrize(
+    "mesh_cfg", [{"tensor": 8}, {"fsdp": 2, "tensor": 4}, {"data": 8}]
+)
+def test_sharded_read_places_each_block_reading_each_byte_once(
+    tmp_path, mesh_cfg, monkeypatch
+):
+  """Every device holds exactly its block of `load_hf`'s arrays, and the files' bytes are read
+  once in all: no device reads another's block, replicas share one read."""
+  # 8 query and kv heads: tensor=8 splits every projection (a tiny config's 4 / 2 would stay whole)
+  cfg = PLTConfig.tiny(
+      loops=2,
+      num_attention_heads=8,
+      num_key_value_heads=8,
+      torch_dtype="bfloat16",
+  )
+  src = _hf_dir(tmp_path / "hf", cfg)
+  _, want = convert.load_hf(src)
+  mesh = sharding.make_mesh(mesh_cfg)
+  shardings = sharding.param_shardings(abstract_params(cfg), mesh)
+  read_bytes = []
+  real = st.read_block
+
+  def counting(fname, key, block):
+    x = real(fname, key, block)
+    read_bytes.append(x.nbytes)
+    return x
+
+  monkeypatch.setattr(st, "read_block", counting)
+  got_cfg, got = convert.load_hf_sharded(src, shardings)
+  assert got_cfg.runtime.param_dtype == "bfloat16"
+  flat_sh, flat_want = hf_names.flatten(shardings), hf_names.flatten(want)
+  assert sorted(hf_names.flatten(got)) == sorted(flat_want)
+  for path, x in hf_names.flatten(got).items():
+    assert x.sharding == flat_sh[path] and x.dtype == BF16, path
+    assert len(x.addressable_shards) == 8
+    for shard in x.addressable_shards:
+      block = np.asarray(shard.data)
+      assert block.tobytes() == flat_want[path][shard.index].tobytes(), path
+  stored = sum(v.nbytes for v in random_hf_tensors(cfg).values())
+  assert sum(read_bytes) == stored
+
+
+def test_sharded_read_casts_on_request(tmp_path):
+  cfg = PLTConfig.tiny(loops=2, torch_dtype="bfloat16")
+  src = _hf_dir(tmp_path / "hf", cfg)
+  _, want = convert.load_hf(src, "float32")
+  mesh = sharding.make_mesh({"tensor": 8})
+  shardings = sharding.param_shardings(abstract_params(cfg), mesh)
+  got_cfg, got = convert.load_hf_sharded(src, shardings, "float32")
+  assert got_cfg.runtime.param_dtype == got_cfg.torch_dtype == "float32"
+  for path, x in hf_names.flatten(got).items():
+    assert x.dtype == np.float32, path
+    np.testing.assert_array_equal(np.asarray(x), hf_names.flatten(want)[path])
 
 
 # ------------------------------------------------------------------------------------- bad input

@@ -154,3 +154,89 @@ def test_linear_layouts():
   )
   norm = slots["model.norm.weight"]
   assert not norm.rule.transpose and norm.our_shape == (cfg.hidden_size,)
+
+
+def _inner_axes(s):
+  """Our axes that split an HF axis after its first part: head_dim of [d, H, D] and [H, D, d]."""
+  if len(s.our_shape) == len(s.hf_shape):
+    return ()
+  return (1,) if s.rule.path.endswith("o_proj/kernel") else (2,)
+
+
+@hst.composite
+def _blocks(draw, shape, whole=()):
+  """One contiguous block per axis of `shape` (all of the axes in `whole`)."""
+  out = []
+  for a, n in enumerate(shape):
+    lo = 0 if a in whole else draw(hst.integers(0, n - 1))
+    hi = n if a in whole else draw(hst.integers(lo + 1, n))
+    out.append(slice(lo, hi))
+  return tuple(out)
+
+
+@given(
+    loops=hst.integers(1, 3),
+    hidden=hst.booleans(),
+    kv_heads=hst.sampled_from([1, 2, 4]),
+    whole_inner=hst.booleans(),
+    data=hst.data(),
+)
+def test_read_ours_is_the_block_of_to_ours(
+    loops, hidden, kv_heads, whole_inner, data
+):
+  """A block of our layout read through `read_ours` equals that block of the whole converted
+  tensor; a block that takes whole head dims is read from exactly its own HF elements.
+  """
+  cfg = PLTConfig.tiny(
+      loops=loops,
+      plt_gate_use_hidden_states=hidden,
+      num_key_value_heads=kv_heads,
+  )
+  rng = np.random.default_rng(0)
+  for s in hf_names.plan(cfg):
+    if s.layer not in (None, 0):
+      continue
+    w = rng.standard_normal(s.hf_shape).astype(np.float32)
+    whole = _inner_axes(s) if whole_inner else ()
+    block = data.draw(_blocks(s.our_shape, whole), label=s.key)
+    regions = []
+
+    def read(region, w=w, regions=regions):
+      regions.append(region)
+      return w[region]
+
+    got = s.rule.read_ours(read, s.hf_shape, s.our_shape, block)
+    np.testing.assert_array_equal(
+        got, s.rule.to_ours(w, s.our_shape)[block], err_msg=s.key
+    )
+    [region] = regions
+    if whole_inner:
+      assert w[region].size == got.size, (s.key, block, region)
+
+
+def test_read_ours_of_a_head_block_is_one_contiguous_range():
+  """q_proj [d, H, D] sharded on heads: the HF rows of those heads, all columns of d."""
+  cfg = PLTConfig.tiny(loops=2)
+  q = next(
+      s
+      for s in hf_names.plan(cfg)
+      if s.key.endswith("0.self_attn.q_proj.weight")
+  )
+  d, h, hd = q.our_shape
+  regions = []
+  w = np.zeros(q.hf_shape, np.float32)
+  q.rule.read_ours(
+      lambda r: regions.append(r) or w[r],
+      q.hf_shape,
+      q.our_shape,
+      (slice(0, d), slice(1, 3), slice(0, hd)),
+  )
+  assert regions == [(slice(1 * hd, 3 * hd), slice(0, d))]
+
+
+def test_read_ours_refuses_a_merge():
+  rule = hf_names.Rule("x", "x", lambda c: (4, 6))
+  with pytest.raises(ValueError, match="not a split of axes"):
+    rule.read_ours(
+        lambda r: np.zeros((4, 6))[r], (4, 6), (24,), (slice(0, 24),)
+    )

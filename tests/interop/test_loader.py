@@ -1,4 +1,5 @@
-"""`interop.load`: every checkpoint format, tokenizer discovery, dtype and loop-count rules."""
+"""`interop.load`: every checkpoint format, placement on a mesh, tokenizer discovery, dtype and
+loop-count rules."""
 
 import os
 import shutil
@@ -11,8 +12,13 @@ import pytest
 from loopcoder_jax import interop
 from loopcoder_jax.data import corpus, tokenizer
 from loopcoder_jax.interop import convert, hf_names
+from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.model.transformer import PLTForCausalLM, init_params
+from loopcoder_jax.model.transformer import (
+    PLTForCausalLM,
+    abstract_params,
+    init_params,
+)
 from loopcoder_jax.train import checkpoint
 
 
@@ -63,6 +69,21 @@ def test_every_format_loads_the_same_model(ckpts, fmt):
   _assert_same_params(params, ckpts["params"])
   assert tok.vocab_size == ckpts["tok"].vocab_size
   assert tok.encode("def f(x):") == ckpts["tok"].encode("def f(x):")
+
+
+@pytest.mark.parametrize("fmt", ["params_dir", "hf"])
+def test_params_go_onto_the_mesh_by_the_rules(ckpts, fmt):
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+  cfg, params, _ = interop.load(ckpts[fmt], mesh=mesh)
+  want = hf_names.flatten(sharding.param_shardings(abstract_params(cfg), mesh))
+  for path, x in hf_names.flatten(params).items():
+    assert x.sharding == want[path], path
+  _assert_same_params(params, ckpts["params"])
+  # without a mesh: every param on the first device
+  _, params, _ = interop.load(ckpts[fmt])
+  assert {d for x in jax.tree.leaves(params) for d in x.devices()} == {
+      jax.local_devices()[0]
+  }
 
 
 def test_not_a_checkpoint(ckpts, tmp_path):

@@ -1,4 +1,5 @@
-"""Streaming safetensors I/O: discovery, headers, one-tensor reads, the streamed sharded writer."""
+"""Streaming safetensors I/O: discovery, headers, one-tensor and block reads, the streamed sharded
+writer."""
 
 import json
 import os
@@ -63,6 +64,16 @@ def test_headers_and_one_tensor_reads(tmp_path):
   for k, v in tensors.items():
     got = st.read_tensor(files[k], k)
     assert got.dtype == v.dtype and got.tobytes() == v.tobytes(), k
+
+
+def test_block_reads(tmp_path):
+  tensors = _tensors()
+  helpers.write_safetensors_dir(tmp_path / "d", tensors, 300)
+  files = st.weight_files(str(tmp_path / "d"))
+  for k, v in tensors.items():
+    block = tuple(slice(n // 3, n - n // 4) for n in v.shape)
+    got = st.read_block(files[k], k, block)
+    assert got.dtype == v.dtype and got.tobytes() == v[block].tobytes(), k
 
 
 def test_unsupported_tensor_dtype(tmp_path):

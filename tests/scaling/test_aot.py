@@ -31,7 +31,8 @@ def _tiny_config(**model_overrides):
 def test_parse_topology():
   assert aot.parse_topology("v5p:4x4x4") == ("v5p", (4, 4, 4))
   assert aot.parse_topology("v6e:2x4") == ("v6e", (2, 4))
-  for bad in ("v5p:4x4", "v5e:2x2x2", "v4:2x2", "2x2", ""):
+  assert aot.parse_topology("v2:2x2") == ("v2", (2, 2))
+  for bad in ("v5p:4x4", "v5e:2x2x2", "v4:2x2", "v2:2x2x1", "2x2", ""):
     with pytest.raises(ValueError, match="topology"):
       aot.parse_topology(bad)
 
@@ -144,3 +145,50 @@ def test_tiny_serving_v5e_2x2_keeps_the_cache_in_place():
   assert step["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
   assert step["alias_bytes"] >= step["cache_bytes_per_device"]
   assert step["temp_bytes"] < step["cache_bytes_per_device"] / 4, step
+
+
+def _serving_cfg(**kw):
+  from loopcoder_jax.model.config import PLTConfig
+
+  # small, but with TPU-sized head dims (a head_dim of 8 would be padded to the 128-lane tile)
+  return PLTConfig.tiny(
+      loops=2,
+      hidden_size=512,
+      num_attention_heads=8,
+      num_key_value_heads=8,
+      head_dim=128,
+      max_position_embeddings=4096,
+      dtype="bfloat16",
+      param_dtype="bfloat16",
+      **kw,
+  )
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+def test_whole_prompt_prefill_runs_the_kernels_per_shard():
+  """Whole-prompt prefill with the Mosaic kernels compiles on a tensor mesh (they run under
+  shard_map over the serving mesh; XLA cannot partition them itself)."""
+  prefill, step = aot.compile_serving(
+      _serving_cfg(attention_impl="pallas"),
+      "v5e:2x2",
+      batch=1,
+      max_len=1024,
+      prefill_len=512,
+  )
+  assert prefill["mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}
+  assert prefill["fits"] and step["fits"]
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+def test_v2_8_serves_on_eight_cores_of_8_gib():
+  from loopcoder_jax.scaling import flops
+
+  prefill, step = aot.compile_serving(
+      _serving_cfg(), "v2:2x2", batch=1, max_len=1024, prefill_len=512
+  )
+  assert prefill["chip"] == "v2" and prefill["devices"] == 8
+  assert prefill["mesh"] == {"data": 1, "fsdp": 1, "tensor": 8}
+  assert prefill["hbm_bytes"] == flops.PEAKS["v2"]["hbm_bytes"] == 8 * 2**30
+  assert prefill["fits"] and step["fits"]

@@ -57,6 +57,10 @@ def test_peak_table():
   assert flops.chip_name("NVIDIA H200") == "h200"
   assert flops.chip_name("cpu") is None
   assert flops.chip_peak("TPU v5p")["hbm_bytes"] == 95 * 2**30
+  assert flops.chip_name("TPU v2") == "v2"
+  # every chip has the three figures a roofline needs, per JAX device
+  for peak in flops.PEAKS.values():
+    assert set(peak) == {"bf16_flops", "hbm_bytes", "hbm_bw"}
 
 
 def test_matches_xla_cost_analysis():

@@ -4,6 +4,7 @@ Each run must finish, print its table and end stdout with the JSON summary (bad 
 The figures themselves are checked only for sanity (the machine is shared).
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import pytest
 
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.scaling import flops
-from tests.helpers import SCRIPTS
+from tests.helpers import ROOT, SCRIPTS
 
 # About 65 s on 2 loaded cores with a cold compile cache (40 s warm): over the default suite's share.
 pytestmark = pytest.mark.slow
@@ -179,6 +180,8 @@ def test_bench_convert(tmp_path):
       "hf_to_orbax",
       "orbax_to_hf",
       "verify",
+      "load_1",
+      "load_mesh",
   )
   assert set(out["peak_rss_bytes"]) == set(phases) and all(
       positive(v) for v in out["peak_rss_bytes"].values()
@@ -187,3 +190,36 @@ def test_bench_convert(tmp_path):
   assert ratios["baseline"] == 0 and all(
       positive(ratios[p]) for p in phases[1:]
   ), ratios
+  # the whole checkpoint lands on the devices: once on one, once in all on a tensor mesh whose
+  # replicated params (norms, gate) are held by each of the 8 devices
+  one, mesh = out["loads"]["load_1"], out["loads"]["load_mesh"]
+  assert (one["devices"], mesh["devices"]) == (1, 8)
+  assert one["device_bytes"] == out["tensor_bytes"] < out["checkpoint_bytes"]
+  assert mesh["device_bytes"] > one["device_bytes"]
+  assert positive(out["largest_shard_bytes"])
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'jax[tpu]', the [tpu] extra)",
+)
+def test_roofline():
+  out = summary(
+      run_script(
+          "roofline.py",
+          f"--config={os.path.join(ROOT, 'configs', 'tiny_cpu.py')}",
+          "--topology=v5e:2x2",
+          "--batches=2",
+          "--contexts=256",
+      )
+  )
+  assert out["topology"] == "v5e:2x2"
+  [point] = out["points"]
+  assert sorted(point["variants"]) == ["PLT2", "R1", "serial2"]
+  for r in point["variants"].values():
+    assert r["fits"] and positive(r["xla"]["step_s"])
+    assert positive(r["floor"]["step_s"])
+  assert set(point["ratios"]) == {"xla", "floor"}
+  # serial R=2 streams the weights twice: the floor says PLT2 is faster
+  assert point["ratios"]["floor"]["PLT2/serial2"] < 1

@@ -23,6 +23,7 @@ HEAVY = (
     "bench_decode.py",
     "bench_train.py",
     "loop_study.py",
+    "roofline.py",
     "train.py",
 )
 SCRIPT_NAMES = sorted(f for f in os.listdir(SCRIPTS) if f.endswith(".py"))
@@ -86,6 +87,7 @@ BAD_FLAG = {
         "--max_new_tokens=0",
     ),
     "loop_study.py": (["--loops=1,0"], "--loops=1,0", "less than 1"),
+    "roofline.py": (["--batches=1,0"], "--batches", "0 is less than 1"),
     "train.py": (
         ["--config.train.total_stepz=3"],
         "--config.train.total_stepz",
@@ -112,6 +114,10 @@ def test_bad_flag_is_one_error_line(name, no_jax):
         (["--prompt=p"], ["--checkpoint", "must have a value"]),
         (["--checkpoint"], ["Missing value", "--checkpoint"]),
         (["--checkpoint=c", "--prompt=p", "extra"], ["unexpected", "extra"]),
+        (
+            ["--checkpoint=c", "--prompt=p", "--mesh=tensor"],
+            ["--mesh=tensor", "is not axis=size"],
+        ),
     ],
 )
 def test_bad_flags(args, names, no_jax):
