@@ -59,16 +59,28 @@ _CODE_EVAL = flags.DEFINE_integer(
 
 def _code_eval(problems: int):
   """pass@1 on the first `problems` HumanEval problems, one greedy sample each of at most 256
-  tokens (the study's models are small: longer completions only cost time)."""
+  tokens (the study's models are small: longer completions only cost time), fewer where the
+  longest prompt leaves less room in the model's positions."""
   from loopcoder_jax.eval import humaneval
+  from loopcoder_jax.inference import generation
 
   chosen = humaneval.load_problems(problems)
 
   def run(cfg, params, tok):
+    _, ids = generation.encode_prompts(tok, [p["prompt"] for p in chosen])
+    budget = min(256, cfg.max_position_embeddings - max(map(len, ids)))
+    if budget < 1:
+      raise ValueError(
+          f"the longest of the first {problems} HumanEval prompts "
+          f"({max(map(len, ids))} tokens) leaves no room in the model's "
+          f"max_position_embeddings={cfg.max_position_embeddings}"
+      )
     samples, _ = humaneval.generate_samples(
-        cfg, params, tok, chosen, n_samples=1, max_new_tokens=256
+        cfg, params, tok, chosen, n_samples=1, max_new_tokens=budget
     )
-    records = humaneval.score_samples(chosen, samples)
+    records = humaneval.score_samples(
+        chosen, samples, workers=os.cpu_count() or 1
+    )
     return humaneval.pass_at_k(records, ks=(1,))
 
   return run

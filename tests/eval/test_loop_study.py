@@ -195,6 +195,8 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
   over = {f"model.overrides.{k}": v for k, v in TINY.items()}
   over |= {
       "model.overrides.plt_window_size": "(8, 0)",
+      # room for HumanEval prompts (the code evaluation at the end)
+      "model.overrides.max_position_embeddings": 512,
       "tokenizer.vocab_size": TINY["vocab_size"],
       "data.source": str(docs / "*.py"),
       "data.eval_source": str(docs / "00*.py"),
@@ -273,3 +275,19 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert "workdir:" not in again.stdout
   assert json.loads(again.stdout.strip().splitlines()[-1]) == rows
+
+  # HumanEval pass@1 added to the finished runs (their weights are loaded, nothing is trained)
+  coded = subprocess.run(
+      args + ["--code_eval_problems=2"],
+      env=subprocess_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+      cwd=ROOT,
+  )
+  assert coded.returncode == 0, coded.stderr[-3000:]
+  assert "workdir:" not in coded.stdout
+  for name in ("R1", "R2"):
+    evaluated = json.loads((study / f"{name}-s0" / "eval.json").read_text())
+    assert 0.0 <= evaluated["code_eval"]["pass@1"] <= 1.0
+  assert "pass@1 |" in doc.read_text()
