@@ -1,0 +1,195 @@
+"""Greedy generation speed of the exported PyTorch model: with its PLT cache against without.
+
+    python scripts/bench_torch_decode.py [--loops=1,2] [--prompt=256] [--new_tokens=32] [--batch=1]
+
+Model (defaults): d=1024, I=2816, L=8, H=16, K=4, D=64, V=32000, window 64, float32 (about 160M
+params), random weights with unit-scale logits so that greedy choices are far from ties. For each
+loop count the model of the HF export (`modeling_loopcoder.py`) runs `generate` with
+`use_cache=True` (prefill, then all loops of each new token in one pass over the weights) and with
+`use_cache=False` (every step recomputes the whole prefix); for R = 1 transformers'
+`LlamaForCausalLM` with the same weights and its own cache runs too, as a reference. Each variant
+generates exactly `--new_tokens` tokens per row, `--repeats` times (the fastest run counts);
+tokens/s = batch * new_tokens / seconds, prefill included. `same_tokens` says whether the cached
+and uncached runs chose the same tokens. Prints a table and, as the last line, one JSON object.
+Exit codes: 0 done; 2 bad flags (one `error:` line on stderr, before torch is imported).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from absl import flags
+
+from loopcoder_jax import cli
+
+_FLAGS = (
+    cli.define_int_list("loops", [1, 2], "Loop counts R to run."),
+    flags.DEFINE_integer(
+        "prompt", 256, "Prompt tokens per row.", lower_bound=1
+    ),
+    flags.DEFINE_integer(
+        "new_tokens", 32, "Generated tokens per row.", lower_bound=1
+    ),
+    flags.DEFINE_integer("batch", 1, "Rows.", lower_bound=1),
+    flags.DEFINE_integer("d", 1024, "Hidden size.", lower_bound=1),
+    flags.DEFINE_integer(
+        "ffn", 2816, "SwiGLU intermediate size.", lower_bound=1
+    ),
+    flags.DEFINE_integer("layers", 8, "Layers.", lower_bound=1),
+    flags.DEFINE_integer("heads", 16, "Query heads.", lower_bound=1),
+    flags.DEFINE_integer("kv_heads", 4, "KV heads.", lower_bound=1),
+    flags.DEFINE_integer("head_dim", 64, "Head dim (even).", lower_bound=2),
+    flags.DEFINE_integer("vocab", 32000, "Vocabulary size.", lower_bound=2),
+    flags.DEFINE_integer(
+        "window", 64, "Local attention window (left).", lower_bound=0
+    ),
+    flags.DEFINE_integer(
+        "repeats",
+        1,
+        "Timed runs per variant (the fastest counts).",
+        lower_bound=1,
+    ),
+    flags.DEFINE_integer(
+        "threads", 0, "torch CPU threads (0: torch's default).", lower_bound=0
+    ),
+)
+
+
+def hf_config(args, loops):
+  """The config.json keys of an export of this shape (less the names of its classes)."""
+  from loopcoder_jax.model.config import PLTConfig
+
+  hf = PLTConfig(
+      vocab_size=args.vocab,
+      hidden_size=args.d,
+      intermediate_size=args.ffn,
+      num_hidden_layers=args.layers,
+      num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads,
+      head_dim=args.head_dim,
+      max_position_embeddings=max(4096, args.prompt + args.new_tokens),
+      plt_window_size=(args.window, 0),
+      plt_num_loops=loops,
+      torch_dtype="float32",
+      rope_theta=10000.0,
+      bos_token_id=None,
+      eos_token_id=None,
+  ).to_hf_dict()
+  return {
+      k: v for k, v in hf.items() if k not in ("architectures", "model_type")
+  }
+
+
+def build(args, loops):
+  """Our PyTorch model with random weights: unit-scale embeddings and 1/sqrt(fan-in) linears."""
+  import torch
+
+  from loopcoder_jax.interop.hf_modeling import modeling_loopcoder as ml
+
+  torch.manual_seed(loops)
+  model = ml.IQuestPLTCoderForCausalLM(
+      ml.IQuestPLTCoderConfig(**hf_config(args, loops))
+  )
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("embed_tokens.weight"):
+        p.normal_(0.0, 1.0)
+      elif p.ndim == 2:
+        p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+  return model.eval()
+
+
+def timed_generate(model, ids, args, use_cache):
+  import torch
+
+  best, out = math.inf, None
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    with torch.no_grad():
+      out = model.generate(
+          ids,
+          attention_mask=torch.ones_like(ids),
+          max_new_tokens=args.new_tokens,
+          min_new_tokens=args.new_tokens,
+          do_sample=False,
+          use_cache=use_cache,
+          pad_token_id=0,
+      )
+    best = min(best, time.perf_counter() - t0)
+  return best, out[:, ids.shape[1] :]
+
+
+def main():
+  return run(cli.flag_values(_FLAGS))
+
+
+def run(args):
+  if args.head_dim % 2:
+    raise ValueError(f"--head_dim must be even (RoPE), got {args.head_dim}")
+  if args.heads % args.kv_heads:
+    raise ValueError(
+        f"--heads={args.heads} is not divisible by --kv_heads={args.kv_heads}"
+    )
+  import torch
+  import transformers
+
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  ids = torch.randint(
+      1,
+      args.vocab,
+      (args.batch, args.prompt),
+      generator=torch.Generator().manual_seed(0),
+  )
+  new = args.batch * args.new_tokens
+  out = {
+      "config": {k: v for k, v in vars(args).items()},
+      "torch_threads": torch.get_num_threads(),
+      "results": [],
+  }
+  hdr = (
+      f"{'R':>2} {'params M':>9} | {'cached tok/s':>12} {'uncached tok/s':>14} {'speed-up':>8} "
+      f"{'same':>5} | {'llama cached tok/s':>18}"
+  )
+  rows = []
+  for loops in args.loops:
+    model = build(args, loops)
+    cached_s, cached = timed_generate(model, ids, args, True)
+    plain_s, plain = timed_generate(model, ids, args, False)
+    res = {
+        "loops": loops,
+        "params": sum(p.numel() for p in model.parameters()),
+        "cached_s": cached_s,
+        "uncached_s": plain_s,
+        "cached_tokens_per_s": new / cached_s,
+        "uncached_tokens_per_s": new / plain_s,
+        "speedup": plain_s / cached_s,
+        "same_tokens": bool(torch.equal(cached, plain)),
+    }
+    llama = ""
+    if loops == 1:  # transformers' own Llama and cache on the same weights
+      ref = transformers.LlamaForCausalLM(
+          transformers.LlamaConfig(**hf_config(args, 1))
+      ).eval()
+      ref.load_state_dict(model.state_dict())
+      ref_s, ref_tokens = timed_generate(ref, ids, args, True)
+      res["llama_cached_tokens_per_s"] = new / ref_s
+      res["llama_same_tokens"] = bool(torch.equal(ref_tokens, cached))
+      llama = f"{res['llama_cached_tokens_per_s']:>18.1f}"
+    del model
+    out["results"].append(res)
+    rows.append(
+        f"{loops:>2} {res['params'] / 1e6:>9.1f} | {res['cached_tokens_per_s']:>12.1f} "
+        f"{res['uncached_tokens_per_s']:>14.2f} {res['speedup']:>8.1f} "
+        f"{str(res['same_tokens']):>5} | {llama:>18}"
+    )
+    print(rows[-1] if len(rows) > 1 else hdr + "\n" + rows[-1], flush=True)
+  print(hdr)
+  print("\n".join(rows))
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  cli.run(main)
