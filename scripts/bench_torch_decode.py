@@ -9,7 +9,9 @@ loop count the model of the HF export (`modeling_loopcoder.py`) runs `generate` 
 `use_cache=False` (every step recomputes the whole prefix); for R = 1 transformers'
 `LlamaForCausalLM` with the same weights and its own cache runs too, as a reference. Each variant
 generates exactly `--new_tokens` tokens per row, `--repeats` times (the fastest run counts);
-tokens/s = batch * new_tokens / seconds, prefill included. `same_tokens` says whether the cached
+tokens/s = batch * new_tokens / seconds, prefill included, in wall time and in this process's CPU
+time (`*_per_cpu_s`: the work done, which other jobs on a shared machine disturb less; with
+`--threads=1` it is also the latency of an unloaded core). `same_tokens` says whether the cached
 and uncached runs chose the same tokens. Prints a table and, as the last line, one JSON object.
 Exit codes: 0 done; 2 bad flags (one `error:` line on stderr, before torch is imported).
 """
@@ -102,11 +104,12 @@ def build(args, loops):
 
 
 def timed_generate(model, ids, args, use_cache):
+  """(wall seconds, CPU seconds, new tokens) of the fastest of `--repeats` runs."""
   import torch
 
-  best, out = math.inf, None
+  best, out = (math.inf, math.inf), None
   for _ in range(args.repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
       out = model.generate(
           ids,
@@ -117,8 +120,8 @@ def timed_generate(model, ids, args, use_cache):
           use_cache=use_cache,
           pad_token_id=0,
       )
-    best = min(best, time.perf_counter() - t0)
-  return best, out[:, ids.shape[1] :]
+    best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
+  return best[0], best[1], out[:, ids.shape[1] :]
 
 
 def main():
@@ -150,22 +153,28 @@ def run(args):
       "results": [],
   }
   hdr = (
-      f"{'R':>2} {'params M':>9} | {'cached tok/s':>12} {'uncached tok/s':>14} {'speed-up':>8} "
-      f"{'same':>5} | {'llama cached tok/s':>18}"
+      f"{'R':>2} {'params M':>9} | {'cached tok/s':>12} {'uncached':>9} {'speed-up':>8} | "
+      f"{'cached tok/cpu-s':>16} {'uncached':>9} {'speed-up':>8} {'same':>5} | "
+      f"{'llama cached tok/s, tok/cpu-s':>29}"
   )
   rows = []
   for loops in args.loops:
     model = build(args, loops)
-    cached_s, cached = timed_generate(model, ids, args, True)
-    plain_s, plain = timed_generate(model, ids, args, False)
+    cached_s, cached_cpu, cached = timed_generate(model, ids, args, True)
+    plain_s, plain_cpu, plain = timed_generate(model, ids, args, False)
     res = {
         "loops": loops,
         "params": sum(p.numel() for p in model.parameters()),
         "cached_s": cached_s,
         "uncached_s": plain_s,
+        "cached_cpu_s": cached_cpu,
+        "uncached_cpu_s": plain_cpu,
         "cached_tokens_per_s": new / cached_s,
         "uncached_tokens_per_s": new / plain_s,
         "speedup": plain_s / cached_s,
+        "cached_tokens_per_cpu_s": new / cached_cpu,
+        "uncached_tokens_per_cpu_s": new / plain_cpu,
+        "speedup_cpu": plain_cpu / cached_cpu,
         "same_tokens": bool(torch.equal(cached, plain)),
     }
     llama = ""
@@ -174,16 +183,21 @@ def run(args):
           transformers.LlamaConfig(**hf_config(args, 1))
       ).eval()
       ref.load_state_dict(model.state_dict())
-      ref_s, ref_tokens = timed_generate(ref, ids, args, True)
+      ref_s, ref_cpu, ref_tokens = timed_generate(ref, ids, args, True)
       res["llama_cached_tokens_per_s"] = new / ref_s
+      res["llama_cached_tokens_per_cpu_s"] = new / ref_cpu
       res["llama_same_tokens"] = bool(torch.equal(ref_tokens, cached))
-      llama = f"{res['llama_cached_tokens_per_s']:>18.1f}"
+      llama = (
+          f"{res['llama_cached_tokens_per_s']:.2f}, "
+          f"{res['llama_cached_tokens_per_cpu_s']:.2f}"
+      )
     del model
     out["results"].append(res)
     rows.append(
-        f"{loops:>2} {res['params'] / 1e6:>9.1f} | {res['cached_tokens_per_s']:>12.1f} "
-        f"{res['uncached_tokens_per_s']:>14.2f} {res['speedup']:>8.1f} "
-        f"{str(res['same_tokens']):>5} | {llama:>18}"
+        f"{loops:>2} {res['params'] / 1e6:>9.1f} | {res['cached_tokens_per_s']:>12.2f} "
+        f"{res['uncached_tokens_per_s']:>9.3f} {res['speedup']:>8.1f} | "
+        f"{res['cached_tokens_per_cpu_s']:>16.2f} {res['uncached_tokens_per_cpu_s']:>9.3f} "
+        f"{res['speedup_cpu']:>8.1f} {str(res['same_tokens']):>5} | {llama:>29}"
     )
     print(rows[-1] if len(rows) > 1 else hdr + "\n" + rows[-1], flush=True)
   print(hdr)

@@ -11,7 +11,7 @@ trust_remote_code=True)` loads it; an R = 1 (or Llama) model is written as a pla
 `--loops` writes the model with that loop count: from an R = 1 or Llama checkpoint this upcycles it
 into a PLT for continued pretraining, each new gate starting with zero weights and the bias
 `--gate_bias` (so g = sigmoid(bias) everywhere; the rule and its promises are in
-loopcoder_jax/interop/upcycle.py). Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
+loopcoder_jax/interop/upcycling.py). Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
 Exit codes: 0 converted; 2 bad input (flags, source checkpoint, a non-empty destination without
 --overwrite: one `error:` line on stderr).
 """

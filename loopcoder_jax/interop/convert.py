@@ -15,7 +15,7 @@ Outputs are built in a temp sibling and renamed into place, so a failure leaves 
 final name (and a replaced directory stays whole until the new one is complete).
 
 Entry points: `load_hf`, `save_hf`, `convert_checkpoint` (what `scripts/convert_checkpoint.py` runs;
-`loops=` upcycles on the way, see `upcycle.py`).
+`loops=` upcycles on the way, see `upcycling.py`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from loopcoder_jax.interop import hf_names
+from loopcoder_jax.interop import hf_names, upcycling
 from loopcoder_jax.interop import safetensors_io as st
-from loopcoder_jax.interop import upcycle as upcycle_lib
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.train import checkpoint
 
@@ -371,12 +370,10 @@ def _orbax_to_hf(
       (p, np.asarray(x)) for p, x in checkpoint.iter_params(src)
   )
   if loops is not None:
-    cfg, add = upcycle_lib.plan_loops(cfg, loops, gate_bias)
+    cfg, add = upcycling.plan_loops(cfg, loops, gate_bias)
     if add:
-      bias = upcycle_lib.DEFAULT_GATE_BIAS if gate_bias is None else gate_bias
-      gates = upcycle_lib.gate_params(
-          cfg, st.DTYPES[dtypes["norm/scale"]], bias
-      )
+      bias = upcycling.DEFAULT_GATE_BIAS if gate_bias is None else gate_bias
+      gates = upcycling.gate_params(cfg, st.DTYPES[dtypes["norm/scale"]], bias)
       dtypes.update({p: dtypes["norm/scale"] for p in gates})
       leaves = itertools.chain(leaves, gates.items())
   with staged_dir(dst, overwrite) as tmp:
@@ -397,7 +394,7 @@ def convert_checkpoint(
   """Convert `src` (format detected) to `to` in {'orbax', 'hf'} at `dst`. Returns the source format.
 
   `loops`: write the model with this loop count; from an R = 1 (or Llama) source that upcycles it,
-  adding gates with bias `gate_bias` (see `upcycle.py`).
+  adding gates with bias `gate_bias` (see `upcycling.py`).
   """
   if to not in ("orbax", "hf"):
     raise ValueError(f"--to must be 'orbax' or 'hf', got {to!r}")
@@ -413,7 +410,7 @@ def convert_checkpoint(
   fmt = detect_format(src)
   check_dst(dst, overwrite)  # fail before reading any weights
   if loops is not None:  # bad loop settings fail before any weight is read too
-    upcycle_lib.plan_loops(
+    upcycling.plan_loops(
         PLTConfig.from_hf_file(os.path.join(src, "config.json")),
         loops,
         gate_bias,
@@ -433,7 +430,7 @@ def convert_checkpoint(
     return fmt
   cfg, params = load_hf(src, dtype) if fmt == "hf" else load_orbax(src, dtype)
   if loops is not None:
-    cfg, params = upcycle_lib.upcycle(cfg, params, loops, gate_bias=gate_bias)
+    cfg, params = upcycling.upcycle(cfg, params, loops, gate_bias=gate_bias)
   if to == "hf":
     save_hf(
         cfg,

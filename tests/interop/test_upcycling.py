@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopcoder_jax.interop import convert, hf_names, upcycle
+from loopcoder_jax import interop
+from loopcoder_jax.interop import convert, hf_names, upcycling
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import PLTForCausalLM, init_params
 from tests.helpers import ROOT, SCRIPTS
@@ -43,10 +44,10 @@ def test_gates_start_at_the_bias_and_loop_one_is_the_source(
 ):
   cfg, params, want = source
   cfg = cfg.replace(plt_gate_use_hidden_states=hidden)
-  new_cfg, new = upcycle.upcycle(cfg, params, loops)
+  new_cfg, new = interop.upcycle(cfg, params, loops)
   assert new_cfg.plt_num_loops == loops
   logits, lens, gates = run(new_cfg, new)
-  g0 = 1 / (1 + np.exp(-upcycle.DEFAULT_GATE_BIAS))
+  g0 = 1 / (1 + np.exp(-upcycling.DEFAULT_GATE_BIAS))
   # zero weights: every token, head, layer and loop gets sigmoid(bias)
   np.testing.assert_allclose(gates, g0, rtol=1e-6)
   np.testing.assert_array_equal(lens, want)  # loop 1 is untouched
@@ -62,7 +63,7 @@ def test_saturated_gate_without_clp_reproduces_the_source(source):
   """The rule's limit: g0 = 1 and hidden scale 0 make every loop >= 2 recompute loop 1."""
   cfg, params, want = source
   cfg = cfg.replace(plt_hidden_scale=0.0)
-  new_cfg, new = upcycle.upcycle(cfg, params, 3, gate_bias=20.0)
+  new_cfg, new = upcycling.upcycle(cfg, params, 3, gate_bias=20.0)
   logits, _, gates = run(new_cfg, new)
   assert (gates == 1.0).all()
   # the same float32 operations on the same inputs: equal up to reassociation in the fused passes
@@ -81,13 +82,13 @@ def test_saturated_gate_without_clp_reproduces_the_source(source):
 def test_bad_loop_settings(have, loops, bias, match):
   cfg = PLTConfig.tiny(loops=have)
   with pytest.raises(ValueError, match=match):
-    upcycle.plan_loops(cfg, loops, bias)
+    upcycling.plan_loops(cfg, loops, bias)
 
 
 def test_r2_to_r3_only_changes_the_count():
   cfg = PLTConfig.tiny(loops=2)
   params = init_params(cfg, jax.random.key(1))
-  new_cfg, new = upcycle.upcycle(cfg, params, 3)
+  new_cfg, new = upcycling.upcycle(cfg, params, 3)
   assert new_cfg.plt_num_loops == 3 and new is params
 
 
@@ -125,7 +126,7 @@ def test_converter_upcycles_both_ways(source, tmp_path):
       loops=2,
       gate_bias=3.0,
   )
-  want = upcycle.upcycle(cfg, params, 2, gate_bias=3.0)[1]
+  want = upcycling.upcycle(cfg, params, 2, gate_bias=3.0)[1]
   for out in (
       convert.load_hf(tmp_path / "r2"),
       convert.load_orbax(str(tmp_path / "o2")),
