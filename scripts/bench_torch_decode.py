@@ -12,7 +12,9 @@ generates exactly `--new_tokens` tokens per row, `--repeats` times (the fastest 
 tokens/s = batch * new_tokens / seconds, prefill included, in wall time and in this process's CPU
 time (`*_per_cpu_s`: the work done, which other jobs on a shared machine disturb less; with
 `--threads=1` it is also the latency of an unloaded core). `same_tokens` says whether the cached
-and uncached runs chose the same tokens. Prints a table and, as the last line, one JSON object.
+and uncached runs chose the same tokens. The cached path is also timed in parts (CPU time): one
+prefill of the prompt and the median of `--new_tokens` single-token steps on top of it. Prints a
+table and, as the last line, one JSON object.
 Exit codes: 0 done; 2 bad flags (one `error:` line on stderr, before torch is imported).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 
 from absl import flags
@@ -124,6 +127,22 @@ def timed_generate(model, ids, args, use_cache):
   return best[0], best[1], out[:, ids.shape[1] :]
 
 
+def timed_steps(model, ids, args):
+  """(CPU seconds of the prompt's prefill, median CPU seconds of one cached decode step)."""
+  import torch
+
+  with torch.no_grad():
+    c0 = time.process_time()
+    out = model(ids, use_cache=True)
+    prefill = time.process_time() - c0
+    tok, steps = ids[:, -1:], []
+    for _ in range(args.new_tokens):
+      c0 = time.process_time()
+      out = model(tok, cache=out.cache, use_cache=True)
+      steps.append(time.process_time() - c0)
+  return prefill, statistics.median(steps)
+
+
 def main():
   return run(cli.flag_values(_FLAGS))
 
@@ -155,13 +174,15 @@ def run(args):
   hdr = (
       f"{'R':>2} {'params M':>9} | {'cached tok/s':>12} {'uncached':>9} {'speed-up':>8} | "
       f"{'cached tok/cpu-s':>16} {'uncached':>9} {'speed-up':>8} {'same':>5} | "
-      f"{'llama cached tok/s, tok/cpu-s':>29}"
+      f"{'prefill cpu-s':>13} {'step cpu-ms':>11} | "
+      f"{'transformers Llama, cached':>29}"
   )
   rows = []
   for loops in args.loops:
     model = build(args, loops)
     cached_s, cached_cpu, cached = timed_generate(model, ids, args, True)
     plain_s, plain_cpu, plain = timed_generate(model, ids, args, False)
+    prefill_cpu, step_cpu = timed_steps(model, ids, args)
     res = {
         "loops": loops,
         "params": sum(p.numel() for p in model.parameters()),
@@ -176,6 +197,8 @@ def run(args):
         "uncached_tokens_per_cpu_s": new / plain_cpu,
         "speedup_cpu": plain_cpu / cached_cpu,
         "same_tokens": bool(torch.equal(cached, plain)),
+        "prefill_cpu_s": prefill_cpu,
+        "step_cpu_ms": step_cpu * 1e3,
     }
     llama = ""
     if loops == 1:  # transformers' own Llama and cache on the same weights
@@ -184,12 +207,14 @@ def run(args):
       ).eval()
       ref.load_state_dict(model.state_dict())
       ref_s, ref_cpu, ref_tokens = timed_generate(ref, ids, args, True)
+      res["llama_prefill_cpu_s"], ref_step = timed_steps(ref, ids, args)
+      res["llama_step_cpu_ms"] = ref_step * 1e3
       res["llama_cached_tokens_per_s"] = new / ref_s
       res["llama_cached_tokens_per_cpu_s"] = new / ref_cpu
       res["llama_same_tokens"] = bool(torch.equal(ref_tokens, cached))
       llama = (
-          f"{res['llama_cached_tokens_per_s']:.2f}, "
-          f"{res['llama_cached_tokens_per_cpu_s']:.2f}"
+          f"{res['llama_cached_tokens_per_cpu_s']:.2f} tok/cpu-s, "
+          f"{res['llama_step_cpu_ms']:.1f} ms/step"
       )
     del model
     out["results"].append(res)
@@ -197,7 +222,8 @@ def run(args):
         f"{loops:>2} {res['params'] / 1e6:>9.1f} | {res['cached_tokens_per_s']:>12.2f} "
         f"{res['uncached_tokens_per_s']:>9.3f} {res['speedup']:>8.1f} | "
         f"{res['cached_tokens_per_cpu_s']:>16.2f} {res['uncached_tokens_per_cpu_s']:>9.3f} "
-        f"{res['speedup_cpu']:>8.1f} {str(res['same_tokens']):>5} | {llama:>29}"
+        f"{res['speedup_cpu']:>8.1f} {str(res['same_tokens']):>5} | "
+        f"{res['prefill_cpu_s']:>13.3f} {res['step_cpu_ms']:>11.1f} | {llama:>29}"
     )
     print(rows[-1] if len(rows) > 1 else hdr + "\n" + rows[-1], flush=True)
   print(hdr)

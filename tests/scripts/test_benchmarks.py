@@ -169,9 +169,14 @@ def test_bench_torch_decode():
   out = summary(run_script("bench_torch_decode.py", *TINY_TORCH_DECODE))
   assert [r["loops"] for r in out["results"]] == [1, 2]
   for r in out["results"]:
-    assert positive(r["cached_tokens_per_s"]) and positive(
-        r["uncached_tokens_per_s"]
-    )
+    for key in (
+        "cached_tokens_per_s",
+        "uncached_tokens_per_s",
+        "cached_tokens_per_cpu_s",
+        "prefill_cpu_s",
+        "step_cpu_ms",
+    ):
+      assert positive(r[key]), (key, r)
     assert r["same_tokens"], r
   r1 = out["results"][0]
   assert positive(r1["llama_cached_tokens_per_s"]) and r1["llama_same_tokens"]
