@@ -2,11 +2,16 @@
 
     python scripts/convert_checkpoint.py --src=DIR --dst=DIR --to=orbax|hf
         [--shard_size=5GB] [--dtype=bfloat16|float32|float16] [--overwrite]
+        [--loops=R [--gate_bias=2.0]]
 
 The source format is detected (a params directory has config.json + params/; an HF directory has
 config.json + safetensors). Tokenizer files and the chat template are copied through. An HF output
 carries the PyTorch modeling files, so `AutoModelForCausalLM.from_pretrained(dst,
-trust_remote_code=True)` loads it. Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
+trust_remote_code=True)` loads it; an R = 1 (or Llama) model is written as a plain Llama directory.
+`--loops` writes the model with that loop count: from an R = 1 or Llama checkpoint this upcycles it
+into a PLT for continued pretraining, each new gate starting with zero weights and the bias
+`--gate_bias` (so g = sigmoid(bias) everywhere; the rule and its promises are in
+loopcoder_jax/interop/upcycling.py). Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
 Exit codes: 0 converted; 2 bad input (flags, source checkpoint, a non-empty destination without
 --overwrite: one `error:` line on stderr).
 """
@@ -46,6 +51,16 @@ _DTYPE = flags.DEFINE_enum(
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace a non-empty destination."
 )
+_LOOPS = flags.DEFINE_integer(
+    "loops",
+    None,
+    "Loop count to write (default: the source's); from R = 1 it upcycles.",
+)
+_GATE_BIAS = flags.DEFINE_float(
+    "gate_bias",
+    None,
+    "Bias of the gates added when upcycling (default 2.0: g = 0.88).",
+)
 
 
 def main():
@@ -58,6 +73,8 @@ def main():
       shard_size=_SHARD_SIZE.value,
       dtype=_DTYPE.value,
       overwrite=_OVERWRITE.value,
+      loops=_LOOPS.value,
+      gate_bias=_GATE_BIAS.value,
   )
   print(
       f"converted {fmt} {os.path.abspath(_SRC.value)} -> {_TO.value} {os.path.abspath(_DST.value)}"

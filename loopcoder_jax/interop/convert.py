@@ -1,24 +1,31 @@
 """HF directories <-> our params, on top of the name table and the streaming safetensors I/O.
 
 `load_hf` checks every key, alias and shape against the config from the headers (`hf_names`,
-`safetensors_io`) before any tensor is read, then reads one tensor at a time into preallocated
-stacked arrays; `save_hf` streams one layer of one param at a time into the shards, so a conversion
-holds about one copy of the weights. dtypes are kept exactly unless an output `dtype` is asked for.
+`safetensors_io`) before any tensor is read, then reads each tensor straight into its slot of the
+preallocated stacked arrays (through a one-tensor buffer where it must be transposed or cast);
+`save_hf` lays the shards out first and writes one layer of one param at a time. Orbax -> HF never
+holds the model: params are restored one at a time and written as they come; HF -> Orbax holds one
+copy (Orbax saves a whole tree). dtypes are kept exactly unless an output `dtype` is asked for.
 Params directories (config.json + Orbax params/) go through `train/checkpoint.py`.
+
+R >= 2 exports carry `auto_map` and the PyTorch modeling files (`IQuestPLTCoderForCausalLM`); R = 1
+exports are plain Llama directories (`model_type: llama`), which any Llama loader reads.
 
 Outputs are built in a temp sibling and renamed into place, so a failure leaves nothing under the
 final name (and a replaced directory stays whole until the new one is complete).
 
-Entry points: `load_hf`, `save_hf`, `convert_checkpoint` (what `scripts/convert_checkpoint.py` runs).
+Entry points: `load_hf`, `save_hf`, `convert_checkpoint` (what `scripts/convert_checkpoint.py` runs;
+`loops=` upcycles on the way, see `upcycling.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 import contextlib
 import dataclasses
 import functools
 import glob
+import itertools
 import os
 import shutil
 import tempfile
@@ -27,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from loopcoder_jax.interop import hf_names
+from loopcoder_jax.interop import hf_names, upcycling
 from loopcoder_jax.interop import safetensors_io as st
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.train import checkpoint
@@ -48,6 +55,11 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.json",
 )
+
+
+_READ_BLOCK = (
+    16 << 20
+)  # bytes read at a time for a tensor that is transposed or cast on load
 
 
 def _aligned_empty(shape, dtype, align=64):
@@ -85,6 +97,8 @@ class HFSource:
   slots: list[hf_names.Slot]
   # our param path -> the dtype its array gets
   dtypes: dict[str, str]
+  # checkpoint key -> (shape, stored dtype)
+  headers: dict[str, tuple[tuple[int, ...], str]]
 
   def shape(self, path: str) -> tuple[int, ...]:
     """Our (stacked) shape of a param."""
@@ -110,6 +124,9 @@ def open_hf(path: str | os.PathLike, dtype: str | None = None) -> HFSource:
       raise ValueError(
           f"{source[s.key]}: checkpoint shape {shape} does not match the config's {s.hf_shape}"
       )
+
+  _check_tied_head(cfg, files, headers, source)
+
   stored: dict[str, str] = {}  # our path -> dtype
   for s in slots:
     d = dtype or headers[source[s.key]][1]
@@ -122,7 +139,7 @@ def open_hf(path: str | os.PathLike, dtype: str | None = None) -> HFSource:
     cfg = cfg.replace(torch_dtype=dtype)
   if len(dtypes) == 1:
     cfg = cfg.with_runtime(param_dtype=dtypes.pop())
-  return HFSource(cfg, files, source, slots, stored)
+  return HFSource(cfg, files, source, slots, stored, headers)
 
 
 def load_hf(
@@ -134,22 +151,28 @@ def load_hf(
   `cfg.runtime.param_dtype` is set to the params' dtype when they share one.
   """
   src = open_hf(path, dtype)
-  flat = {}
+  flat: dict[str, np.ndarray] = {}
   for s in src.slots:
-    if s.rule.path not in flat:
-      flat[s.rule.path] = _aligned_empty(
-          src.shape(s.rule.path), st.DTYPES[src.dtypes[s.rule.path]]
+    param = s.rule.path
+    if param not in flat:
+      flat[param] = _aligned_empty(
+          src.shape(param), st.DTYPES[src.dtypes[param]]
       )
+    out = flat[param] if s.layer is None else flat[param][s.layer]
     key = src.keys[s.key]
-    w = st.read_tensor(src.files[key], key)
-    if dtype is not None:
-      w = w.astype(st.DTYPES[dtype], copy=False)
-    x = s.rule.to_ours(w, s.our_shape)
-    if s.layer is None:
-      flat[s.rule.path][...] = x
-    else:
-      flat[s.rule.path][s.layer] = x
-    del w, x
+    stored = src.headers[key][1]
+    if not s.rule.transpose and stored == src.dtypes[param]:
+      st.read_into(src.files[key], key, out.reshape(s.hf_shape))
+      continue
+    # transposed or cast: through a buffer of a few rows
+    rows, width = s.hf_shape[0], int(np.prod(s.hf_shape[1:], dtype=np.int64))
+    step = max(1, _READ_BLOCK // (width * st.DTYPES[stored].itemsize))
+    for r in range(0, rows, step):
+      block = np.empty(
+          (min(step, rows - r),) + s.hf_shape[1:], st.DTYPES[stored]
+      )
+      st.read_into(src.files[key], key, block, r)
+      s.rule.into_ours(block, out, r)
   return src.cfg, hf_names.unflatten(flat)
 
 
@@ -231,43 +254,47 @@ def _read_block(
   return out
 
 
+def _check_tied_head(cfg, files, headers, source) -> None:
+  """A tied checkpoint may also store the head: it must then equal the embedding."""
+  head = hf_names.TIED_HEAD
+  if not (cfg.tie_word_embeddings and head in headers):
+    return
+  emb = source["model.embed_tokens.weight"]
+  same = headers[head] == headers[emb] and np.array_equal(
+      st.read_tensor(files[head], head), st.read_tensor(files[emb], emb)
+  )
+  if not same:
+    raise ValueError(
+        f"tie_word_embeddings is true but {head} differs from {emb}; set "
+        "tie_word_embeddings to false in config.json to load it as a separate head"
+    )
+
+
 # ------------------------------------------------------------------------------------- writing HF
-def check_params(cfg: PLTConfig, params) -> dict[str, Any]:
-  """The flat params, once every path and shape matches the config's model."""
+def check_shapes(cfg: PLTConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+  """Every param path and shape (flat 'a/b/c' -> shape) matches the config's model."""
   want = hf_names.param_shapes(cfg)
-  flat = hf_names.flatten(params)
   for p in sorted(want):
-    if p not in flat:
+    if p not in shapes:
       raise ValueError(
           f"params are missing {p} (shape {want[p]}) for this config"
       )
-  for p in sorted(flat):
+  for p in sorted(shapes):
     if p not in want:
       raise ValueError(
-          f"params hold unexpected {p} (shape {tuple(np.shape(flat[p]))}) for this config"
+          f"params hold unexpected {p} (shape {shapes[p]}) for this config"
       )
-    if tuple(np.shape(flat[p])) != want[p]:
+    if shapes[p] != want[p]:
       raise ValueError(
-          f"params {p}: shape {tuple(np.shape(flat[p]))} does not match the config's {want[p]}"
+          f"params {p}: shape {shapes[p]} does not match the config's {want[p]}"
       )
+
+
+def check_params(cfg: PLTConfig, params) -> dict[str, Any]:
+  """The flat params, once every path and shape matches the config's model."""
+  flat = hf_names.flatten(params)
+  check_shapes(cfg, {p: tuple(np.shape(x)) for p, x in flat.items()})
   return flat
-
-
-def _hf_entries(
-    cfg: PLTConfig, flat: dict[str, Any], dtype: str | None
-) -> list[st.Entry]:
-  entries = []
-  for s in hf_names.plan(cfg):
-    leaf = flat[s.rule.path]
-    out = dtype or st.dtype_of(leaf)
-
-    def produce(s=s, leaf=leaf, out=out):
-      # one layer at a time off the device
-      x = np.asarray(leaf if s.layer is None else leaf[s.layer])
-      return s.rule.to_hf(x, cfg).astype(st.DTYPES[out], copy=False)
-
-    entries.append(st.Entry(s.key, s.hf_shape, out, produce))
-  return entries
 
 
 def copy_side_files(src: str | None, dst: str) -> list[str]:
@@ -285,25 +312,37 @@ def copy_side_files(src: str | None, dst: str) -> list[str]:
 
 def _write_hf(
     cfg: PLTConfig,
-    params,
     path: str,
+    dtypes: dict[str, str],
+    leaves: Iterable[tuple[str, Any]],
     shard_size,
-    dtype: str | None,
     tokenizer_dir: str | None,
 ):
-  flat = check_params(cfg, params)
-  entries = _hf_entries(cfg, flat, dtype)
-  dtypes = {e.dtype for e in entries}
-  if len(dtypes) == 1:  # config.json states the dtype the tensors really have
-    cfg = cfg.replace(torch_dtype=dtypes.pop())
-  st.write_sharded(path, entries, shard_size)
-  cfg.replace(extra_hf={**cfg.extra_hf, "auto_map": AUTO_MAP}).to_hf_file(
-      os.path.join(path, "config.json")
-  )
-  for name in MODELING_FILES:
-    shutil.copyfile(
-        os.path.join(HF_MODELING_DIR, name), os.path.join(path, name)
-    )
+  """An HF directory at `path`. `dtypes`: param -> output dtype; `leaves`: (param, array) pairs in
+  any order, each written as it comes (one layer at a time off the device).
+  """
+  slots: dict[str, list[hf_names.Slot]] = {}
+  entries = []
+  for s in hf_names.plan(cfg):
+    slots.setdefault(s.rule.path, []).append(s)
+    entries.append(st.Entry(s.key, s.hf_shape, dtypes[s.rule.path]))
+  if len(set(dtypes.values())) == 1:  # config.json states the dtype written
+    cfg = cfg.replace(torch_dtype=next(iter(dtypes.values())))
+  with st.ShardedWriter(path, entries, shard_size) as w:
+    for p, leaf in leaves:
+      for s in slots[p]:
+        x = s.rule.to_hf(
+            np.asarray(leaf if s.layer is None else leaf[s.layer]), cfg
+        )
+        w.write(s.key, np.ascontiguousarray(x, st.DTYPES[dtypes[p]]))
+  extra = {k: v for k, v in cfg.extra_hf.items() if k != "auto_map"}
+  if cfg.plt_num_loops > 1:  # R = 1 is a Llama: no remote code needed
+    extra["auto_map"] = AUTO_MAP
+    for name in MODELING_FILES:
+      shutil.copyfile(
+          os.path.join(HF_MODELING_DIR, name), os.path.join(path, name)
+      )
+  cfg.replace(extra_hf=extra).to_hf_file(os.path.join(path, "config.json"))
   copy_side_files(tokenizer_dir, path)
 
 
@@ -317,18 +356,21 @@ def save_hf(
     overwrite: bool = False,
     tokenizer_dir: str | os.PathLike | None = None,
 ):
-  """Write an HF directory: sharded safetensors + index, config.json (with `auto_map`), the PyTorch
-  modeling files and the tokenizer files of `tokenizer_dir`. `dtype=None` keeps each param's dtype.
+  """Write an HF directory: sharded safetensors + index, config.json, for R >= 2 `auto_map` and the
+  PyTorch modeling files, and the tokenizer files of `tokenizer_dir`. `dtype=None` keeps each
+  param's dtype.
   """
   st.check_dtype(dtype)
   st.parse_size(shard_size)
+  flat = check_params(cfg, params)
+  dtypes = {p: dtype or st.dtype_of(x) for p, x in flat.items()}
   with staged_dir(path, overwrite) as tmp:
     _write_hf(
         cfg,
-        params,
         tmp,
+        dtypes,
+        flat.items(),
         shard_size,
-        dtype,
         os.fspath(tokenizer_dir) if tokenizer_dir else None,
     )
 
@@ -424,6 +466,35 @@ def _cpu_device():
     return None
 
 
+def _orbax_to_hf(
+    src: str,
+    dst: str,
+    *,
+    shard_size,
+    dtype: str | None,
+    overwrite: bool,
+    loops: int | None,
+    gate_bias: float | None,
+) -> None:
+  """Streamed: each param restored, written and dropped in turn (plus new gates when upcycling)."""
+  cfg = PLTConfig.from_hf_file(os.path.join(src, "config.json"))
+  meta = checkpoint.params_metadata(src)
+  check_shapes(cfg, {p: tuple(m.shape) for p, m in meta.items()})
+  dtypes = {p: dtype or st.dtype_of(m) for p, m in meta.items()}
+  leaves: Iterable[tuple[str, Any]] = (
+      (p, np.asarray(x)) for p, x in checkpoint.iter_params(src)
+  )
+  if loops is not None:
+    cfg, add = upcycling.plan_loops(cfg, loops, gate_bias)
+    if add:
+      bias = upcycling.DEFAULT_GATE_BIAS if gate_bias is None else gate_bias
+      gates = upcycling.gate_params(cfg, st.DTYPES[dtypes["norm/scale"]], bias)
+      dtypes.update({p: dtypes["norm/scale"] for p in gates})
+      leaves = itertools.chain(leaves, gates.items())
+  with staged_dir(dst, overwrite) as tmp:
+    _write_hf(cfg, tmp, dtypes, leaves, shard_size, src)
+
+
 def convert_checkpoint(
     src: str,
     dst: str,
@@ -432,8 +503,14 @@ def convert_checkpoint(
     shard_size: int | str = st.DEFAULT_SHARD_SIZE,
     dtype: str | None = None,
     overwrite: bool = False,
+    loops: int | None = None,
+    gate_bias: float | None = None,
 ) -> str:
-  """Convert `src` (format detected) to `to` in {'orbax', 'hf'} at `dst`. Returns the source format."""
+  """Convert `src` (format detected) to `to` in {'orbax', 'hf'} at `dst`. Returns the source format.
+
+  `loops`: write the model with this loop count; from an R = 1 (or Llama) source that upcycles it,
+  adding gates with bias `gate_bias` (see `upcycling.py`).
+  """
   if to not in ("orbax", "hf"):
     raise ValueError(f"--to must be 'orbax' or 'hf', got {to!r}")
   st.check_dtype(dtype)
@@ -447,7 +524,28 @@ def convert_checkpoint(
     )
   fmt = detect_format(src)
   check_dst(dst, overwrite)  # fail before reading any weights
+  if loops is not None:  # bad loop settings fail before any weight is read too
+    upcycling.plan_loops(
+        PLTConfig.from_hf_file(os.path.join(src, "config.json")),
+        loops,
+        gate_bias,
+    )
+  elif gate_bias is not None:
+    raise ValueError("gate_bias applies only with loops (upcycling)")
+  if fmt == "orbax" and to == "hf":
+    _orbax_to_hf(
+        src,
+        dst,
+        shard_size=shard_size,
+        dtype=dtype,
+        overwrite=overwrite,
+        loops=loops,
+        gate_bias=gate_bias,
+    )
+    return fmt
   cfg, params = load_hf(src, dtype) if fmt == "hf" else load_orbax(src, dtype)
+  if loops is not None:
+    cfg, params = upcycling.upcycle(cfg, params, loops, gate_bias=gate_bias)
   if to == "hf":
     save_hf(
         cfg,

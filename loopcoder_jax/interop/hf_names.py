@@ -34,8 +34,15 @@ class Rule:
   def per_layer(self) -> bool:
     return "{i}" in self.hf
 
-  def to_ours(self, w, our_shape):
-    return (w.T if self.transpose else w).reshape(our_shape)
+  def into_ours(self, w, out, start: int = 0):
+    """Rows `start .. start + len(w)` of an HF tensor written into `out` (the whole param in our
+    contiguous layout, cast to its dtype) without a temporary. Transposed rules are 2-D linears,
+    whose HF rows are our columns.
+    """
+    if self.transpose:
+      out.reshape(w.shape[1], -1)[:, start : start + len(w)] = w.T
+    else:
+      out.reshape((-1,) + w.shape[1:])[start : start + len(w)] = w
 
   def to_hf(self, x, cfg: PLTConfig):
     shape = self.hf_shape(cfg)
@@ -49,7 +56,8 @@ class Rule:
       our_shape: tuple[int, ...],
       block: tuple[slice, ...],
   ) -> np.ndarray:
-    """`to_ours(w, our_shape)[block]`, reading only the region of `w` it comes from.
+    """`block` of the HF tensor `w` in our layout (what `into_ours` writes), reading only the region
+    of `w` it comes from.
 
     `read(hf_block)` returns that block of the HF tensor (e.g. a safetensors slice). Our axes split
     HF axes (`[in, H*D]` -> `[in, H, D]`): a block that takes whole inner axes (D, never sharded)
@@ -275,6 +283,12 @@ def plan(cfg: PLTConfig) -> list[Slot]:
   return out
 
 
+# Accepted and skipped on input: RoPE tables some exporters store (recomputed from rope_theta here).
+IGNORED = re.compile(r"(.+\.)?rotary_emb\.inv_freq\Z")
+# A tied checkpoint may still store the head; `match` leaves it to the caller to check it equals E.
+TIED_HEAD = "lm_head.weight"
+
+
 def _pattern(hf: str) -> re.Pattern:
   return re.compile(re.escape(hf).replace(re.escape("{i}"), r"(\d+)") + r"\Z")
 
@@ -282,7 +296,10 @@ def _pattern(hf: str) -> re.Pattern:
 def match(
     cfg: PLTConfig, slots: list[Slot], keys: Iterable[str]
 ) -> dict[str, str]:
-  """Slot key -> the checkpoint key holding it (canonical or alias); raises on any mismatch."""
+  """Slot key -> the checkpoint key holding it (canonical or alias); raises on any mismatch.
+
+  `IGNORED` keys are skipped, and so is `TIED_HEAD` in a tied config.
+  """
   by_rule_layer = {(id(s.rule), s.layer): s for s in slots}
   patterns = [
       (_pattern(name), r)
@@ -293,6 +310,8 @@ def match(
   found: dict[str, str] = {}
   unexpected = []
   for key in sorted(keys):
+    if IGNORED.match(key) or (cfg.tie_word_embeddings and key == TIED_HEAD):
+      continue
     hit = None
     for pat, r in patterns:
       m = pat.match(key)

@@ -81,7 +81,8 @@ def load(
   cfg = PLTConfig.from_hf_file(os.path.join(weights_dir, "config.json"))
   if loops is not None and loops > 1 and cfg.plt_num_loops == 1:
     raise ValueError(
-        f"loops={loops}: the checkpoint has no PLT gate (trained with 1 loop)"
+        f"loops={loops}: the checkpoint has no PLT gate (trained with 1 loop); upcycle it "
+        f"first (scripts/convert_checkpoint.py --loops={loops})"
     )
   tok = (
       tok_lib.load_tokenizer(os.fspath(tokenizer))

@@ -2,13 +2,15 @@
 
 Reading: `weight_files` maps every key of a directory (a single `model.safetensors`, or the shards of
 `model.safetensors.index.json`) to its file; `read_headers` gives shapes and dtypes from the file
-headers alone; `read_tensor` reads one tensor (`read_block` one block of it) through its own
-`safe_open`, so closing it unmaps the shard and RSS holds about one tensor, not a whole shard.
-PyTorch pickles (`*.bin`) are refused, never unpickled.
+headers alone; `read_into` reads one tensor straight into a caller's buffer with plain file reads
+(no mapping, no copy), `read_tensor` into a new array, `read_block` one block of it (only that
+region is read: a sharded load's per-device slices). PyTorch pickles (`*.bin`) are refused, never
+unpickled.
 
-Writing: `write_safetensors` writes the header from declared shapes, then asks each `Entry` for its
-tensor in turn; `write_sharded` splits entries into shards of at most a given size, plus the index.
-dtypes are kept exactly (bf16 through ml_dtypes).
+Writing: `ShardedWriter` lays the shards out from declared shapes (headers and index first), then
+takes each tensor in any order and writes it at its offset, so a source can be streamed in whatever
+order it yields tensors; `write_sharded` asks a list of `Entry`s for their tensors in turn. Shards
+hold at most a given size. dtypes are kept exactly (bf16 through ml_dtypes).
 """
 
 from __future__ import annotations
@@ -120,10 +122,56 @@ def read_headers(
   return out
 
 
+def _locate(fname: str, key: str) -> tuple[int, tuple[int, ...], str, int]:
+  """(byte offset in the file, shape, dtype name, byte length) of tensor `key`, from the header."""
+  with open(fname, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+  if key not in header:
+    raise ValueError(f"{os.path.basename(fname)} does not hold {key}")
+  info = header[key]
+  start, end = info["data_offsets"]
+  return (
+      8 + n + start,
+      tuple(info["shape"]),
+      _dtype_name(info["dtype"], key),
+      end - start,
+  )
+
+
+def read_into(fname: str, key: str, out: np.ndarray, start: int = 0) -> None:
+  """Tensor `key`, or its rows `start .. start + len(out)` (axis 0), read into `out` (C-contiguous,
+  matching dtype and trailing shape) by plain file reads: nothing else is allocated and no page of
+  the file stays mapped.
+  """
+  offset, shape, dtype, _ = _locate(fname, key)
+  fits = out.ndim == len(shape) and out.shape[1:] == shape[1:]
+  if fits and shape:
+    fits = 0 <= start and start + out.shape[0] <= shape[0]
+  if not fits or out.dtype != DTYPES[dtype] or (not shape and start):
+    raise ValueError(
+        f"{key}: stored {dtype}{shape}; cannot read rows from {start} into {out.dtype}{out.shape}"
+    )
+  if not out.flags.c_contiguous:
+    raise ValueError(f"{key}: the output buffer is not C-contiguous")
+  row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * out.dtype.itemsize
+  view = out.reshape(-1).view(np.uint8).data
+  with open(fname, "rb") as f:
+    f.seek(offset + start * row_bytes)
+    done = 0
+    while done < out.nbytes:
+      got = f.readinto(view[done:])
+      if not got:
+        raise ValueError(f"{key}: {os.path.basename(fname)} is truncated")
+      done += got
+
+
 def read_tensor(fname: str, key: str) -> np.ndarray:
-  """One tensor, through its own handle (closing it unmaps the shard)."""
-  with safe_open(fname, "numpy") as f:
-    return f.get_tensor(key)
+  """One tensor, as a new array."""
+  _, shape, dtype, _ = _locate(fname, key)
+  out = np.empty(shape, DTYPES[dtype])
+  read_into(fname, key, out)
+  return out
 
 
 def read_block(fname: str, key: str, block: tuple[slice, ...]) -> np.ndarray:
@@ -155,12 +203,13 @@ def parse_size(size: int | str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """A tensor to write: its key, shape and dtype (known up front, for the header) and a producer."""
+  """A tensor to write: its key, shape and dtype (known up front, for the header) and, for
+  `write_sharded`, a producer."""
 
   key: str
   shape: tuple[int, ...]
   dtype: str
-  produce: Callable[[], np.ndarray]
+  produce: Callable[[], np.ndarray] | None = None
 
   @property
   def nbytes(self) -> int:
@@ -169,61 +218,131 @@ class Entry:
     )
 
 
-def write_safetensors(fname: str, entries: list[Entry]) -> None:
-  """One safetensors file, streamed: the header (from declared shapes), then each tensor in turn."""
-  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-  offset = 0
-  for e in entries:
-    header[e.key] = {
-        "dtype": _ST_DTYPES[e.dtype],
-        "shape": list(e.shape),
-        "data_offsets": [offset, offset + e.nbytes],
-    }
-    offset += e.nbytes
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)
-  with open(fname, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
+class SafetensorsFile:
+  """One safetensors file laid out from declared entries: the header is written on opening, then
+  each tensor goes to its own offset, in any order (`write`). `close` checks every tensor came.
+  """
+
+  def __init__(self, fname: str, entries: list[Entry]):
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    self._slots: dict[str, tuple[Entry, int]] = {}
+    offset = 0
     for e in entries:
-      x = np.ascontiguousarray(e.produce())
-      if x.shape != e.shape or x.dtype != DTYPES[e.dtype]:
-        raise ValueError(
-            f"{e.key}: produced {x.dtype}{x.shape}, declared {e.dtype}{e.shape}"
-        )
-      f.write(x.reshape(-1).view(np.uint8).data)
-      del x
+      header[e.key] = {
+          "dtype": _ST_DTYPES[e.dtype],
+          "shape": list(e.shape),
+          "data_offsets": [offset, offset + e.nbytes],
+      }
+      self._slots[e.key] = (e, offset)
+      offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    self._start = 8 + len(raw)
+    self._written: set[str] = set()
+    self._f = open(fname, "wb")
+    self._f.write(struct.pack("<Q", len(raw)))
+    self._f.write(raw)
+    self._f.truncate(self._start + offset)
+
+  def write(self, key: str, x) -> None:
+    e, offset = self._slots[key]
+    x = np.ascontiguousarray(x)
+    if x.shape != e.shape or x.dtype != DTYPES[e.dtype]:
+      raise ValueError(
+          f"{key}: produced {x.dtype}{x.shape}, declared {e.dtype}{e.shape}"
+      )
+    self._f.seek(self._start + offset)
+    self._f.write(x.reshape(-1).view(np.uint8).data)
+    self._written.add(key)
+
+  def close(self, check: bool = True) -> None:
+    self._f.close()
+    missing = [k for k in self._slots if k not in self._written]
+    if check and missing:
+      raise ValueError(f"tensor {missing[0]} was declared but never written")
+
+
+class ShardedWriter:
+  """Safetensors shards of at most `shard_size` bytes (a bigger tensor gets its own) plus the index,
+  laid out on entering from declared entries (their `produce` is not called); `write` then takes
+  the tensors in any order. Shards and index are in the entries' order.
+  """
+
+  def __init__(
+      self,
+      path: str,
+      entries: list[Entry],
+      shard_size: int | str = DEFAULT_SHARD_SIZE,
+  ):
+    limit = parse_size(shard_size)
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+      if shards[-1] and size + e.nbytes > limit:
+        shards.append([])
+        size = 0
+      shards[-1].append(e)
+      size += e.nbytes
+    if len(shards) == 1:
+      self.names = [SINGLE_FILE]
+    else:
+      self.names = [
+          f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+          for i in range(len(shards))
+      ]
+    self._path, self._shards, self._entries = path, shards, entries
+    self._files: list[SafetensorsFile] = []
+    self._file_of: dict[str, SafetensorsFile] = {}
+
+  def __enter__(self) -> ShardedWriter:
+    for name, group in zip(self.names, self._shards):
+      f = SafetensorsFile(os.path.join(self._path, name), group)
+      self._files.append(f)
+      self._file_of.update({e.key: f for e in group})
+    if len(self._shards) > 1:
+      weight_map = {
+          e.key: n for n, g in zip(self.names, self._shards) for e in g
+      }
+      index = {
+          "metadata": {"total_size": sum(e.nbytes for e in self._entries)},
+          "weight_map": dict(sorted(weight_map.items())),
+      }
+      with open(os.path.join(self._path, INDEX_FILE), "w") as index_file:
+        json.dump(index, index_file, indent=2)
+        index_file.write("\n")
+    return self
+
+  def write(self, key: str, x) -> None:
+    self._file_of[key].write(key, x)
+
+  def __exit__(self, exc_type, *_):
+    for f in self._files:
+      f.close(check=exc_type is None)
+
+
+def _produce(e: Entry) -> np.ndarray:
+  if e.produce is None:
+    raise ValueError(f"{e.key}: an entry to stream has no producer")
+  return e.produce()
+
+
+def write_safetensors(fname: str, entries: list[Entry]) -> None:
+  """One safetensors file, streamed: the header, then each entry's tensor in turn."""
+  f = SafetensorsFile(fname, entries)
+  try:
+    for e in entries:
+      f.write(e.key, _produce(e))
+  except BaseException:
+    f.close(check=False)
+    raise
+  f.close()
 
 
 def write_sharded(
     path: str, entries: list[Entry], shard_size: int | str = DEFAULT_SHARD_SIZE
 ) -> list[str]:
-  """Safetensors shards of at most `shard_size` bytes (a bigger tensor gets its own) plus the index."""
-  limit = parse_size(shard_size)
-  shards: list[list[Entry]] = [[]]
-  size = 0
-  for e in entries:
-    if shards[-1] and size + e.nbytes > limit:
-      shards.append([])
-      size = 0
-    shards[-1].append(e)
-    size += e.nbytes
-  if len(shards) == 1:
-    names = [SINGLE_FILE]
-  else:
-    names = [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        for i in range(len(shards))
-    ]
-  for name, group in zip(names, shards):
-    write_safetensors(os.path.join(path, name), group)
-  if len(shards) > 1:
-    weight_map = {e.key: n for n, g in zip(names, shards) for e in g}
-    index = {
-        "metadata": {"total_size": sum(e.nbytes for e in entries)},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    with open(os.path.join(path, INDEX_FILE), "w") as f:
-      json.dump(index, f, indent=2)
-      f.write("\n")
-  return names
+  """Shards (see `ShardedWriter`) filled by asking each entry for its tensor in turn."""
+  with ShardedWriter(path, entries, shard_size) as w:
+    for e in entries:
+      w.write(e.key, _produce(e))
+  return w.names

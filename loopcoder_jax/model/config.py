@@ -23,11 +23,14 @@ REMAT_POLICIES = ("none", "full", "dots", "save_attn_out", "save_qkv_proj")
 ATTENTION_IMPLS = ("reference", "pallas", "xla")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
-# Written by to_hf_dict; read back only when they differ (then kept verbatim in extra_hf).
+# Written by to_hf_dict from the loop count, never read back (a Llama read here and written with
+# R >= 2 is a PLT). R >= 2 carries the publisher's names, which its serving code and HF tooling
+# recognise; R = 1 is a plain Llama decoder (no gates), written as one so Llama loaders serve it.
 _HF_META = {
     "architectures": ["IQuestPLTCoderForCausalLM"],
-    "model_type": "iquest_plt",
+    "model_type": "iquestpltcoder",
 }
+_LLAMA_META = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
 
 
 def _fail(field: str, msg: str) -> None:
@@ -287,16 +290,24 @@ class PLTConfig:
     return h * self.head_size + h
 
   # ---------------------------------------------------------------- HF I/O
+  @property
+  def hf_meta(self) -> dict[str, Any]:
+    """`architectures` and `model_type` of this model's `config.json`."""
+    meta = _HF_META if self.plt_num_loops > 1 else _LLAMA_META
+    return {k: list(v) if isinstance(v, list) else v for k, v in meta.items()}
+
   @classmethod
   def from_hf_dict(cls, hf: Mapping[str, Any], **runtime_kw) -> PLTConfig:
+    """A config without `plt_num_loops` (a Llama checkpoint) has R = 1."""
     hf = _from_transformers5(hf)
     known = {f.name for f in dataclasses.fields(cls)} - {"extra_hf", "runtime"}
     kwargs = {k: v for k, v in hf.items() if k in known}
     extra = {
-        k: v for k, v in hf.items() if k not in known and _HF_META.get(k) != v
+        k: v for k, v in hf.items() if k not in known and k not in _HF_META
     }
     if "head_dim" not in hf:
       kwargs["head_dim"] = None
+    kwargs.setdefault("plt_num_loops", 1)
     return cls(**kwargs, extra_hf=extra, runtime=RuntimeConfig(**runtime_kw))
 
   @classmethod
@@ -316,9 +327,7 @@ class PLTConfig:
     return cls.from_hf_dict(hf, **runtime_kw)
 
   def to_hf_dict(self) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        k: list(v) if isinstance(v, list) else v for k, v in _HF_META.items()
-    }
+    out: dict[str, Any] = self.hf_meta
     for f in dataclasses.fields(self):
       if f.name in ("extra_hf", "runtime"):
         continue

@@ -485,15 +485,15 @@ def test_nonempty_destination_needs_overwrite(trip, tmp_path):
 def test_failed_conversion_leaves_nothing(
     trip, tmp_path, monkeypatch, existing
 ):
-  real, calls = st.write_safetensors, []
+  real, calls = st.SafetensorsFile.write, []
 
-  def fail_second_shard(fname, entries):
-    calls.append(fname)
-    if len(calls) == 2:
+  def fail_midway(self, key, x):
+    calls.append(key)
+    if len(calls) == 5:
       raise OSError("disk full (simulated)")
-    real(fname, entries)
+    real(self, key, x)
 
-  monkeypatch.setattr(st, "write_safetensors", fail_second_shard)
+  monkeypatch.setattr(st.SafetensorsFile, "write", fail_midway)
   dst = tmp_path / "dst"
   if existing:
     dst.mkdir()
@@ -502,7 +502,7 @@ def test_failed_conversion_leaves_nothing(
     convert.convert_checkpoint(
         trip["orbax"], str(dst), "hf", shard_size=3000, overwrite=existing
     )
-  assert len(calls) == 2
+  assert len(calls) == 5
   # no temp sibling left
   assert sorted(os.listdir(tmp_path)) == (["dst"] if existing else [])
   if existing:
@@ -525,3 +525,227 @@ def test_bad_arguments(trip, tmp_path):
         trip["src"], os.path.join(trip["src"], "sub"), "orbax"
     )
   assert not os.path.exists(tmp_path / "o")
+
+
+# ------------------------------------------------------------------------------------- serving
+def publisher_vllm_params(cfg):
+  """name -> shape of the decoder parameters the publisher's vLLM model builds for a PLT config.
+
+  Restated from its source: it takes the head dimension as hidden_size / num_attention_heads, fuses
+  q/k/v_proj into `qkv_proj` and gate/up_proj into `gate_up_proj`, and builds one gate per layer
+  under `gate_projections.{i}`: a `gate_proj` linear with bias, [H, d] reading a `gate_norm`-ed
+  hidden state (hidden mode) or [H, d / H] reading each head's query (query mode).
+  """
+  d, h, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+  hd, inter = d // h, cfg.intermediate_size
+  out = {"embed_tokens.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
+  for i in range(cfg.num_hidden_layers):
+    lay, gate = f"layers.{i}.", f"gate_projections.{i}."
+    out |= {
+        lay + "self_attn.qkv_proj.weight": ((h + 2 * kv) * hd, d),
+        lay + "self_attn.o_proj.weight": (d, h * hd),
+        lay + "mlp.gate_up_proj.weight": (2 * inter, d),
+        lay + "mlp.down_proj.weight": (d, inter),
+        lay + "input_layernorm.weight": (d,),
+        lay + "post_attention_layernorm.weight": (d,),
+        gate
+        + "gate_proj.weight": (h, d if cfg.plt_gate_use_hidden_states else hd),
+        gate + "gate_proj.bias": (h,),
+    }
+    if cfg.plt_gate_use_hidden_states:
+      out[gate + "gate_norm.weight"] = (d,)
+  return out
+
+
+def publisher_vllm_name(name):
+  """Where the publisher's vLLM loader puts a checkpoint tensor (its `model.` prefix removed), as
+  (param, rows it fills), or None when it skips the tensor. Restated from its `load_weights`.
+  """
+  if "rotary_emb.inv_freq" in name:
+    return None
+  fused = [
+      ("qkv_proj", "q_proj"),
+      ("qkv_proj", "k_proj"),
+      ("qkv_proj", "v_proj"),
+      ("gate_up_proj", "gate_proj"),
+      ("gate_up_proj", "up_proj"),
+  ]
+  for param, part in fused:
+    if "gate_projections" in name or part not in name or "loop" in name:
+      continue
+    return name.replace(part, param), part
+  if name.startswith("gate_projections."):
+    base, leaf = name.rsplit(".", 1)
+    return f"{base}.gate_proj.{leaf}", None
+  if "loop_gate_proj" in name or "plt_gate" in name:
+    parts = name.split(".")
+    if "gate_norm" in name:
+      return f"gate_projections.{parts[1]}.{'.'.join(parts[4:])}", None
+    return f"gate_projections.{parts[1]}.gate_proj.{parts[4]}", None
+  return name, None
+
+
+@pytest.mark.parametrize(
+    "hidden, tied", [(True, False), (False, True)], ids=["hidden", "query-tied"]
+)
+def test_export_satisfies_the_publishers_vllm_loader(tmp_path, hidden, tied):
+  """What the publisher's vLLM fork reads from an R >= 2 export: the registered architecture name,
+  the plt_* keys with the meanings it gives them, and tensors that fill each of its parameters.
+  """
+  cfg = PLTConfig.tiny(
+      loops=2, plt_gate_use_hidden_states=hidden, tie_word_embeddings=tied
+  )
+  _, params = convert.load_hf(_hf_dir(tmp_path / "src", cfg))
+  convert.save_hf(cfg, params, tmp_path / "hf")
+  config = json.load(open(tmp_path / "hf" / "config.json"))
+  # its registry serves these names with its PLT model
+  assert config["architectures"] == ["IQuestPLTCoderForCausalLM"]
+  assert config["model_type"] == "iquestpltcoder"
+  # it reads left from plt_window_size = [left, 0] and attends to left + 1 keys; missing keys would
+  # default to values that are not ours (0 loops, no normalisation, query mode)
+  assert config["plt_window_size"] == [cfg.window_left, 0]
+  for key in (
+      "plt_num_loops",
+      "plt_normalize_per_loop",
+      "plt_gate_use_hidden_states",
+      "plt_emb_scale",
+      "plt_hidden_scale",
+  ):
+    assert config[key] == getattr(cfg, key), key
+  assert cfg.hidden_size // cfg.num_attention_heads == cfg.head_size
+  want = publisher_vllm_params(cfg)
+  filled: dict[str, list] = {}
+  tensors = read_hf(tmp_path / "hf")
+  for key, w in tensors.items():
+    if key == "lm_head.weight":
+      assert not tied and w.shape == (cfg.vocab_size, cfg.hidden_size)
+      continue
+    assert key.startswith("model."), key
+    param, part = publisher_vllm_name(key[len("model.") :])
+    assert param in want, key  # anything else is a KeyError in its loader
+    filled.setdefault(param, []).append((part, w.shape))
+  # its loader refuses a checkpoint that leaves a parameter unset
+  assert sorted(filled) == sorted(want)
+  for param, parts in filled.items():
+    rows = sum(shape[0] for _, shape in parts)
+    assert (rows,) + parts[0][1][1:] == want[param], param
+
+
+# ----------------------------------------------------------------------------- other exporters
+def test_rope_tables_are_ignored(tmp_path):
+  cfg = PLTConfig.tiny(loops=2)
+  tensors = random_hf_tensors(cfg)
+  write_hf(tmp_path / "plain", cfg, tensors)
+  tensors |= {
+      f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)
+      for i in range(cfg.num_hidden_layers)
+  }
+  write_hf(tmp_path / "inv", cfg, tensors)
+  want, got = (
+      hf_names.flatten(convert.load_hf(tmp_path / n)[1])
+      for n in ("plain", "inv")
+  )
+  assert all(got[k].tobytes() == v.tobytes() for k, v in want.items())
+
+
+def test_tied_checkpoint_that_stores_the_head(tmp_path):
+  cfg = PLTConfig.tiny(loops=2, tie_word_embeddings=True)
+  tensors = random_hf_tensors(cfg)
+  emb = tensors["model.embed_tokens.weight"]
+  write_hf(tmp_path / "same", cfg, {**tensors, "lm_head.weight": emb.copy()})
+  _, params = convert.load_hf(tmp_path / "same")
+  assert "lm_head" not in params
+  assert params["embed_tokens"]["embedding"].tobytes() == emb.tobytes()
+  other = emb.copy()
+  other[3, 5] += 1
+  write_hf(tmp_path / "differs", cfg, {**tensors, "lm_head.weight": other})
+  with pytest.raises(ValueError, match="lm_head.weight differs from"):
+    convert.load_hf(tmp_path / "differs")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  """A tiny random LlamaForCausalLM saved by transformers (no plt_* keys), and its logits."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  path = tmp_path_factory.mktemp("llama") / "hf"
+  config = transformers.LlamaConfig(
+      vocab_size=128,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+      rope_theta=10000.0,
+  )
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():
+    for (
+        p
+    ) in (
+        model.parameters()
+    ):  # well away from the 0.02 init: logits of unit scale
+      p.normal_(0.0, 0.3)
+  model.save_pretrained(path)
+  tokens = np.random.default_rng(0).integers(0, 128, (2, 12))
+  with torch.no_grad():
+    logits = model(torch.tensor(tokens)).logits.numpy()
+  return str(path), tokens, logits
+
+
+def test_llama_checkpoint_loads_as_one_loop(llama):
+  import jax.numpy as jnp
+
+  from loopcoder_jax.model.transformer import PLTForCausalLM
+
+  path, tokens, want = llama
+  assert "plt_num_loops" not in json.load(
+      open(os.path.join(path, "config.json"))
+  )
+  cfg, params = convert.load_hf(path)
+  assert (
+      cfg.plt_num_loops == 1 and "plt_gate" not in params["layers"]["self_attn"]
+  )
+  got = np.asarray(
+      PLTForCausalLM(cfg).apply({"params": params}, jnp.asarray(tokens))
+  )
+  # float32 sums of d = 32 and I = 64 terms in another order: a few ulps of the logits' scale
+  assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_one_loop_exports_are_llama_directories(llama, tmp_path):
+  path, _, _ = llama
+  convert.convert_checkpoint(path, str(tmp_path / "o"), "orbax")
+  convert.convert_checkpoint(str(tmp_path / "o"), str(tmp_path / "hf"), "hf")
+  config = json.load(open(tmp_path / "hf" / "config.json"))
+  assert config["model_type"] == "llama"
+  assert config["architectures"] == ["LlamaForCausalLM"]
+  assert "auto_map" not in config
+  assert not any((tmp_path / "hf" / f).exists() for f in convert.MODELING_FILES)
+  src, out = read_hf(path), read_hf(tmp_path / "hf")
+  assert sorted(src) == sorted(out)
+  assert all(src[k].tobytes() == out[k].tobytes() for k in src)
+
+
+def test_orbax_to_hf_streams_each_param_once(trip, tmp_path, monkeypatch):
+  """Orbax -> HF restores the params one at a time, never the tree."""
+  restored = []
+  real = checkpoint.iter_params
+
+  def spy(path):
+    for p, x in real(path):
+      restored.append(p)
+      yield p, x
+
+  monkeypatch.setattr(checkpoint, "iter_params", spy)
+  monkeypatch.setattr(
+      convert, "load_orbax", None
+  )  # the whole-tree path is not taken
+  convert.convert_checkpoint(trip["orbax"], str(tmp_path / "hf"), "hf")
+  assert sorted(restored) == sorted(hf_names.param_shapes(CFG))
+  back = read_hf(tmp_path / "hf")
+  assert all(
+      back[k].tobytes() == v.tobytes() for k, v in trip["tensors"].items()
+  )

@@ -1,4 +1,7 @@
-"""The exported PyTorch model (hf_modeling/, loaded through auto_map) against our JAX model."""
+"""The exported PyTorch model (hf_modeling/, loaded through auto_map) against our JAX model, and its
+PLT cache against the uncached forward. R = 1 exports are plain Llama directories (transformers'
+LlamaForCausalLM loads them); the cache tests run our modeling file at R = 1 too.
+"""
 
 import copy
 import os
@@ -241,14 +244,23 @@ def test_llama3_rope_follows_transformers(build):
 
 
 def test_exported_directory_is_self_contained(build):
-  _, _, model = build("R1")
+  _, _, model = build("R2-hidden")
   src = os.path.dirname(convert.__file__)
   for f in convert.MODELING_FILES:
     text = open(os.path.join(src, "hf_modeling", f)).read()
     # imports only torch/transformers
     assert "loopcoder_jax" not in text.replace("loopcoder-jax", "")
+    assert os.path.isfile(os.path.join(model.name_or_path, f))
   assert type(model).__name__ == "IQuestPLTCoderForCausalLM"
-  assert model.config.model_type == "iquest_plt"
+  assert model.config.model_type == "iquestpltcoder"
+  assert model.config.architectures == ["IQuestPLTCoderForCausalLM"]
+  _, _, llama = build("R1")  # R = 1: a plain Llama, no remote code
+  assert type(llama) is transformers.LlamaForCausalLM
+  assert llama.config.model_type == "llama"
+  assert not any(
+      os.path.exists(os.path.join(llama.name_or_path, f))
+      for f in convert.MODELING_FILES
+  )
 
 
 def test_bf16_export_loads_in_bf16(tmp_path):
@@ -281,3 +293,146 @@ def test_torch_save_pretrained_converts_back(build, tmp_path):
   q = params["layers"]["self_attn"]["q_proj"]["kernel"][1]  # [d, H, D]
   want = state["model.layers.1.self_attn.q_proj.weight"].numpy()
   np.testing.assert_array_equal(q.reshape(cfg.hidden_size, -1).T, want)
+
+
+# ----------------------------------------------------------------------------- the PLT cache
+def plt_model(build, name):
+  """(cfg, the export of `name` run by our modeling file): R = 1 exports load as Llama otherwise."""
+  cfg, _, model = build(name)
+  if cfg.plt_num_loops == 1:
+    from loopcoder_jax.interop.hf_modeling import modeling_loopcoder
+
+    model = modeling_loopcoder.IQuestPLTCoderForCausalLM.from_pretrained(
+        model.name_or_path
+    ).eval()
+  return cfg, model
+
+
+def padded_prompts(cfg, lengths=(7, 3, 5), seed=5):
+  """Left-padded prompts (pad 0) and their attention mask."""
+  rng = np.random.default_rng(seed)
+  width = max(lengths)
+  ids = np.zeros((len(lengths), width), np.int64)
+  mask = np.zeros_like(ids)
+  for row, n in enumerate(lengths):
+    ids[row, width - n :] = rng.integers(3, cfg.vocab_size, n)
+    mask[row, width - n :] = 1
+  return torch.tensor(ids), torch.tensor(mask)
+
+
+@pytest.mark.parametrize(
+    "name", ["R1", "R2-query-tied", "R3-hidden-scaled", "R4-hidden"]
+)
+def test_cached_generate_equals_uncached(build, name):
+  """Prompts longer than the window, so every ring wraps; whole and chunked prefill (which needs
+  the cache passed in)."""
+  cfg, model = plt_model(build, name)
+  ids, mask = padded_prompts(cfg)
+  kw = dict(
+      attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0
+  )
+  fresh = sys.modules[type(model).__module__].PLTCache(model.config)
+  with torch.no_grad():
+    plain = model.generate(ids, use_cache=False, **kw)
+    cached = model.generate(ids, use_cache=True, **kw)
+    chunked = model.generate(ids, cache=fresh, prefill_chunk_size=3, **kw)
+  assert plain.shape[1] > ids.shape[1] + cfg.window_left + 1
+  assert cached.tolist() == plain.tolist(), name
+  assert chunked.tolist() == plain.tolist(), name
+
+
+def test_cached_beam_search_equals_uncached(build):
+  cfg, model = plt_model(build, "R3-hidden-scaled")
+  ids, mask = padded_prompts(cfg, (6, 4))
+  kw = dict(
+      attention_mask=mask,
+      max_new_tokens=8,
+      num_beams=3,
+      do_sample=False,
+      pad_token_id=0,
+  )
+  with torch.no_grad():
+    plain = model.generate(ids, use_cache=False, **kw)
+    cached = model.generate(ids, use_cache=True, **kw)
+  assert cached.tolist() == plain.tolist()
+
+
+@pytest.mark.parametrize("name", ["R1", "R3-query-unnormalized"])
+def test_cached_logits_match_the_full_forward(build, name):
+  """Prefill 5 columns, then one column at a time: every column's logits as in one full forward."""
+  cfg, model = plt_model(build, name)
+  ids, mask = padded_prompts(cfg, (12, 9, 10))
+  with torch.no_grad():
+    full = model(ids, attention_mask=mask, use_cache=False).logits
+    out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+    steps = [out.logits]
+    for t in range(5, ids.shape[1]):
+      out = model(
+          ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache
+      )
+      steps.append(out.logits)
+  got = torch.cat(steps, 1)[mask.bool()]
+  want = full[mask.bool()]
+  # float32 sums over at most S keys and d features, reordered: a few ulps of the logits' scale
+  assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_cache_holds_the_plt_state(build):
+  cfg, model = plt_model(build, "R3-hidden-scaled")
+  ids, mask = padded_prompts(cfg, (9, 6))
+  b, t = ids.shape
+  window = cfg.window_left + 1
+  with torch.no_grad():
+    out = model(
+        ids, attention_mask=mask, use_cache=True, output_hidden_states=True
+    )
+  cache = out.cache
+  assert type(cache).__name__ == "PLTCache" and cache.get_seq_length() == t
+  kv = (cfg.num_key_value_heads, cfg.head_size)
+  for layer in cache.layers:  # loop 1: every column; loops >= 2: W slots
+    assert tuple(layer.keys.shape) == (b, t) + kv
+    assert (
+        tuple(layer.ring_keys.shape) == (cfg.plt_num_loops - 1, b, window) + kv
+    )
+  assert sorted(cache.ring_cols.tolist()) == list(range(t - window, t))
+  assert tuple(cache.carry.shape) == (cfg.plt_num_loops - 1, b, cfg.hidden_size)
+  for r in range(
+      cfg.plt_num_loops - 1
+  ):  # carry[r] = P(r + 1) at the last column
+    p = model.model.norm(out.hidden_states[r])[:, -1]
+    torch.testing.assert_close(cache.carry[r], p, rtol=0, atol=0)
+  before = [cache.layers[0].ring_keys.clone(), cache.carry.clone()]
+  cache.reorder_cache(torch.tensor([1, 0]))  # beams move every part together
+  assert torch.equal(cache.layers[0].ring_keys, before[0][:, [1, 0]])
+  assert torch.equal(cache.carry, before[1][:, [1, 0]])
+  assert torch.equal(cache.valid, mask.bool()[[1, 0]])
+  cache.batch_repeat_interleave(2)  # rows 1, 1, 0, 0
+  cache.batch_select_indices(torch.tensor([0, 3]))  # rows 1, 0
+  assert torch.equal(cache.layers[0].ring_keys, before[0][:, [1, 0]])
+  assert torch.equal(cache.carry, before[1][:, [1, 0]])
+  with pytest.raises(ValueError, match="cannot drop tokens"):
+    cache.crop(-1)
+
+
+def test_decode_step_is_one_pass_over_the_weights(build):
+  """A prompt runs the loops in turn (R passes); each new token runs them as R rows of one pass."""
+  cfg, model = plt_model(build, "R3-hidden-scaled")
+  seen = []
+  hooks = [
+      layer.self_attn.q_proj.register_forward_hook(
+          lambda m, args, out: seen.append(tuple(args[0].shape))
+      )
+      for layer in model.model.layers
+  ]
+  try:
+    with torch.no_grad():
+      out = model(torch.tensor([[5, 6, 7, 8, 9, 10]]), use_cache=True)
+      passes = len(seen)
+      seen.clear()
+      model(torch.tensor([[11]]), cache=out.cache)
+  finally:
+    for h in hooks:
+      h.remove()
+  n, layers = cfg.plt_num_loops, cfg.num_hidden_layers
+  assert passes == n * layers
+  assert seen == [(1, n, 1, cfg.hidden_size)] * layers

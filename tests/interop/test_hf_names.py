@@ -94,7 +94,7 @@ def test_missing_key():
     "extra",
     [
         "model.layers.2.mlp.up_proj.weight",
-        "model.rotary_emb.inv_freq",
+        "lm_head.bias",
         "model.layers.0.self_attn.plt_gate.gate_norm.weight",
     ],
 )
@@ -105,6 +105,21 @@ def test_unexpected_key(extra):
       ValueError, match=f"unexpected key {extra.replace('.', '[.]')}"
   ):
     hf_names.match(cfg, hf_names.plan(cfg), _keys(cfg) + [extra])
+
+
+def test_rope_tables_and_a_tied_head_are_skipped():
+  keys = [
+      "model.rotary_emb.inv_freq",
+      "model.layers.1.self_attn.rotary_emb.inv_freq",
+  ]
+  cfg = PLTConfig.tiny(loops=2)
+  found = hf_names.match(cfg, hf_names.plan(cfg), _keys(cfg) + keys)
+  assert sorted(found) == sorted(_keys(cfg))
+  tied = PLTConfig.tiny(loops=2, tie_word_embeddings=True)
+  found = hf_names.match(
+      tied, hf_names.plan(tied), _keys(tied) + [hf_names.TIED_HEAD]
+  )
+  assert hf_names.TIED_HEAD not in found.values()
 
 
 def test_r1_checkpoint_with_gate_is_unexpected():
@@ -132,8 +147,8 @@ def test_transforms_invert_each_other(loops, hidden, tied, kv_heads):
   rng = np.random.default_rng(0)
   for s in hf_names.plan(cfg):
     w = rng.standard_normal(s.hf_shape).astype(np.float32)
-    ours = s.rule.to_ours(w, s.our_shape)
-    assert ours.shape == s.our_shape, s.key
+    ours = np.empty(s.our_shape, np.float32)
+    s.rule.into_ours(w, ours)
     back = s.rule.to_hf(ours, cfg)
     assert back.shape == s.hf_shape and np.array_equal(back, w), s.key
 
@@ -149,9 +164,9 @@ def test_linear_layouts():
       cfg.head_size,
   )
   w = np.arange(np.prod(q.hf_shape), dtype=np.float32).reshape(q.hf_shape)
-  np.testing.assert_array_equal(
-      q.rule.to_ours(w, q.our_shape).reshape(cfg.hidden_size, -1), w.T
-  )
+  ours = np.empty(q.our_shape, np.float32)
+  q.rule.into_ours(w, ours)
+  np.testing.assert_array_equal(ours.reshape(cfg.hidden_size, -1), w.T)
   norm = slots["model.norm.weight"]
   assert not norm.rule.transpose and norm.our_shape == (cfg.hidden_size,)
 
@@ -181,7 +196,7 @@ def _blocks(draw, shape, whole=()):
     whole_inner=hst.booleans(),
     data=hst.data(),
 )
-def test_read_ours_is_the_block_of_to_ours(
+def test_read_ours_is_the_block_of_the_converted_tensor(
     loops, hidden, kv_heads, whole_inner, data
 ):
   """A block of our layout read through `read_ours` equals that block of the whole converted
@@ -206,9 +221,9 @@ def test_read_ours_is_the_block_of_to_ours(
       return w[region]
 
     got = s.rule.read_ours(read, s.hf_shape, s.our_shape, block)
-    np.testing.assert_array_equal(
-        got, s.rule.to_ours(w, s.our_shape)[block], err_msg=s.key
-    )
+    converted = np.empty(s.our_shape, w.dtype)
+    s.rule.into_ours(w, converted)
+    np.testing.assert_array_equal(got, converted[block], err_msg=s.key)
     [region] = regions
     if whole_inner:
       assert w[region].size == got.size, (s.key, block, region)

@@ -1,5 +1,4 @@
-"""Streaming safetensors I/O: discovery, headers, one-tensor and block reads, the streamed sharded
-writer."""
+"""Streaming safetensors I/O: discovery, headers, reads into buffers and blocks, the laid-out writer."""
 
 import json
 import os
@@ -74,6 +73,28 @@ def test_block_reads(tmp_path):
     block = tuple(slice(n // 3, n - n // 4) for n in v.shape)
     got = st.read_block(files[k], k, block)
     assert got.dtype == v.dtype and got.tobytes() == v[block].tobytes(), k
+
+
+def test_reads_into_buffers_and_row_ranges(tmp_path):
+  tensors = _tensors()
+  helpers.write_safetensors_dir(tmp_path / "d", tensors, 300)
+  files = st.weight_files(str(tmp_path / "d"))
+  w = tensors["d.weight"]  # [32, 8]
+  out = np.empty((5, 8), BF16)
+  st.read_into(files["d.weight"], "d.weight", out, start=27)
+  assert out.tobytes() == w[27:].tobytes()
+  whole = np.empty(w.shape, BF16)
+  st.read_into(files["d.weight"], "d.weight", whole)
+  assert whole.tobytes() == w.tobytes()
+  for bad, start in (
+      (np.empty((5, 8), BF16), 28),  # past the end
+      (np.empty((5, 8), np.float32), 0),  # another dtype
+      (np.empty((5, 4), BF16), 0),  # another row shape
+  ):
+    with pytest.raises(ValueError, match="d.weight: stored bfloat16"):
+      st.read_into(files["d.weight"], "d.weight", bad, start)
+  with pytest.raises(ValueError, match="not C-contiguous"):
+    st.read_into(files["d.weight"], "d.weight", np.empty((8, 32), BF16).T)
 
 
 def test_unsupported_tensor_dtype(tmp_path):
@@ -154,6 +175,25 @@ def test_tensors_are_produced_one_at_a_time_in_order(tmp_path):
   entries = [entry(k, v) for k, v in tensors.items()]
   st.write_safetensors(str(tmp_path / "x.safetensors"), entries)
   assert produced == list(tensors)
+
+
+def test_sharded_writer_takes_tensors_in_any_order(tmp_path):
+  """Laid out up front: the same bytes as writing in order, whatever order the tensors come in."""
+  tensors = _tensors()
+  for d in "abc":
+    (tmp_path / d).mkdir()
+  names = st.write_sharded(str(tmp_path / "a"), _entries(tensors), 600)
+  with st.ShardedWriter(str(tmp_path / "b"), _entries(tensors), 600) as w:
+    for k in reversed(list(tensors)):
+      w.write(k, tensors[k])
+  assert w.names == names
+  for name in names + [st.INDEX_FILE]:
+    assert (tmp_path / "a" / name).read_bytes() == (
+        tmp_path / "b" / name
+    ).read_bytes()
+  with pytest.raises(ValueError, match="b.bias was declared but never"):
+    with st.ShardedWriter(str(tmp_path / "c"), _entries(tensors), 600) as w:
+      w.write("a.weight", tensors["a.weight"])
 
 
 def test_producer_must_match_its_declaration(tmp_path):

@@ -58,6 +58,35 @@ def test_hf_round_trip_keeps_unknown_keys(tmp_path):
   hash(cfg)  # configs are Flax module attributes: must stay hashable
 
 
+def test_model_type_follows_the_loop_count():
+  """R >= 2: the publisher's names; R = 1 is a plain Llama. Never read back (a Llama upcycled to
+  R = 2 must say it is a PLT)."""
+  r2, r1 = (
+      PLTConfig.tiny(loops=2).to_hf_dict(),
+      PLTConfig.tiny(loops=1).to_hf_dict(),
+  )
+  assert (r2["model_type"], r2["architectures"]) == (
+      "iquestpltcoder",
+      ["IQuestPLTCoderForCausalLM"],
+  )
+  assert (r1["model_type"], r1["architectures"]) == (
+      "llama",
+      ["LlamaForCausalLM"],
+  )
+  old = {**r2, "model_type": "iquest_plt"}  # an earlier export's spelling
+  assert PLTConfig.from_hf_dict(old).to_hf_dict() == r2
+  assert PLTConfig.from_hf_dict(r1).replace(plt_num_loops=2).to_hf_dict() == r2
+
+
+def test_llama_config_has_one_loop():
+  hf = {
+      k: v for k, v in PLTConfig.tiny().to_hf_dict().items() if "plt_" not in k
+  }
+  hf |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+  cfg = PLTConfig.from_hf_dict(hf)
+  assert cfg.plt_num_loops == 1 and cfg.num_gate_params_per_layer() == 0
+
+
 def test_hf_dict_without_head_dim_derives_it():
   hf = PLTConfig.tiny().to_hf_dict()
   del hf["head_dim"]

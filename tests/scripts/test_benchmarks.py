@@ -49,6 +49,20 @@ TINY_DECODE = [
     "--vocab=128",
     "--window=4",
 ]
+TINY_TORCH_DECODE = [
+    "--loops=1,2",
+    "--prompt=12",
+    "--new_tokens=4",
+    "--batch=2",
+    "--d=32",
+    "--ffn=64",
+    "--layers=2",
+    "--heads=4",
+    "--kv_heads=2",
+    "--head_dim=8",
+    "--vocab=128",
+    "--window=4",
+]
 # The converter benchmark's model width is fixed (d=2048): --params=1 gives its smallest, one layer (~0.18B).
 TINY_CONVERT = ["--params=1", "--shard_size=100MB"]
 
@@ -163,6 +177,23 @@ def test_bench_decode(layout):
   assert positive(res["plt2_over_r1_latency"]) and positive(
       res["plt2_over_serial2_latency"]
   )
+
+
+def test_bench_torch_decode():
+  out = summary(run_script("bench_torch_decode.py", *TINY_TORCH_DECODE))
+  assert [r["loops"] for r in out["results"]] == [1, 2]
+  for r in out["results"]:
+    for key in (
+        "cached_tokens_per_s",
+        "uncached_tokens_per_s",
+        "cached_tokens_per_cpu_s",
+        "prefill_cpu_s",
+        "step_cpu_ms",
+    ):
+      assert positive(r[key]), (key, r)
+    assert r["same_tokens"], r
+  r1 = out["results"][0]
+  assert positive(r1["llama_cached_tokens_per_s"]) and r1["llama_same_tokens"]
 
 
 def test_bench_convert(tmp_path):

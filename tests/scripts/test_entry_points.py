@@ -74,6 +74,7 @@ BAD_FLAG = {
     "bench_attention.py": (["--seq_lens=0"], "--seq_lens=0"),
     "bench_convert.py": (["--params=0"], "--params", "positive"),
     "bench_decode.py": (["--batches=1,x"], "--batches", "'x'"),
+    "bench_torch_decode.py": (["--heads=3"], "--heads=3", "--kv_heads=4"),
     "bench_train.py": (["--loops=0"], "--loops=0"),
     "convert_checkpoint.py": (
         ["--src=a", "--dst=b", "--to=pt"],

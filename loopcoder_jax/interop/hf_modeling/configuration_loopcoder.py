@@ -8,7 +8,7 @@ from transformers import PreTrainedConfig
 
 
 class IQuestPLTCoderConfig(PreTrainedConfig):
-  model_type = "iquest_plt"
+  model_type = "iquestpltcoder"
 
   vocab_size: int = 76800
   hidden_size: int = 5120

@@ -2,7 +2,7 @@
 
 Exported next to the weights by loopcoder-jax and loaded with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. Semantics (loopcoder-jax
-docs/plt-spec.md sections 2-3):
+docs/plt-spec.md sections 2-4):
 
 - loop 1: an ordinary causal pass over the embeddings E; each layer keeps its post-RoPE K1, V1;
 - loop r >= 2 input (cross-loop parallelism): a * E_t + b * P(r-1)_{t-1}, P = norm(h) when
@@ -12,8 +12,14 @@ docs/plt-spec.md sections 2-3):
   gate (hidden mode: from RMSNorm_gate(layer input); query mode: from the post-RoPE query);
 - logits = lm_head(norm(h(R))).
 
-Each forward recomputes the whole sequence for every loop (no KV cache): `generate` works, feeding
-the full prefix each step. Softmax, RMSNorm and gate statistics are computed in float32.
+Decoding keeps the PLT state in a `PLTCache` (the transformers `Cache` interface): loop 1's K/V of
+every column, a ring of left + 1 slots per layer for each loop >= 2, and the R - 1 carries P(r) of
+the last column. A chunk of several new tokens (the prompt) runs the loops one after another, each
+over the chunk; one new token runs all R loops as R rows of a single pass over the weights, row 1
+writing its K/V into the cache before rows >= 2 read it. Without a cache the forward is the same
+computation on a cache that is dropped afterwards. `attention_mask` is read as a document boundary:
+padding is never attended and the first real token gets a zero CLP state. Softmax, RMSNorm and gate
+statistics are computed in float32.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -38,6 +45,123 @@ _ACT = {
     "relu": F.relu,
 }
 _NEG = -1e30  # finite: a fully masked (padding) query row stays NaN-free
+# transformers renamed the output's `past_key_values` to `cache`; write whichever this one has
+_CACHE_FIELD = (
+    "cache"
+    if "cache" in CausalLMOutputWithPast.__dataclass_fields__
+    else "past_key_values"
+)
+
+
+class PLTCacheLayer(CacheLayerMixin):
+  """One layer's part of the PLT state: loop 1's post-RoPE K/V of every cached column (`keys`,
+  `values`: [B, T, Hkv, D]) and, for loops >= 2, a ring of W = left + 1 slots
+  (`ring_keys`, `ring_values`: [R-1, B, W, Hkv, D]; slot w holds column `PLTCache.ring_cols[w]`).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.ring_keys = self.ring_values = None
+
+  def lazy_initialization(self, key_states, value_states):
+    self.dtype, self.device = key_states.dtype, key_states.device
+    self.keys = key_states.new_empty(
+        (key_states.shape[0], 0) + key_states.shape[2:]
+    )
+    self.values = value_states.new_empty(self.keys.shape)
+    self.is_initialized = True
+
+  def update(self, key_states, value_states, *args, **kwargs):
+    """Appends loop 1's K/V of the new columns ([B, s, Hkv, D]); returns every cached column's."""
+    if not self.is_initialized:
+      self.lazy_initialization(key_states, value_states)
+    self.keys = torch.cat([self.keys, key_states], dim=1)
+    self.values = torch.cat([self.values, value_states], dim=1)
+    return self.keys, self.values
+
+  def update_ring(self, ring, key_states, value_states, slots, rings_window):
+    """Ring `ring` (of loop ring + 2) takes the K/V of the last len(slots) new columns at `slots`;
+    the rings are made on first use: `rings_window` = (R - 1, W).
+    """
+    if self.ring_keys is None:
+      b, _, k, d = key_states.shape
+      shape = (rings_window[0], b, rings_window[1], k, d)
+      self.ring_keys = key_states.new_zeros(shape)
+      self.ring_values = value_states.new_zeros(shape)
+    n = len(slots)
+    self.ring_keys[ring].index_copy_(1, slots, key_states[:, -n:])
+    self.ring_values[ring].index_copy_(1, slots, value_states[:, -n:])
+
+  def get_seq_length(self):
+    return self.keys.shape[1] if self.is_initialized else 0
+
+  def get_mask_sizes(self, query_length):
+    return self.get_seq_length() + query_length, 0
+
+  def get_max_length(self):
+    return -1
+
+  def map_batch(self, fn):
+    """Applies `fn(tensor, batch_dim)` to every tensor of this layer."""
+    if self.is_initialized:
+      self.keys, self.values = fn(self.keys, 0), fn(self.values, 0)
+    if self.ring_keys is not None:
+      self.ring_keys = fn(self.ring_keys, 1)
+      self.ring_values = fn(self.ring_values, 1)
+
+
+class PLTCache(Cache):
+  """The PLT decode state (loopcoder-jax docs/plt-spec.md section 4), not R full caches.
+
+  Per layer (`PLTCacheLayer`): loop 1's K/V of every column, and a ring of left + 1 slots for each
+  loop >= 2. Shared: `valid` [B, T] (which columns are tokens, not padding), `ring_cols` [W] (the
+  column each ring slot holds, -1 when empty; every loop and layer writes the same columns) and
+  `carry` [R-1, B, d] (P(r) of the last column, r = 1..R-1). Columns are those of
+  `attention_mask`. Beam search reorders all of it together. The ring and the carries keep only the
+  latest state, so the cache cannot drop tokens (`crop`) and assisted decoding is not supported.
+  """
+
+  def __init__(self, config):
+    super().__init__(
+        layers=[PLTCacheLayer() for _ in range(config.num_hidden_layers)]
+    )
+    self.window = config.plt_window_size[0] + 1
+    self.valid = self.ring_cols = self.carry = None
+
+  def get_seq_length(self, layer_idx=0):
+    return 0 if self.valid is None else self.valid.shape[1]
+
+  def get_mask_sizes(self, query_length, layer_idx=0):
+    return self.get_seq_length() + query_length, 0
+
+  def _map_batch(self, fn):
+    for layer in self.layers:
+      layer.map_batch(fn)
+    if self.valid is not None:
+      self.valid = fn(self.valid, 0)
+    if self.carry is not None:
+      self.carry = fn(self.carry, 1)
+
+  def reorder_cache(self, beam_idx):
+    self._map_batch(lambda x, dim: x.index_select(dim, beam_idx.to(x.device)))
+
+  def batch_repeat_interleave(self, repeats):
+    self._map_batch(lambda x, dim: x.repeat_interleave(repeats, dim=dim))
+
+  def batch_select_indices(self, indices):
+    self._map_batch(
+        lambda x, dim: x[(slice(None),) * dim + (indices.to(x.device),)]
+    )
+
+  def crop(self, tokens_to_remove):
+    if tokens_to_remove:
+      raise ValueError(
+          "the PLT cache cannot drop tokens: its rings and carries keep only the latest state"
+      )
+
+  def reset(self):
+    self.layers = [PLTCacheLayer() for _ in self.layers]
+    self.valid = self.ring_cols = self.carry = None
 
 
 class RMSNorm(nn.Module):
@@ -88,25 +212,34 @@ def _inv_freq(config, device):
   return inv
 
 
-def _rope(x_BxSxNxD, cos_BxSxD, sin_BxSxD):
-  """Rotate-half (Llama/NeoX) RoPE."""
-  x = x_BxSxNxD.float()
+def _rope(x_BxNxSxHxD, cos_BxSxD, sin_BxSxD):
+  """Rotate-half (Llama/NeoX) RoPE; every row N shares the columns' positions."""
+  x = x_BxNxSxHxD.float()
   half = x.shape[-1] // 2
   rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-  return (x * cos_BxSxD[:, :, None] + rotated * sin_BxSxD[:, :, None]).to(
-      x_BxSxNxD.dtype
-  )
+  cos, sin = cos_BxSxD[:, None, :, None], sin_BxSxD[:, None, :, None]
+  return (x * cos + rotated * sin).to(x_BxNxSxHxD.dtype)
 
 
-def _attend(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxSxT):
-  groups = q_BxSxHxD.shape[2] // k_BxTxKxD.shape[2]
-  k = k_BxTxKxD.repeat_interleave(groups, dim=2).float()
-  v = v_BxTxKxD.repeat_interleave(groups, dim=2).float()
-  scores = torch.einsum("bshd,bthd->bhst", q_BxSxHxD.float(), k) / math.sqrt(
-      q_BxSxHxD.shape[-1]
+def _attend(q_BxNxSxHxD, k_BxMxTxKxD, v_BxMxTxKxD, mask_BxSxT):
+  """Attention of each row's queries over keys of that row (M = N) or shared by all (M = 1).
+
+  Query head h reads K/V head h // G without copying K/V per head. Returns float32.
+  """
+  b, n, s, h, d = q_BxNxSxHxD.shape
+  kh = k_BxMxTxKxD.shape[-2]
+  q = (
+      q_BxNxSxHxD.float()
+      .view(b, n, s, kh, h // kh, d)
+      .permute(0, 1, 3, 4, 2, 5)
   )
-  scores = scores.masked_fill(~mask_BxSxT[:, None], _NEG)
-  return torch.einsum("bhst,bthd->bshd", scores.softmax(-1), v)  # float32
+  # k: [B, M, K, 1, D, T], v: [B, M, K, 1, T, D]
+  k = k_BxMxTxKxD.float().permute(0, 1, 3, 4, 2).unsqueeze(3)
+  v = v_BxMxTxKxD.float().permute(0, 1, 3, 2, 4).unsqueeze(3)
+  scores = (q @ k) / math.sqrt(d)  # [B, N, K, G, S, T]
+  scores = scores.masked_fill(~mask_BxSxT[:, None, None, None], _NEG)
+  y = scores.softmax(-1) @ v  # [B, N, K, G, S, D]
+  return y.permute(0, 1, 4, 2, 3, 5).reshape(b, n, s, h, d)
 
 
 class PLTGate(nn.Module):
@@ -121,12 +254,44 @@ class PLTGate(nn.Module):
     if self.hidden_mode:
       self.gate_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-  def forward(self, h_in_BxSxd, q_BxSxHxD):
+  def forward(self, h_in_BxNxSxd, q_BxNxSxHxD):
     if self.hidden_mode:
-      logits = self.gate_norm(h_in_BxSxd, torch.float32) @ self.weight.float().T
+      logits = (
+          self.gate_norm(h_in_BxNxSxd, torch.float32) @ self.weight.float().T
+      )
     else:
-      logits = (q_BxSxHxD.float() * self.weight.float()).sum(-1)
-    return torch.sigmoid(logits + self.bias.float())  # [B, S, H]
+      logits = (q_BxNxSxHxD.float() * self.weight.float()).sum(-1)
+    return torch.sigmoid(logits + self.bias.float())  # [B, N, S, H]
+
+
+class _Step:
+  """What every layer of one forward shares: RoPE tables, masks, the new columns' ring slots."""
+
+  def __init__(self, cache, valid_BxT, positions_BxS, config, device):
+    t = valid_BxT.shape[1]
+    s = positions_BxS.shape[1]
+    past, left = t - s, config.plt_window_size[0]
+    freqs = positions_BxS.float()[..., None] * _inv_freq(config, device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    self.cos, self.sin = emb.cos(), emb.sin()
+    cols = torch.arange(past, t, device=device)
+    keys = torch.arange(t, device=device)
+    # loop 1 and the global branch: causal over every cached and new column, padding excluded
+    self.causal = (keys[None, :] <= cols[:, None])[None] & valid_BxT[:, None]
+    # local branch: the ring (past columns) then the new columns, inside the window
+    new = self.causal[:, :, past:] & (keys[None, past:] >= cols[:, None] - left)
+    if cache.ring_cols is None:
+      self.local = new
+    else:
+      # slot w holds column rc[w] < past: in the window when rc[w] >= col - left
+      rc = cache.ring_cols
+      ring = (rc >= 0) & (rc >= cols[:, None] - left)
+      ring = ring[None] & valid_BxT[:, rc.clamp(min=0)][:, None]
+      self.local = torch.cat([ring, new], dim=-1)
+    self.cache, self.num_loops = cache, config.plt_num_loops
+    window = left + 1
+    self.new_cols = cols[-window:]
+    self.slots = self.new_cols % window
 
 
 class PLTAttention(nn.Module):
@@ -147,25 +312,39 @@ class PLTAttention(nn.Module):
     if config.plt_num_loops > 1:
       self.plt_gate = PLTGate(config)
 
-  def forward(self, h_in, x, cos, sin, masks, kv1=None):
-    """`x` = normed layer input. Returns (o_proj output, (k, v) post-RoPE)."""
-    b, s, _ = x.shape
-    q = _rope(
-        self.q_proj(x).view(b, s, self.num_heads, self.head_dim), cos, sin
-    )
-    k = _rope(
-        self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin
-    )
-    v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-    causal, local = masks
-    if kv1 is None:
-      y = _attend(q, k, v, causal)
+  def forward(self, h_in, x, loops, layer_cache, step):
+    """Rows N of `x` (normed layer input [B, N, S, d]) are the loops in `loops` (0 = loop 1)."""
+    b, n, s, _ = x.shape
+    q = self.q_proj(x).view(b, n, s, self.num_heads, self.head_dim)
+    k = self.k_proj(x).view(b, n, s, self.num_kv_heads, self.head_dim)
+    q, k = _rope(q, step.cos, step.sin), _rope(k, step.cos, step.sin)
+    v = self.v_proj(x).view(b, n, s, self.num_kv_heads, self.head_dim)
+    if loops[0] == 0:  # loop 1's K/V go into the cache before any row reads it
+      k1, v1 = layer_cache.update(k[:, 0], v[:, 0])
     else:
-      g = self.plt_gate(h_in, q)[..., None]
-      y = g * _attend(q, kv1[0], kv1[1], causal) + (1 - g) * _attend(
-          q, k, v, local
-      )
-    return self.o_proj(y.to(x.dtype).reshape(b, s, -1)), (k, v)
+      k1, v1 = layer_cache.keys, layer_cache.values
+    y = _attend(q, k1[:, None], v1[:, None], step.causal)
+    later = [i for i, loop in enumerate(loops) if loop > 0]
+    if later:
+      rows = slice(later[0], None)  # loops >= 2 come after loop 1
+      k_loc, v_loc = k[:, rows], v[:, rows]
+      if step.cache.ring_cols is not None:
+        rk, rv = layer_cache.ring_keys, layer_cache.ring_values
+        idx = torch.tensor([loops[i] - 1 for i in later], device=x.device)
+        k_loc = torch.cat([rk[idx].transpose(0, 1), k_loc], dim=2)
+        v_loc = torch.cat([rv[idx].transpose(0, 1), v_loc], dim=2)
+      local = _attend(q[:, rows], k_loc, v_loc, step.local)
+      g = self.plt_gate(h_in[:, rows], q[:, rows])[..., None]
+      y = torch.cat([y[:, : later[0]], g * y[:, rows] + (1 - g) * local], dim=1)
+      for i in later:
+        layer_cache.update_ring(
+            loops[i] - 1,
+            k[:, i],
+            v[:, i],
+            step.slots,
+            (step.num_loops - 1, step.cache.window),
+        )
+    return self.o_proj(y.to(x.dtype).reshape(b, n, s, -1))
 
 
 class PLTMLP(nn.Module):
@@ -193,10 +372,9 @@ class PLTDecoderLayer(nn.Module):
     )
     self.mlp = PLTMLP(config)
 
-  def forward(self, h, cos, sin, masks, kv1=None):
-    attn, kv = self.self_attn(h, self.input_layernorm(h), cos, sin, masks, kv1)
-    h = h + attn
-    return h + self.mlp(self.post_attention_layernorm(h)), kv
+  def forward(self, h, loops, layer_cache, step):
+    h = h + self.self_attn(h, self.input_layernorm(h), loops, layer_cache, step)
+    return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class IQuestPLTCoderPreTrainedModel(PreTrainedModel):
@@ -205,10 +383,11 @@ class IQuestPLTCoderPreTrainedModel(PreTrainedModel):
   base_model_prefix = "model"
   _no_split_modules = ["PLTDecoderLayer"]
   supports_gradient_checkpointing = False
+  _is_stateful = True  # the PLT cache cannot rewind (no assisted decoding)
 
   @classmethod
   def _supports_default_dynamic_cache(cls) -> bool:
-    return False  # no KV cache: every step recomputes the full prefix
+    return False  # the model makes its own PLTCache
 
   @torch.no_grad()
   def _init_weights(self, module):
@@ -241,12 +420,14 @@ class IQuestPLTCoderModel(IQuestPLTCoderPreTrainedModel):
   def set_input_embeddings(self, value):
     self.embed_tokens = value
 
-  def _stack(self, h, cos, sin, masks, kv1):
-    kvs = []
-    for i, layer in enumerate(self.layers):
-      h, kv = layer(h, cos, sin, masks, None if kv1 is None else kv1[i])
-      kvs.append(kv)
-    return h, kvs
+  def _pass(self, h_BxNxSxd, loops, step):
+    """The L layers once, rows N being the loops in `loops`."""
+    for layer, layer_cache in zip(self.layers, step.cache.layers):
+      h_BxNxSxd = layer(h_BxNxSxd, loops, layer_cache, step)
+    return h_BxNxSxd
+
+  def _clp_state(self, h):
+    return self.norm(h) if self.config.plt_normalize_per_loop else h
 
   def forward(
       self,
@@ -254,55 +435,90 @@ class IQuestPLTCoderModel(IQuestPLTCoderPreTrainedModel):
       attention_mask=None,
       position_ids=None,
       inputs_embeds=None,
+      cache=None,
+      use_cache=None,
       output_hidden_states=None,
       return_dict=None,
       **kwargs,
   ):
-    """`attention_mask` [B, S] (1 = token, 0 = padding) is honoured like a segment boundary:
-    padding is never attended to and the first real token gets a zero CLP state.
+    """Runs the new columns (`input_ids` [B, S]) on top of `cache` (a `PLTCache`; None: empty).
+
+    `attention_mask` (1 = token, 0 = padding) covers the cached and the new columns, or the new
+    ones only. With `use_cache` (default: the config's, else True) the cache, created if needed, is
+    returned holding every column; otherwise nothing is kept.
     """
     cfg = self.config
+    if cache is None:
+      cache = kwargs.pop("past_key_values", None)
+    if use_cache is None:
+      use_cache = getattr(cfg, "use_cache", True)
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids or inputs_embeds")
     e = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     b, s, _ = e.shape
-    valid = (
-        torch.ones(b, s, dtype=torch.bool, device=e.device)
-        if attention_mask is None
-        else attention_mask.to(e.device).bool()
-    )
+    if cache is None:
+      cache = PLTCache(cfg)
+    elif not isinstance(cache, PLTCache):
+      raise ValueError(
+          f"this model keeps its state in a PLTCache, got {type(cache).__name__}"
+      )
+    past = cache.get_seq_length()
+    new = torch.ones(b, s, dtype=torch.bool, device=e.device)
+    if attention_mask is not None:
+      if attention_mask.shape[1] not in (s, past + s):
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[1]} columns; expected {s} (new) or "
+            f"{past + s} (cached + new)"
+        )
+      new = attention_mask[:, -s:].to(e.device).bool()
+    valid = new if cache.valid is None else torch.cat([cache.valid, new], 1)
     if position_ids is None:
-      position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    freqs = position_ids.float()[..., None] * _inv_freq(cfg, e.device)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    idx = torch.arange(s, device=e.device)
-    causal = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :]
-    local = (
-        causal & (idx[None, :] >= idx[:, None] - cfg.plt_window_size[0])[None]
-    )
-    masks = (causal, local)
-    # CLP: zero state at the start of the row and right after padding.
-    starts = torch.cat([torch.ones_like(valid[:, :1]), ~valid[:, :-1]], dim=1)[
-        ..., None
-    ]
+      position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    step = _Step(cache, valid, position_ids, cfg, e.device)
+    # CLP: zero state at the start of the row and right after padding
+    before = valid[:, past - 1 : past] if past else torch.zeros_like(new[:, :1])
+    prev_ok = torch.cat([before, new[:, :-1]], dim=1)[..., None]
 
-    h, kv1 = self._stack(e, cos, sin, masks, None)
-    hiddens = [h]
+    n = cfg.plt_num_loops
     a = 1.0 if cfg.plt_emb_scale is None else float(cfg.plt_emb_scale)
     c = 1.0 if cfg.plt_hidden_scale is None else float(cfg.plt_hidden_scale)
-    for _ in range(cfg.plt_num_loops - 1):
-      p = self.norm(h) if cfg.plt_normalize_per_loop else h
-      shifted = torch.cat(
-          [torch.zeros_like(p[:, :1]), p[:, :-1]], dim=1
-      ).masked_fill(starts, 0.0)
-      h, _ = self._stack(
-          (a * e + c * shifted).to(e.dtype), cos, sin, masks, kv1
-      )
-      hiddens.append(h)
+    carry = (
+        cache.carry
+        if cache.carry is not None
+        else e.new_zeros((n - 1, b, cfg.hidden_size))
+    )
+    if s == 1:  # one new token: the R loops as R rows of one pass
+      rows = [e] + [
+          (a * e + c * carry[r - 1, :, None].masked_fill(~prev_ok, 0.0)).to(
+              e.dtype
+          )
+          for r in range(1, n)
+      ]
+      h_rows = self._pass(torch.stack(rows, 1), tuple(range(n)), step)
+      hiddens = list(h_rows.unbind(1))
+      new_carry = self._clp_state(h_rows[:, : n - 1, 0]).transpose(0, 1)
+    else:  # a chunk: loop after loop, each over the chunk
+      hiddens = [self._pass(e[:, None], (0,), step)[:, 0]]
+      new_carry = []
+      for r in range(1, n):
+        p = self._clp_state(hiddens[-1])
+        shifted = torch.cat([carry[r - 1, :, None].to(p.dtype), p[:, :-1]], 1)
+        x = (a * e + c * shifted.masked_fill(~prev_ok, 0.0)).to(e.dtype)
+        hiddens.append(self._pass(x[:, None], (r,), step)[:, 0])
+        new_carry.append(p[:, -1])
+      new_carry = torch.stack(new_carry) if new_carry else None
+    if n > 1:
+      if cache.ring_cols is None:
+        cache.ring_cols = torch.full(
+            (cache.window,), -1, dtype=torch.long, device=e.device
+        )
+      cache.ring_cols[step.slots] = step.new_cols
+      cache.carry = new_carry
+    cache.valid = valid
     return BaseModelOutputWithPast(
-        last_hidden_state=self.norm(h),
+        last_hidden_state=self.norm(hiddens[-1]),
         hidden_states=tuple(hiddens) if output_hidden_states else None,
+        **{_CACHE_FIELD: cache if use_cache else None},
     )
 
 
@@ -328,21 +544,14 @@ class IQuestPLTCoderForCausalLM(IQuestPLTCoderPreTrainedModel, GenerationMixin):
   def set_output_embeddings(self, value):
     self.lm_head = value
 
-  def prepare_inputs_for_generation(
-      self, input_ids, next_sequence_length=None, **kwargs
-  ):
-    kwargs.pop("cache", None)
-    kwargs.pop("past_key_values", None)
-    return super().prepare_inputs_for_generation(
-        input_ids, next_sequence_length=None, **kwargs
-    )
-
   def forward(
       self,
       input_ids=None,
       attention_mask=None,
       position_ids=None,
       inputs_embeds=None,
+      cache=None,
+      use_cache=None,
       labels=None,
       output_hidden_states=None,
       return_dict=None,
@@ -354,6 +563,8 @@ class IQuestPLTCoderForCausalLM(IQuestPLTCoderPreTrainedModel, GenerationMixin):
         attention_mask=attention_mask,
         position_ids=position_ids,
         inputs_embeds=inputs_embeds,
+        cache=cache if cache is not None else kwargs.get("past_key_values"),
+        use_cache=use_cache,
         output_hidden_states=output_hidden_states,
     )
     h = out.last_hidden_state
@@ -368,7 +579,10 @@ class IQuestPLTCoderForCausalLM(IQuestPLTCoderPreTrainedModel, GenerationMixin):
           ignore_index=-100,
       )
     return CausalLMOutputWithPast(
-        loss=loss, logits=logits, hidden_states=out.hidden_states
+        loss=loss,
+        logits=logits,
+        hidden_states=out.hidden_states,
+        **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
     )
 
 
@@ -376,4 +590,5 @@ __all__ = [
     "IQuestPLTCoderConfig",
     "IQuestPLTCoderModel",
     "IQuestPLTCoderForCausalLM",
+    "PLTCache",
 ]
