@@ -5,7 +5,8 @@
 
 Prints a per-loop table (step size, update alignment, effective rank, fixed-point gap, CLP
 mismatch, mean gate, logit-lens rank/KL/entropy; see loopcoder_jax/eval/diagnostics.py) and, as the
-last line, the same figures as one JSON object. --loops evaluates the shared weights with a
+last line, the same figures as one JSON object ("-" and null: not applicable to loop 1; nan: a
+non-finite value). --loops evaluates the shared weights with a
 different loop count than they were trained with (R >= 2 checkpoints only).
 Exit codes: 0 done; 2 bad input (flags, checkpoint, data: one `error:` line on stderr).
 """
@@ -70,7 +71,9 @@ def main():
   )
   result = diagnostics.loop_diagnostics(cfg, params, batches)
   print(diagnostics.format_table(result))
-  print(json.dumps({"loops": cfg.plt_num_loops, **result}))
+  print(
+      json.dumps({"loops": cfg.plt_num_loops, **diagnostics.for_json(result)})
+  )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ All statistics are over the real tokens of a batch (`mask`), per loop r = 1..R:
   loop r moves the distribution most (largest KL from its predecessor).
 Attention-map statistics (per-head entropy, inter-loop KL) need per-layer attention maps, which
 the model does not materialise; they are not computed here.
+
+The statistics that compare a loop with the one before it (`FROM_LOOP_2`) are not applicable to
+loop 1: NaN there in the result, "-" in the table and null in `for_json`. Any other NaN is a
+real one (non-finite activations) and shows as "nan".
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ import numpy as np
 
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import PLTForCausalLM
+
+FROM_LOOP_2 = (
+    "update_cos",
+    "mean_gate",
+    "clp_mismatch",
+    "kl_prev",
+    "argmax_changes",
+    "most_changed",
+)
 
 
 def _masked_mean(x, mask):
@@ -147,6 +160,16 @@ def loop_diagnostics(cfg: PLTConfig, params, batches) -> dict[str, list[float]]:
   return result
 
 
+def for_json(result: dict[str, list[float]]) -> dict[str, list[float | None]]:
+  """`result` with the not-applicable entries (loop 1 of `FROM_LOOP_2`) as None."""
+  return {
+      name: [
+          None if r == 0 and name in FROM_LOOP_2 else x for r, x in enumerate(v)
+      ]
+      for name, v in result.items()
+  }
+
+
 def format_table(result: dict[str, list[float]]) -> str:
   loops = len(result["step_size"])
   names = sorted(result)
@@ -155,9 +178,7 @@ def format_table(result: dict[str, list[float]]) -> str:
       f"{'metric':<{width}} "
       + " ".join(f"{f'loop {r + 1}':>10}" for r in range(loops))
   ]
-  for name in names:
-    cells = " ".join(
-        f"{'-' if np.isnan(x) else f'{x:.4g}':>10}" for x in result[name]
-    )
+  for name, values in sorted(for_json(result).items()):
+    cells = " ".join(f"{'-' if x is None else f'{x:.4g}':>10}" for x in values)
     lines.append(f"{name:<{width}} {cells}")
   return "\n".join(lines)
