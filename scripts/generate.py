@@ -4,11 +4,13 @@
         [--max_new_tokens=128 --temperature=0 --top_k=0 --top_p=1 --seed=0 --loops=R
          --mode=batched|serial --prefill_chunk=0 --dtype=float32 --tokenizer=PATH]
 
-DIR is a params directory (config.json + Orbax params/), a finished training workdir or an HF
-directory (config.json + safetensors); the tokenizer is read from there (or --tokenizer).
+DIR is a params directory (config.json + Orbax params/), a finished training workdir or one of its
+steps (WORKDIR/checkpoints/<step>), or an HF directory (config.json + safetensors); the tokenizer
+is read from there (or --tokenizer).
 Temperature 0 is greedy. Several --prompt flags make a batch (printed when done); a single prompt
 streams token by token.
-Exit codes: 0 done; 2 bad input (flags, checkpoint, tokenizer, prompt: one `error:` line on stderr).
+Exit codes: 0 done; 2 bad input (flags, a damaged checkpoint or one with NaN/Inf weights,
+tokenizer, prompt: one `error:` line on stderr).
 """
 
 from absl import flags

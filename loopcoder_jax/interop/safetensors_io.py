@@ -4,7 +4,8 @@ Reading: `weight_files` maps every key of a directory (a single `model.safetenso
 `model.safetensors.index.json`) to its file; `read_headers` gives shapes and dtypes from the file
 headers alone; `read_tensor` reads one tensor through its own `safe_open`, so closing it unmaps the
 shard and RSS holds about one tensor, not a whole shard. PyTorch pickles (`*.bin`) are refused,
-never unpickled.
+never unpickled. An index may name files inside its directory only, and a file that is not
+safetensors (truncated, damaged) is a one-line ValueError naming it.
 
 Writing: `write_safetensors` writes the header from declared shapes, then asks each `Entry` for its
 tensor in turn; `write_sharded` splits entries into shards of at most a given size, plus the index.
@@ -14,6 +15,7 @@ dtypes are kept exactly (bf16 through ml_dtypes).
 from __future__ import annotations
 
 from collections.abc import Callable
+import contextlib
 import dataclasses
 import glob
 import json
@@ -24,7 +26,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -59,6 +61,32 @@ def dtype_of(x) -> str:
 
 
 # ------------------------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def _open(fname: str):
+  """`safe_open(fname)`; a truncated or damaged file raises one ValueError line naming it."""
+  try:
+    with safe_open(fname, "numpy") as f:
+      yield f
+  except SafetensorError as e:
+    raise ValueError(
+        f"{fname} is not a readable safetensors file ({e})"
+    ) from None
+
+
+def _inside(path: str, name: Any, index: str) -> str:
+  """`path/name` for an index entry that names a file inside `path`; ValueError otherwise."""
+  if (
+      not isinstance(name, str)
+      or not name
+      or os.path.isabs(name)
+      or os.pardir in name.replace("\\", "/").split("/")
+  ):
+    raise ValueError(
+        f"{index} names {name!r}; weight files must lie inside {path}"
+    )
+  return os.path.join(path, name)
+
+
 def weight_files(path: str) -> dict[str, str]:
   """key -> safetensors file of a directory (from the index, or the single model file)."""
   index = os.path.join(path, INDEX_FILE)
@@ -70,7 +98,9 @@ def weight_files(path: str) -> dict[str, str]:
       raise ValueError(
           f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}"
       ) from None
-    files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index}: 'weight_map' is not an object")
+    files = {k: _inside(path, v, index) for k, v in weight_map.items()}
     for k, fname in files.items():
       if not os.path.isfile(fname):
         raise ValueError(
@@ -79,7 +109,7 @@ def weight_files(path: str) -> dict[str, str]:
     return files
   single = os.path.join(path, SINGLE_FILE)
   if os.path.isfile(single):
-    with safe_open(single, "numpy") as f:
+    with _open(single) as f:
       return {k: single for k in f.keys()}
   bins = sorted(glob.glob(os.path.join(path, "*.bin")))
   if bins:  # pickles can run code on load; we read safetensors only
@@ -108,7 +138,7 @@ def read_headers(
   for k, f in files.items():
     by_file.setdefault(f, []).append(k)
   for fname, keys in by_file.items():
-    with safe_open(fname, "numpy") as f:
+    with _open(fname) as f:
       present = set(f.keys())
       for k in keys:
         if k not in present:
@@ -122,7 +152,7 @@ def read_headers(
 
 def read_tensor(fname: str, key: str) -> np.ndarray:
   """One tensor, through its own handle (closing it unmaps the shard)."""
-  with safe_open(fname, "numpy") as f:
+  with _open(fname) as f:
     return f.get_tensor(key)
 
 
