@@ -173,6 +173,8 @@ def write_assets(root):
       "source": os.path.join(root, "corpus", "*.py"),
       "tokenizer": os.path.join(root, "tok"),
   }
+
+
 TINY = dict(
     vocab_size=320,
     hidden_size=32,

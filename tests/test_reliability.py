@@ -1,7 +1,8 @@
 """Training and the tools under faults and bad input, as a new user meets them.
 
 Each case asserts the one-line message (and the exit code, where a script runs), and that nothing
-was lost or left behind. A finished tiny run (in-process, module-scoped) is the shared workdir;
+was lost or left behind; what already worked (resume from a damaged newest checkpoint, bit-exact)
+is kept working. A finished tiny run (in-process, module-scoped) is the shared workdir;
 the fault injections: a non-finite update on a save step (in-process), kill -9 during an async
 save then Ctrl-C, and two trainers on one workdir (scripts/train.py in subprocesses, marked slow).
 """
@@ -195,6 +196,29 @@ def test_nonfinite_update_on_a_save_step_keeps_the_good_checkpoints(
   assert after.pop("metrics.jsonl") != before.pop("metrics.jsonl")
   assert after == before
   assert [m["step"] for m in helpers.read_metrics(work)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "garbage data state"])
+def test_damaged_newest_checkpoint_resumes_bit_exact(
+    assets, run, tmp_path, damage
+):
+  work = _copy(run, tmp_path / "work")
+  step4 = os.path.join(work, "checkpoints", "4")
+  if damage == "truncated state":
+    for f in glob.glob(os.path.join(step4, "state", "**", "*"), recursive=True):
+      if os.path.isfile(f):
+        os.truncate(f, os.path.getsize(f) // 2)
+  else:
+    for f in glob.glob(os.path.join(step4, "data", "process_*.json")):
+      with open(f, "w") as fh:
+        fh.write('{"shards": [{"not": "a grain state"}]}')
+  shutil.rmtree(os.path.join(work, "params"))
+  trainer.train(_config(assets), work)  # resumes from step 2, saves step 4 anew
+  _, want = checkpoint.load_params(os.path.join(run, "params"))
+  _, got = checkpoint.load_params(os.path.join(work, "params"))
+  _assert_same(got, want)
+  assert os.listdir(os.path.join(work, "checkpoints_unusable")) == ["4"]
+  assert [m["step"] for m in helpers.read_metrics(work)] == [1, 2, 3, 4]
 
 
 def test_workdir_that_is_a_file(assets, tmp_path):
@@ -581,12 +605,14 @@ def test_kill9_during_async_save_then_ctrl_c_resume_bit_exact(
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert glob.glob(str(ckpts / "*tmp*"))
-  seen = max(m["step"] for m in _metrics(work))
+  restored = max((int(n) for n in os.listdir(ckpts) if n.isdigit()), default=0)
+  killed = os.stat(work / "metrics.jsonl").st_ino
   proc = _train_proc(args)
+  # stepping again: the log was rewritten back to the restored step, then one more step logged
   _wait_for(
       proc,
-      lambda: len(_metrics(work)) >= seen + 2
-      and _metrics(work)[-1]["step"] > seen,
+      lambda: os.stat(work / "metrics.jsonl").st_ino != killed
+      and len(_metrics(work)) > restored,
   )
   proc.send_signal(signal.SIGINT)  # Ctrl-C: saves as SIGTERM does, no traceback
   out, err = proc.communicate(timeout=120)

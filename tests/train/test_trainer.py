@@ -85,9 +85,14 @@ def test_kill9_and_sigterm_resume_bit_identical(assets, tmp_path):
   proc = _start_until(args, lambda: _committed(work, 8))
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  seen = len(read_metrics(work))
-  # the resumed run is stepping
-  proc = _start_until(args, lambda: len(read_metrics(work)) >= seen + 2)
+  metrics = os.path.join(work, "metrics.jsonl")
+  killed = os.stat(metrics).st_ino
+  # the resumed run is stepping: it rewrote the log back to step 8, then logged step 9
+  proc = _start_until(
+      args,
+      lambda: os.stat(metrics).st_ino != killed
+      and len(read_metrics(work)) >= 9,
+  )
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   # saved, not finished: 128 + SIGTERM, so a scheduler does not take it as done
