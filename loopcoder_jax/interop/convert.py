@@ -274,8 +274,8 @@ def check_dst(path: str, overwrite: bool) -> None:
   if os.path.exists(path):
     if not os.path.isdir(path):
       raise ValueError(f"destination {path} exists and is not a directory")
-    names = sorted(n for n in os.listdir(path) if not n.startswith("."))
-    if os.listdir(path) and not overwrite:
+    names = sorted(os.listdir(path))
+    if names and not overwrite:
       raise ValueError(
           f"destination {path} is not empty; pass overwrite=True (--overwrite) to replace it"
       )
