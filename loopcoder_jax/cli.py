@@ -17,7 +17,7 @@ import sys
 import types
 from typing import Any, NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 
 # The flags the define_* functions here define belong to the script calling them
 # (they are listed by its --help).
@@ -146,6 +146,8 @@ def run(main: Callable[[], int | None]) -> None:
 
   def wrapped(argv):
     del argv  # parse_flags allows none left
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO
     try:
       return main()
     except (ValueError, app.UsageError) as e:

@@ -4,16 +4,20 @@
         [--shard_size=5GB] [--dtype=bfloat16|float32|float16] [--overwrite]
         [--loops=R [--gate_bias=2.0]]
 
-The source format is detected (a params directory has config.json + params/; an HF directory has
-config.json + safetensors). Tokenizer files and the chat template are copied through. An HF output
-carries the PyTorch modeling files, so `AutoModelForCausalLM.from_pretrained(dst,
-trust_remote_code=True)` loads it; an R = 1 (or Llama) model is written as a plain Llama directory.
-`--loops` writes the model with that loop count: from an R = 1 or Llama checkpoint this upcycles it
-into a PLT for continued pretraining, each new gate starting with zero weights and the bias
-`--gate_bias` (so g = sigmoid(bias) everywhere; the rule and its promises are in
-loopcoder_jax/interop/upcycling.py). Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
-Exit codes: 0 converted; 2 bad input (flags, source checkpoint, a non-empty destination without
---overwrite: one `error:` line on stderr).
+The source format is detected: a params directory (config.json + params/), a training workdir
+(its final params/ export), one step of a run (WORKDIR/checkpoints/<step>) or an HF directory
+(config.json + safetensors). Tokenizer files and the chat template are copied through (never
+through a symlink that leads out of the source). An HF output carries the PyTorch modeling files,
+so `AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True)` loads it; an R = 1 (or
+Llama) model is written as a plain Llama directory. `--loops` writes the model with that loop
+count: from an R = 1 or Llama checkpoint this upcycles it into a PLT for continued pretraining,
+each new gate starting with zero weights and the bias `--gate_bias` (so g = sigmoid(bias)
+everywhere; the rule and its promises are in loopcoder_jax/interop/upcycling.py). --overwrite
+replaces a destination that holds a checkpoint, never another directory; a destination symlink is
+followed. Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
+Exit codes: 0 converted; 2 bad input (flags, a missing, damaged or unsafe source checkpoint, a
+non-empty destination without --overwrite or one that is not a checkpoint: one `error:` line on
+stderr).
 """
 
 import os

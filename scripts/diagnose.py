@@ -6,7 +6,8 @@
 Prints a per-loop table (step size, update alignment, effective rank, fixed-point gap, CLP
 mismatch, gate, logit-lens rank/KL/entropy, attention entropy and inter-loop KL; see
 loopcoder_jax/eval/diagnostics.py) and, as the last line, the same figures (with the per-layer,
-per-head ones) as one JSON object. --plots=DIR also writes them as DIR/diagnostics.json and PNG
+per-head ones) as one JSON object ("-" in the table and null in the JSON: not defined for that
+loop; nan: a non-finite value). --plots=DIR also writes them as DIR/diagnostics.json and PNG
 plots beside it (loopcoder_jax/eval/plots.py). --loops evaluates the shared weights with a
 different loop count than they were trained with (R >= 2 checkpoints only).
 Exit codes: 0 done; 2 bad input (flags, checkpoint, data: one `error:` line on stderr).
@@ -84,7 +85,9 @@ def main():
   )
   result = diagnostics.loop_diagnostics(cfg, params, batches)
   print(diagnostics.format_table(result))
-  line = json.dumps({"loops": cfg.plt_num_loops, **result})
+  line = json.dumps(
+      {"loops": cfg.plt_num_loops, **diagnostics.for_json(result)}
+  )
   if _PLOTS.value:
     from loopcoder_jax.eval import plots
 

@@ -5,14 +5,16 @@
          --mode=batched|serial --prefill_chunk=0 --dtype=bfloat16 --tokenizer=PATH
          --mesh=tensor=8]
 
-DIR is a params directory (config.json + Orbax params/), a finished training workdir or an HF
-directory (config.json + safetensors); the tokenizer is read from there (or --tokenizer).
+DIR is a params directory (config.json + Orbax params/), a finished training workdir or one of its
+steps (WORKDIR/checkpoints/<step>), or an HF directory (config.json + safetensors); the tokenizer
+is read from there (or --tokenizer).
 Temperature 0 is greedy. Several --prompt flags make a batch (printed when done); a single prompt
 streams token by token. Weights and compute keep the checkpoint's dtype (bf16 for the released
 7B) unless --dtype says otherwise. --mesh shards the model over the devices (axes data, fsdp,
 tensor; e.g. tensor=8 on a TPU v5e-8 or v2-8, fsdp=2,tensor=4): each device loads only its slices
 and prefill and decoding run on the mesh; without it, everything is on one device.
-Exit codes: 0 done; 2 bad input (flags, checkpoint, tokenizer, prompt: one `error:` line on stderr).
+Exit codes: 0 done; 2 bad input (flags, a damaged checkpoint or one with NaN/Inf weights,
+tokenizer, prompt: one `error:` line on stderr).
 """
 
 from absl import flags

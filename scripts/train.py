@@ -1,15 +1,20 @@
 """Train a PLT coder: `python scripts/train.py [--config=configs/tiny_cpu.py] [--config.<key>=<value>] [--workdir=DIR]`.
 
 With no flags it trains the tiny CPU default on the built-in stdlib corpus (see configs/tiny_cpu.py).
-Exit codes: 0 trained; 2 bad input (flags, config, data, tokenizer: one `error:` line on stderr,
-before anything is built); 1 the loss or gradient norm went non-finite (one `error:` line naming
-the step and the last good checkpoint, which is kept).
+Exit codes: 0 trained (or already done); 2 bad input (flags, config, data, tokenizer, a workdir
+whose checkpoints another model, batch shape or tokenizer wrote: one `error:` line on stderr,
+before anything is built); 1 the loss, gradient norm or updated state went non-finite (one
+`error:` line naming the step and the last good checkpoint, which is kept), or another trainer
+holds the workdir (the line names it); 143 stopped by SIGTERM and 130 by Ctrl-C (SIGINT) after
+saving a checkpoint: not finished, rerun the same command to resume (a second Ctrl-C stops at
+once, without saving).
 """
 
 import os
+import signal
 import tempfile
 
-from absl import flags, logging
+from absl import flags
 
 from loopcoder_jax import cli
 
@@ -25,8 +30,6 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def main():
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   from loopcoder_jax.train import trainer
 
   config = flags.FLAGS.config
@@ -34,9 +37,15 @@ def main():
       tempfile.gettempdir(), "loopcoder_runs", config.name
   )
   try:
-    trainer.train(config, workdir)
-  except trainer.TrainingDiverged as e:
+    summary = trainer.train(config, workdir)
+  except (trainer.TrainingDiverged, trainer.WorkdirBusy) as e:
     raise cli.Failure(str(e)) from e
+  except KeyboardInterrupt:
+    cli.error_exit(
+        "interrupted; the last saved checkpoint is kept", 128 + signal.SIGINT
+    )
+  # a signal stopped the run after saving: not finished (128 + signal, as if killed by it)
+  return 128 + summary["preempted"] if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 - the local-window boundary check shared by the model's and the kernels' tests;
 - kernel comparisons against the f32 reference;
 - safetensors directories written with safetensors' own writer (not ours);
-- running scripts/train.py in a subprocess on fake CPU devices.
+- a small corpus and tokenizer; running scripts/train.py (or any script) in a subprocess on
+  fake CPU devices.
 """
 
 import json
@@ -247,6 +248,24 @@ def write_safetensors_dir(path, tensors, shard_bytes=3000):
 
 # ---------------------------------------------------------------------------- training runs
 TRAIN_SCRIPT = os.path.join(SCRIPTS, "train.py")
+
+
+def write_assets(root):
+  """A small text corpus (40 stdlib files) and a 320-token BPE trained on it, under `root`."""
+  from loopcoder_jax.data import corpus, tokenizer
+
+  files = corpus.stdlib_files("train")[:40]
+  os.makedirs(os.path.join(root, "corpus"))
+  for i, (_, text) in enumerate(files):
+    with open(os.path.join(root, "corpus", f"{i:03d}.py"), "w") as f:
+      f.write(text)
+  tokenizer.train_bpe((t for _, t in files), 320, os.path.join(root, "tok"))
+  return {
+      "source": os.path.join(root, "corpus", "*.py"),
+      "tokenizer": os.path.join(root, "tok"),
+  }
+
+
 TINY = dict(
     vocab_size=320,
     hidden_size=32,
@@ -295,15 +314,20 @@ def subprocess_env(devices=1):
   return env
 
 
-def run_train(args, timeout=240, devices=1):
+def run_script(name, args, timeout=240, devices=1):
+  """scripts/<name>.py with `args` in a subprocess (CPU, the tests' compile cache)."""
   return subprocess.run(
-      [sys.executable, TRAIN_SCRIPT] + args,
+      [sys.executable, os.path.join(SCRIPTS, name)] + [str(a) for a in args],
       env=subprocess_env(devices),
       capture_output=True,
       text=True,
       timeout=timeout,
       cwd=ROOT,
   )
+
+
+def run_train(args, timeout=240, devices=1):
+  return run_script("train.py", args, timeout, devices)
 
 
 def read_metrics(workdir):

@@ -16,7 +16,10 @@ document predicts its EOS. Rows (all [S] int32 unless noted):
 Sources (`data.source`, comma-separated entries, mixable):
   stdlib | stdlib:train | stdlib:heldout   the built-in corpus (corpus.py); "stdlib" = train split
   PATH or GLOB of *.jsonl                  one document per line, text under `text_key`
-  PATH or GLOB of any other file           one document per file (UTF-8 text: .py, .txt, ...)
+  PATH or GLOB of any other file           one document per file (UTF-8 text: .py, .txt, ...);
+                                           a file with a NUL byte or invalid UTF-8 in its first
+                                           8 KiB is skipped (binary or another encoding) and
+                                           counted; later invalid bytes decode to U+FFFD
   array_record:GLOB                        one document per record; records are UTF-8 text (raw
                                            bytes), tokenized here, so any tokenizer can be used
 (The built-in corpus is small, ~10 MB: each process holds all of it but tokenizes only its shard.)
@@ -31,7 +34,9 @@ is part of the layout (each worker packs its own slice), so keep it fixed across
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+import codecs
+from collections.abc import Callable, Iterator, Sequence
+import functools
 import glob
 import json
 import os
@@ -104,6 +109,39 @@ class _Stdlib(_Texts):
     return (_Stdlib, (self._split,))
 
 
+_SNIFF_BYTES = 8192
+
+
+@functools.cache
+def _not_text(path: str, size: int, mtime_ns: int) -> str | None:
+  """'binary' or 'non-UTF-8' for a file that is not UTF-8 text by its first bytes, else None."""
+  del size, mtime_ns  # the cache key: a changed file is sniffed again
+  with open(path, "rb") as f:
+    head = f.read(_SNIFF_BYTES)
+  if b"\0" in head:
+    return "binary"
+  try:  # a character cut at the end of the sniffed bytes is not an error
+    codecs.getincrementaldecoder("utf-8")().decode(
+        head, final=len(head) < _SNIFF_BYTES
+    )
+  except UnicodeDecodeError:
+    return "non-UTF-8"
+  return None
+
+
+def _text_files(paths: Sequence[str], skipped: dict[str, int]) -> list[str]:
+  """The paths that hold UTF-8 text; counts the others in `skipped` by kind."""
+  kept = []
+  for p in paths:
+    st = os.stat(p)
+    kind = _not_text(p, st.st_size, st.st_mtime_ns)
+    if kind is None:
+      kept.append(p)
+    else:
+      skipped[kind] = skipped.get(kind, 0) + 1
+  return kept
+
+
 class _Files:
 
   def __init__(self, paths: Sequence[str]):
@@ -141,7 +179,7 @@ class _Jsonl:
       line = f.readline()
     try:
       record = json.loads(line)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(
           f"{self._path}: document {i} is not valid JSON ({e})"
       ) from None
@@ -205,14 +243,22 @@ def expand_paths(pattern: str) -> list[str]:
   return [pattern]
 
 
-def load_documents(source: str, text_key: str = "text") -> Documents:
-  """Resolves a source string (see module docstring); raises ValueError on any bad entry."""
+def load_documents(
+    source: str,
+    text_key: str = "text",
+    report: Callable[[str], None] | None = None,
+) -> Documents:
+  """Resolves a source string (see module docstring); raises ValueError on any bad entry.
+
+  `report` gets one line counting the files skipped as binary or not UTF-8, if any.
+  """
   entries = [e.strip() for e in str(source).split(",") if e.strip()]
   if not entries:
     raise ValueError("data.source is empty")
   if not text_key:
     raise ValueError("data.text_key is empty")
   parts: list[Any] = []
+  skipped: dict[str, int] = {}
   for entry in entries:
     if entry in _STDLIB:
       parts.append(_Stdlib(_STDLIB[entry]))
@@ -221,14 +267,20 @@ def load_documents(source: str, text_key: str = "text") -> Documents:
     else:
       paths = expand_paths(entry)
       parts += [_Jsonl(p, text_key) for p in paths if p.endswith(".jsonl")]
-      plain = [p for p in paths if not p.endswith(".jsonl")]
+      plain = _text_files(
+          [p for p in paths if not p.endswith(".jsonl")], skipped
+      )
       if plain:
         parts.append(_Files(plain))
   docs = Documents(parts)
+  note = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
   if not len(docs):
     raise ValueError(
-        f"data source {source!r} holds no documents (empty corpus)"
+        f"data source {source!r} holds no documents (empty corpus"
+        f"{f'; skipped {note} files' if note else ''})"
     )
+  if note and report is not None:
+    report(f"data source {source!r}: skipped {note} files (not UTF-8 text)")
   return docs
 
 

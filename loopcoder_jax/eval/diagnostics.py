@@ -28,13 +28,16 @@ Attention maps (`MapsKV`): A(r) is a head's softmax over key positions for query
                     per loop: the mean of the diagonal (heads keeping their pattern)
 Per-loop figures of the attention maps and the gate are means over layers and heads;
 `result["per_head"]` holds them per loop, layer and head (`[R][L][H]`, head similarity
-`[R][L][H][H]`). NaN marks a loop where a statistic is undefined.
+`[R][L][H][H]`).
+
+A loop before the first where a statistic is defined (`DEFINED_FROM`; `fixed_point_gap` needs
+R >= 2) holds NaN in the result, "-" in the table and null in `for_json`. Any other NaN is a real
+one (non-finite activations) and shows as "nan".
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax
@@ -94,6 +97,23 @@ def _attend(q, k, v, mask):
   b, kv_heads, g, s, t = probs.shape
   out = attention_output(probs, v).astype(q.dtype)
   return out, probs.reshape(b, kv_heads * g, s, t)
+
+
+# The first loop (1-based) at which a statistic is defined; the others are defined from loop 1.
+DEFINED_FROM = {
+    "update_cos": 2,
+    "clp_mismatch": 2,
+    "clp_state_ratio": 2,
+    "mean_gate": 2,
+    "gate_std": 2,
+    "kl_prev": 2,
+    "argmax_changes": 2,
+    "most_changed": 2,
+    "attn_entropy_local": 2,
+    "attn_kl_global": 2,
+    "attn_kl_local": 3,
+    "head_similarity": 2,
+}
 
 
 def _masked_mean(x, mask):
@@ -352,6 +372,23 @@ def loop_diagnostics(cfg: PLTConfig, params, batches) -> dict[str, Any]:
   return result
 
 
+def for_json(result: dict[str, Any]) -> dict[str, Any]:
+  """`result` with the entries of loops where a statistic is not defined as None (in
+  `per_head` too); a NaN left is a real one."""
+  loops = len(result["step_size"])
+
+  def blank(name, values):
+    first = DEFINED_FROM.get(name, 1)
+    if name == "fixed_point_gap" and loops == 1:
+      first = 2  # one more loop needs the gate params of loops >= 2
+    return [None if r + 1 < first else v for r, v in enumerate(values)]
+
+  out = {k: blank(k, v) for k, v in result.items() if k != "per_head"}
+  if "per_head" in result:
+    out["per_head"] = {k: blank(k, v) for k, v in result["per_head"].items()}
+  return out
+
+
 def format_table(result: dict[str, Any]) -> str:
   """The per-loop figures as a text table (the per-head ones are left to the JSON and plots)."""
   loops = len(result["step_size"])
@@ -361,9 +398,10 @@ def format_table(result: dict[str, Any]) -> str:
       f"{'metric':<{width}} "
       + " ".join(f"{f'loop {r + 1}':>10}" for r in range(loops))
   ]
+  shown = for_json(result)
   for name in names:
     cells = " ".join(
-        f"{'-' if math.isnan(x) else f'{x:.4g}':>10}" for x in result[name]
+        f"{'-' if x is None else f'{x:.4g}':>10}" for x in shown[name]
     )
     lines.append(f"{name:<{width}} {cells}")
   return "\n".join(lines)

@@ -11,8 +11,15 @@ Params directories (config.json + Orbax params/) go through `train/checkpoint.py
 R >= 2 exports carry `auto_map` and the PyTorch modeling files (`IQuestPLTCoderForCausalLM`); R = 1
 exports are plain Llama directories (`model_type: llama`), which any Llama loader reads.
 
+Sources (`resolve_source`): an HF directory, a params directory, a training workdir (its params/
+export, tokenizer from WORKDIR/tokenizer) or one of its steps (`WORKDIR/checkpoints/<step>`). Side
+files are copied only from inside the source: a symlink out of it is refused (except into the
+blob store of the Hugging Face cache a snapshot directory links into).
+
 Outputs are built in a temp sibling and renamed into place, so a failure leaves nothing under the
-final name (and a replaced directory stays whole until the new one is complete).
+final name (and a replaced directory stays whole until the new one is complete); a destination
+symlink is followed, and temp siblings left by a killed conversion are cleaned up by the next one.
+`overwrite` replaces only a directory that holds a checkpoint (or nothing).
 
 Entry points: `load_hf`, `save_hf`, `convert_checkpoint` (what `scripts/convert_checkpoint.py` runs;
 `loops=` upcycles on the way, see `upcycling.py`).
@@ -27,8 +34,9 @@ import functools
 import glob
 import itertools
 import os
+import secrets
 import shutil
-import tempfile
+import socket
 from typing import Any
 
 import jax
@@ -297,14 +305,41 @@ def check_params(cfg: PLTConfig, params) -> dict[str, Any]:
   return flat
 
 
-def copy_side_files(src: str | None, dst: str) -> list[str]:
-  """Tokenizer, chat template and generation config files of `src`, copied verbatim into `dst`."""
+def _within(path: str, root: str) -> bool:
+  return os.path.commonpath([path, root]) == root
+
+
+def side_files(src: str | None) -> list[str]:
+  """Names of the tokenizer, chat template and generation config files of `src`.
+
+  ValueError for one that is a symlink out of `src` (copying it would export whatever it points
+  at), unless `src` is a Hugging Face cache snapshot and the link goes into the cache's blobs/.
+  """
   if not src:
     return []
   names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
   names += sorted(
       os.path.basename(p) for p in glob.glob(os.path.join(src, "*.jinja"))
   )
+  root = os.path.realpath(src)
+  roots = [root]
+  if os.path.basename(os.path.dirname(root)) == "snapshots":
+    roots.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+  for n in names:
+    target = os.path.realpath(os.path.join(src, n))
+    if not any(_within(target, r) for r in roots):
+      raise ValueError(
+          f"{os.path.join(src, n)} is a symlink to {target}, outside the source "
+          f"{src}; refusing to copy it (put the file itself there)"
+      )
+  return names
+
+
+def copy_side_files(src: str | None, dst: str) -> list[str]:
+  """The `side_files` of `src`, copied verbatim into `dst`."""
+  if not src:
+    return []
+  names = side_files(src)
   for n in names:
     shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
   return names
@@ -376,56 +411,146 @@ def save_hf(
 
 
 # ------------------------------------------------------------------------------------- directories
+def is_hf_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and any(
+      os.path.isfile(os.path.join(path, n))
+      for n in (st.SINGLE_FILE, st.INDEX_FILE)
+  )
+
+
 def check_dst(path: str, overwrite: bool) -> None:
+  path = os.path.realpath(path)
   if os.path.exists(path):
     if not os.path.isdir(path):
       raise ValueError(f"destination {path} exists and is not a directory")
-    if os.listdir(path) and not overwrite:
+    names = sorted(os.listdir(path))
+    if names and not overwrite:
       raise ValueError(
           f"destination {path} is not empty; pass overwrite=True (--overwrite) to replace it"
       )
+    if names and not (checkpoint.is_params_dir(path) or is_hf_dir(path)):
+      raise ValueError(
+          f"destination {path} holds {', '.join(names[:3])}"
+          f"{', ...' if len(names) > 3 else ''}, not a checkpoint; --overwrite "
+          "replaces only a params or HF checkpoint directory (or an empty one)"
+      )
+
+
+def _tag() -> str:
+  return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _alive(tag: str) -> bool:
+  """Whether the process named by a temp directory's tag may still run (other hosts: assume so)."""
+  pid, _, host = tag.partition("@")
+  if host != socket.gethostname() or not pid.isdigit():
+    return True
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _clean_stale(parent: str, base: str) -> None:
+  """Removes temp siblings of `base` left by a conversion that was killed (kill -9, power loss).
+
+  A killed replacement may have left the previous checkpoint only in its `.old-` sibling: that is
+  moved back when `base` is missing.
+  """
+  for kind in ("tmp", "old"):
+    prefix = f".{base}.{kind}-"
+    for name in sorted(os.listdir(parent)):
+      if not name.startswith(prefix):
+        continue
+      tag = name[len(prefix) :].rpartition("-")[0]
+      stale = os.path.join(parent, name)
+      if _alive(tag):
+        continue
+      kept = os.path.join(stale, base)
+      path = os.path.join(parent, base)
+      if kind == "old" and os.path.isdir(kept) and not os.path.exists(path):
+        os.rename(kept, path)
+      shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def staged_dir(path: str | os.PathLike, overwrite: bool) -> Iterator[str]:
-  """Yield a temp sibling of `path`; on success it replaces `path`, on failure it is removed."""
-  path = os.path.abspath(os.fspath(path))
-  check_dst(path, overwrite)
+  """Yield a temp sibling of `path`; on success it replaces `path`, on failure it is removed.
+
+  A symlink `path` is followed (the output goes where it points).
+  """
+  path = os.path.realpath(os.fspath(path))
   parent, base = os.path.split(path)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+  _clean_stale(parent, base)
+  check_dst(path, overwrite)
+  tmp = os.path.join(parent, f".{base}.tmp-{_tag()}-{secrets.token_hex(4)}")
+  os.mkdir(tmp)  # mode 0o777 less the umask, like any directory the user makes
   try:
     yield tmp
+    if os.path.exists(path):
+      old = os.path.join(parent, f".{base}.old-{_tag()}-{secrets.token_hex(4)}")
+      os.mkdir(old)
+      os.rename(path, os.path.join(old, base))
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if os.path.exists(path):
-    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-    os.rename(path, os.path.join(old, base))
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- conversion
-def detect_format(path: str) -> str:
-  """'orbax' for a params directory, 'hf' for config.json plus weights; ValueError otherwise."""
+def resolve_source(path: str) -> tuple[str, str, tuple[str, ...]]:
+  """(weights directory, 'orbax' | 'hf', directories that may hold the tokenizer) of a checkpoint:
+  a params directory, a training workdir (its params/ export), a training step or an HF directory.
+  """
   if checkpoint.is_params_dir(path):
-    return "orbax"
+    return path, "orbax", (path,)
+  if checkpoint.is_step_dir(path):
+    workdir = os.path.dirname(os.path.dirname(path))
+    return path, "orbax", (os.path.join(workdir, "tokenizer"),)
+  export = os.path.join(path, "params")
+  if checkpoint.is_params_dir(export):
+    return export, "orbax", (export, os.path.join(path, "tokenizer"))
+  steps = os.path.join(path, "checkpoints")
+  if os.path.isdir(steps):
+    found = sorted(
+        (int(n) for n in os.listdir(steps) if n.isdigit()), reverse=True
+    )
+    where = (
+        f"use one of its steps, e.g. {os.path.join(steps, str(found[0]))}"
+        if found
+        else "it holds no checkpoint step yet"
+    )
+    raise ValueError(
+        f"{path} is a training workdir without a final params/ export (the run has "
+        f"not finished); {where}"
+    )
   if os.path.isfile(os.path.join(path, "config.json")):
-    return "hf"
+    return path, "hf", (path,)
   raise ValueError(
-      f"{path} is neither an HF checkpoint (config.json + safetensors) nor a params "
-      "directory (config.json + params/)"
+      f"{path} is not a checkpoint: expected a params directory (config.json + params/), a "
+      "finished training workdir (with a params/ export) or one of its steps "
+      "(WORKDIR/checkpoints/<step>), or an HF directory (config.json + safetensors)"
   )
+
+
+def detect_format(path: str) -> str:
+  """'orbax' or 'hf' for a checkpoint `resolve_source` takes; ValueError otherwise."""
+  return resolve_source(path)[1]
 
 
 def load_orbax(
     path: str, dtype: str | None = None, shardings: Any = None
 ) -> tuple[PLTConfig, Any]:
-  """A params directory restored in its stored dtype (or cast to `dtype`), onto `shardings` (see
-  `checkpoint.load_params`; default: the first local device)."""
+  """A params directory (or training step) restored in its stored dtype (or cast to `dtype`), onto
+  `shardings` (see `checkpoint.load_params`; default: the first local device).
+  """
   st.check_dtype(dtype)
   if dtype is None:
     stored = checkpoint.stored_dtypes(path)
@@ -475,9 +600,10 @@ def _orbax_to_hf(
     overwrite: bool,
     loops: int | None,
     gate_bias: float | None,
+    tokenizer_dir: str | None,
 ) -> None:
   """Streamed: each param restored, written and dropped in turn (plus new gates when upcycling)."""
-  cfg = PLTConfig.from_hf_file(os.path.join(src, "config.json"))
+  cfg = checkpoint.read_config(src)
   meta = checkpoint.params_metadata(src)
   check_shapes(cfg, {p: tuple(m.shape) for p, m in meta.items()})
   dtypes = {p: dtype or st.dtype_of(m) for p, m in meta.items()}
@@ -492,7 +618,7 @@ def _orbax_to_hf(
       dtypes.update({p: dtypes["norm/scale"] for p in gates})
       leaves = itertools.chain(leaves, gates.items())
   with staged_dir(dst, overwrite) as tmp:
-    _write_hf(cfg, tmp, dtypes, leaves, shard_size, src)
+    _write_hf(cfg, tmp, dtypes, leaves, shard_size, tokenizer_dir)
 
 
 def convert_checkpoint(
@@ -518,32 +644,34 @@ def convert_checkpoint(
   src, dst = os.path.abspath(src), os.path.abspath(dst)
   if not os.path.isdir(src):
     raise ValueError(f"source {src} is not a directory")
-  if os.path.commonpath([src, dst]) in (src, dst):
+  real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+  if os.path.commonpath([real_src, real_dst]) in (real_src, real_dst):
     raise ValueError(
         f"source {src} and destination {dst} must not contain each other"
     )
-  fmt = detect_format(src)
-  check_dst(dst, overwrite)  # fail before reading any weights
-  if loops is not None:  # bad loop settings fail before any weight is read too
-    upcycling.plan_loops(
-        PLTConfig.from_hf_file(os.path.join(src, "config.json")),
-        loops,
-        gate_bias,
-    )
+  weights, fmt, tok_dirs = resolve_source(src)
+  # fail before reading any weights: unsafe side files, the destination, the loop settings
+  tok_dir = next((d for d in tok_dirs if side_files(d)), None)
+  check_dst(dst, overwrite)
+  if loops is not None:
+    upcycling.plan_loops(checkpoint.read_config(weights), loops, gate_bias)
   elif gate_bias is not None:
     raise ValueError("gate_bias applies only with loops (upcycling)")
   if fmt == "orbax" and to == "hf":
     _orbax_to_hf(
-        src,
+        weights,
         dst,
         shard_size=shard_size,
         dtype=dtype,
         overwrite=overwrite,
         loops=loops,
         gate_bias=gate_bias,
+        tokenizer_dir=tok_dir,
     )
     return fmt
-  cfg, params = load_hf(src, dtype) if fmt == "hf" else load_orbax(src, dtype)
+  cfg, params = (
+      load_hf(weights, dtype) if fmt == "hf" else load_orbax(weights, dtype)
+  )
   if loops is not None:
     cfg, params = upcycling.upcycle(cfg, params, loops, gate_bias=gate_bias)
   if to == "hf":
@@ -553,8 +681,8 @@ def convert_checkpoint(
         dst,
         shard_size=shard_size,
         overwrite=overwrite,
-        tokenizer_dir=src,
+        tokenizer_dir=tok_dir,
     )
   else:
-    save_orbax(cfg, params, dst, overwrite=overwrite, tokenizer_dir=src)
+    save_orbax(cfg, params, dst, overwrite=overwrite, tokenizer_dir=tok_dir)
   return fmt

@@ -1,9 +1,10 @@
 """Loading a checkpoint for use (generate, diagnose, notebooks, evaluation): `load`.
 
 One call takes any checkpoint directory we write or read: a params directory (config.json + Orbax
-params/), a finished training workdir (its params/ export, tokenizer in tokenizer/) or an HF
-directory (config.json + safetensors). Everything that can be checked from the config and the
-tokenizer (format, dtype, loop count, vocabulary) is checked before any weight is read.
+params/), a finished training workdir (its params/ export, tokenizer in tokenizer/), one step of a
+training run (WORKDIR/checkpoints/<step>) or an HF directory (config.json + safetensors).
+Everything that can be checked from the config and the tokenizer (format, dtype, loop count,
+vocabulary) is checked before any weight is read; weights holding NaN or Inf are refused.
 
 Weights go straight onto their devices: one device by default, or a mesh's shardings by the logical
 axis rules (`model/sharding.py`: heads, kv heads, MLP and vocab on `tensor`, the model dimension on
@@ -18,10 +19,11 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from loopcoder_jax.data import tokenizer as tok_lib
-from loopcoder_jax.interop import convert
+from loopcoder_jax.interop import convert, hf_names
 from loopcoder_jax.interop import safetensors_io as st
 from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
@@ -32,23 +34,21 @@ def _locate(path: str) -> tuple[str, str, tuple[str, ...]]:
   """(weights directory, 'orbax' | 'hf', directories that may hold the tokenizer) for `path`."""
   if not os.path.isdir(path):
     raise ValueError(f"checkpoint {path} is not a directory")
-  if checkpoint.is_params_dir(path):
-    return path, "orbax", (path,)
-  export = os.path.join(path, "params")
-  if checkpoint.is_params_dir(export):
-    return export, "orbax", (export, os.path.join(path, "tokenizer"))
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    raise ValueError(
-        f"{path} is a training workdir without a final params/ export (training has not "
-        "finished); convert a step first or wait for the run to end"
-    )
-  if os.path.isfile(os.path.join(path, "config.json")):
-    return path, "hf", (path,)
-  raise ValueError(
-      f"{path} is not a checkpoint: expected a params directory (config.json + params/), a "
-      "finished training workdir (with a params/ export) or an HF directory (config.json + "
-      "safetensors)"
+  return convert.resolve_source(path)
+
+
+def _check_finite(path: str, params: Any) -> None:
+  """A checkpoint holding NaN or Inf weights would generate nothing useful: ValueError naming it."""
+  flat = hf_names.flatten(params)
+  ok = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])(
+      list(flat.values())
   )
+  bad = [p for p, good in zip(flat, ok) if not bool(good)]
+  if bad:
+    raise ValueError(
+        f"checkpoint {path} holds non-finite weights ({len(bad)} of {len(flat)} arrays, "
+        f"first {bad[0]}); it cannot be used"
+    )
 
 
 def load(
@@ -78,7 +78,7 @@ def load(
   ):
     raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
   weights_dir, fmt, tok_dirs = _locate(path)
-  cfg = PLTConfig.from_hf_file(os.path.join(weights_dir, "config.json"))
+  cfg = checkpoint.read_config(weights_dir)
   if loops is not None and loops > 1 and cfg.plt_num_loops == 1:
     raise ValueError(
         f"loops={loops}: the checkpoint has no PLT gate (trained with 1 loop); upcycle it "
@@ -105,6 +105,7 @@ def load(
     cfg, params = convert.load_orbax(weights_dir, dtype, shardings)
   else:
     cfg, params = convert.load_hf_sharded(weights_dir, shardings, dtype)
+  _check_finite(path, params)
   if dtype is not None:
     cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)
   if loops is not None:

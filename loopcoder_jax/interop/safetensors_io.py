@@ -5,7 +5,8 @@ Reading: `weight_files` maps every key of a directory (a single `model.safetenso
 headers alone; `read_into` reads one tensor straight into a caller's buffer with plain file reads
 (no mapping, no copy), `read_tensor` into a new array, `read_block` one block of it (only that
 region is read: a sharded load's per-device slices). PyTorch pickles (`*.bin`) are refused, never
-unpickled.
+unpickled. An index may name files inside its directory only, and a file that is not safetensors
+(truncated, damaged) is a one-line ValueError naming it.
 
 Writing: `ShardedWriter` lays the shards out from declared shapes (headers and index first), then
 takes each tensor in any order and writes it at its offset, so a source can be streamed in whatever
@@ -16,6 +17,7 @@ hold at most a given size. dtypes are kept exactly (bf16 through ml_dtypes).
 from __future__ import annotations
 
 from collections.abc import Callable
+import contextlib
 import dataclasses
 import glob
 import json
@@ -26,7 +28,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -61,6 +63,32 @@ def dtype_of(x) -> str:
 
 
 # ------------------------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def _open(fname: str):
+  """`safe_open(fname)`; a truncated or damaged file raises one ValueError line naming it."""
+  try:
+    with safe_open(fname, "numpy") as f:
+      yield f
+  except SafetensorError as e:
+    raise ValueError(
+        f"{fname} is not a readable safetensors file ({e})"
+    ) from None
+
+
+def _inside(path: str, name: Any, index: str) -> str:
+  """`path/name` for an index entry that names a file inside `path`; ValueError otherwise."""
+  if (
+      not isinstance(name, str)
+      or not name
+      or os.path.isabs(name)
+      or os.pardir in name.replace("\\", "/").split("/")
+  ):
+    raise ValueError(
+        f"{index} names {name!r}; weight files must lie inside {path}"
+    )
+  return os.path.join(path, name)
+
+
 def weight_files(path: str) -> dict[str, str]:
   """key -> safetensors file of a directory (from the index, or the single model file)."""
   index = os.path.join(path, INDEX_FILE)
@@ -72,7 +100,9 @@ def weight_files(path: str) -> dict[str, str]:
       raise ValueError(
           f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}"
       ) from None
-    files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index}: 'weight_map' is not an object")
+    files = {k: _inside(path, v, index) for k, v in weight_map.items()}
     for k, fname in files.items():
       if not os.path.isfile(fname):
         raise ValueError(
@@ -81,7 +111,7 @@ def weight_files(path: str) -> dict[str, str]:
     return files
   single = os.path.join(path, SINGLE_FILE)
   if os.path.isfile(single):
-    with safe_open(single, "numpy") as f:
+    with _open(single) as f:
       return {k: single for k in f.keys()}
   bins = sorted(glob.glob(os.path.join(path, "*.bin")))
   if bins:  # pickles can run code on load; we read safetensors only
@@ -110,7 +140,7 @@ def read_headers(
   for k, f in files.items():
     by_file.setdefault(f, []).append(k)
   for fname, keys in by_file.items():
-    with safe_open(fname, "numpy") as f:
+    with _open(fname) as f:
       present = set(f.keys())
       for k in keys:
         if k not in present:
@@ -176,7 +206,7 @@ def read_tensor(fname: str, key: str) -> np.ndarray:
 
 def read_block(fname: str, key: str, block: tuple[slice, ...]) -> np.ndarray:
   """One block of a tensor (a slice per axis): only that region is read from the file."""
-  with safe_open(fname, "numpy") as f:
+  with _open(fname) as f:
     return f.get_slice(key)[block]
 
 

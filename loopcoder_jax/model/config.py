@@ -23,6 +23,14 @@ REMAT_POLICIES = ("none", "full", "dots", "save_attn_out", "save_qkv_proj")
 ATTENTION_IMPLS = ("reference", "pallas", "xla")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
+# Keys a config.json must give: the 7B defaults would silently stand in for them.
+REQUIRED_HF_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 # Written by to_hf_dict from the loop count, never read back (a Llama read here and written with
 # R >= 2 is a PLT). R >= 2 carries the publisher's names, which its serving code and HF tooling
 # recognise; R = 1 is a plain Llama decoder (no gates), written as one so Llama loaders serve it.
@@ -324,7 +332,19 @@ class PLTConfig:
       raise ValueError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(hf, dict):
       raise ValueError(f"config file {path} must hold a JSON object")
-    return cls.from_hf_dict(hf, **runtime_kw)
+    missing = [k for k in REQUIRED_HF_KEYS if k not in hf]
+    if missing:
+      raise ValueError(f"config file {path} is missing {', '.join(missing)}")
+    for key, value in hf.items():
+      if not _json_type_ok(key, value):
+        raise ValueError(
+            f"config file {path}: {key} has the wrong type "
+            f"({type(value).__name__} {value!r})"
+        )
+    try:
+      return cls.from_hf_dict(hf, **runtime_kw)
+    except ValueError as e:
+      raise ValueError(f"config file {path}: {e}") from None
 
   def to_hf_dict(self) -> dict[str, Any]:
     out: dict[str, Any] = self.hf_meta
@@ -374,6 +394,47 @@ class PLTConfig:
     )
     base.update({"plt_num_loops": loops, **kw})
     return cls(runtime=RuntimeConfig(**runtime_kw), **base)
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return _is_int(v) or isinstance(v, float)
+
+
+# JSON type checks of the config.json keys whose default's type does not say it all.
+_JSON_TYPES = {
+    "head_dim": lambda v: v is None or _is_int(v),
+    "rope_scaling": lambda v: v is None or isinstance(v, dict),
+    "bos_token_id": lambda v: v is None or _is_int(v),
+    "pad_token_id": lambda v: v is None or _is_int(v),
+    "eos_token_id": lambda v: v is None
+    or _is_int(v)
+    or (isinstance(v, list) and all(map(_is_int, v))),
+    "plt_window_size": lambda v: isinstance(v, list) and all(map(_is_int, v)),
+    "plt_emb_scale": lambda v: v is None or _is_number(v),
+    "plt_hidden_scale": lambda v: v is None or _is_number(v),
+}
+
+
+def _json_type_ok(key: str, value: Any) -> bool:
+  """Whether a config.json value has the type of the PLTConfig field it sets."""
+  if key in _JSON_TYPES:
+    return _JSON_TYPES[key](value)
+  default = {f.name: f.default for f in dataclasses.fields(PLTConfig)}.get(
+      key, dataclasses.MISSING
+  )
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return _is_int(value)
+  if isinstance(default, float):
+    return _is_number(value)
+  if isinstance(default, str):
+    return isinstance(value, str)
+  return True  # keys we do not model (kept verbatim in extra_hf)
 
 
 def _from_transformers5(hf: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -1,16 +1,24 @@
 """Orbax checkpoints, behind this one module.
 
 A *params directory* holds `config.json` (HF keys) and `params/` (an Orbax PyTree checkpoint of the
-model params, stored uncompressed). `save_params`/`load_params` read and write it; the converter and
-`generate.py` use them; `iter_params` reads it one param at a time (streaming conversion).
-`TrainCheckpointer` holds the training checkpoints (TrainState, grain iterator state, run metadata)
-in an Orbax CheckpointManager.
+model params, stored uncompressed). `save_params`/`load_params` write and read it; the converter and
+`generate.py` use them; `iter_params` reads it one param at a time (streaming conversion). The
+readers also take one training step (`WORKDIR/checkpoints/<step>`, see `is_step_dir`).
+`TrainCheckpointer` holds the training checkpoints (TrainState, grain iterator
+state, run metadata) in an Orbax CheckpointManager.
+
+Reading fails with one ValueError line: a missing, truncated or corrupted data file, or a config
+whose shapes disagree with the stored arrays (checked from the metadata before any array is read).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+import inspect
+import json
 import os
+import shutil
+import sys
 from typing import Any
 
 import jax
@@ -18,12 +26,59 @@ import orbax.checkpoint as ocp
 
 from loopcoder_jax.model.config import PLTConfig
 
+# A training step directory: the TrainState, with the model config in the run metadata.
+_STEP_STATE, _STEP_META = "state", os.path.join("meta", "metadata")
+
 
 def is_params_dir(path: str | os.PathLike) -> bool:
   path = os.fspath(path)
   return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
       os.path.join(path, "params")
   )
+
+
+def is_step_dir(path: str | os.PathLike) -> bool:
+  """A step of a training run's checkpoints (`WORKDIR/checkpoints/<step>`)."""
+  path = os.fspath(path)
+  return os.path.isdir(os.path.join(path, _STEP_STATE)) and os.path.isfile(
+      os.path.join(path, _STEP_META)
+  )
+
+
+def _first_line(e: BaseException) -> str:
+  """The first line of the innermost cause: the storage error, not the layers above it."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__  # type: ignore[assignment]
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _abandoned_read(u) -> bool:
+  """An unraisable report of an Orbax read left behind by a failed restore."""
+  if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == (
+      "Event loop is closed"
+  ):
+    return True
+  return inspect.iscoroutine(u.object) and (
+      "orbax" in u.object.cr_code.co_filename
+  )
+
+
+def _quiet_abandoned_reads() -> None:
+  """After a failed restore, Orbax's pending reads finish on its closed event loop (or are
+  collected unfinished), each reporting an "unraisable" exception: tens of tracebacks on stderr
+  after the one error that matters. From then on those reports (only those) are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_orbax", False):
+    return
+
+  def hook(u):
+    if not _abandoned_read(u):
+      previous(u)
+
+  hook.quiets_orbax = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
 
 
 def save_params(path: str | os.PathLike, cfg: PLTConfig, params: Any) -> None:
@@ -38,75 +93,133 @@ def save_params(path: str | os.PathLike, cfg: PLTConfig, params: Any) -> None:
   cfg.to_hf_file(os.path.join(path, "config.json"))
 
 
-def _flat_metadata(path: str) -> dict[tuple[str, ...], Any]:
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.metadata(os.path.join(path, "params")).item_metadata.tree
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {tuple(k.key for k in keys): m for keys, m in leaves}
+def _source(path: str) -> tuple[str, str]:
+  """(Orbax directory, subtree holding the params or "") of a params directory or training step."""
+  if is_params_dir(path):
+    return os.path.join(path, "params"), ""
+  if is_step_dir(path):
+    return os.path.join(path, _STEP_STATE), "params"
+  raise ValueError(
+      f"{path} is not a params checkpoint (needs config.json and params/) or a "
+      "training step (WORKDIR/checkpoints/<step>)"
+  )
 
 
-def params_metadata(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
-  """'a/b/c' -> shape and dtype of every param under `path/params` (reads no array data)."""
-  flat = _flat_metadata(os.path.abspath(os.fspath(path)))
+def read_config(path: str | os.PathLike, **runtime_kw) -> PLTConfig:
+  """The model config of a directory with a config.json, or of a training step (its metadata)."""
+  path = os.path.abspath(os.fspath(path))
+  if not is_step_dir(path):
+    return PLTConfig.from_hf_file(
+        os.path.join(path, "config.json"), **runtime_kw
+    )
+  meta = os.path.join(path, _STEP_META)
+  try:
+    with open(meta) as f:
+      hf = json.load(f)["model"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+        f"{meta} holds no model config ({_first_line(e)})"
+    ) from None
+  return PLTConfig.from_hf_dict(hf, **runtime_kw)
+
+
+def _stored(directory: str, subtree: str) -> dict[str, Any]:
+  """'a/b/c' -> Orbax array metadata (shape, dtype) of every stored array; reads no array data."""
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.metadata(directory).item_metadata.tree
+    if subtree:
+      tree = tree[subtree]
+  except Exception as e:  # noqa: BLE001 - any unreadable metadata: one line
+    _quiet_abandoned_reads()
+    raise ValueError(
+        f"checkpoint {directory} is unreadable ({_first_line(e)})"
+    ) from None
   return {
-      "/".join(k): jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
-      for k, m in flat.items()
+      "/".join(str(getattr(k, "key", k)) for k in p): m
+      for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
 
 
+def params_metadata(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
+  """'a/b/c' -> shape and dtype of every stored param (reads no array data)."""
+  directory, subtree = _source(os.path.abspath(os.fspath(path)))
+  return {
+      p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+      for p, m in _stored(directory, subtree).items()
+  }
+
+
+def stored_dtypes(path: str | os.PathLike) -> set[str]:
+  """dtype names of a checkpoint's stored params, from Orbax metadata (reads no array data)."""
+  return {str(m.dtype) for m in params_metadata(path).values()}
+
+
 def iter_params(path: str | os.PathLike) -> Iterator[tuple[str, jax.Array]]:
-  """('a/b/c', host array) for each param of a params directory, restored one at a time (a partial
-  restore each), so the reader holds one param rather than the model.
+  """('a/b/c', host array) for each stored param, restored one at a time (a partial restore each),
+  so the reader holds one param rather than the model.
   """
   path = os.path.abspath(os.fspath(path))
+  directory, subtree = _source(path)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   handler = ocp.PyTreeCheckpointHandler()
-  for keys, m in _flat_metadata(path).items():
+  for name, m in params_metadata(path).items():
+    keys = ([subtree] if subtree else []) + name.split("/")
     target: dict[str, Any] = {}
     node = target
     for k in keys[:-1]:
       node = node.setdefault(k, {})
-    node[keys[-1]] = jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu)
-    with ocp.Checkpointer(handler) as ckptr:
-      tree = ckptr.restore(
-          os.path.join(path, "params"),
-          args=ocp.args.PyTreeRestore(
-              target,
-              restore_args=jax.tree.map(
-                  lambda _: ocp.ArrayRestoreArgs(sharding=cpu), target
-              ),
-              partial_restore=True,
-          ),
-      )
-    leaf = tree
+    node[keys[-1]] = jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu)
+    try:
+      with ocp.Checkpointer(handler) as ckptr:
+        tree = ckptr.restore(
+            directory,
+            args=ocp.args.PyTreeRestore(
+                target,
+                restore_args=jax.tree.map(
+                    lambda _: ocp.ArrayRestoreArgs(sharding=cpu), target
+                ),
+                partial_restore=True,
+            ),
+        )
+    except Exception as e:  # noqa: BLE001 - a missing or damaged data file: one line
+      _quiet_abandoned_reads()
+      raise ValueError(
+          f"checkpoint {path} is unreadable ({_first_line(e)})"
+      ) from None
     for k in keys:
-      leaf = leaf[k]
-    yield "/".join(keys), leaf
-    del tree, leaf
-
-
-def stored_dtypes(path: str | os.PathLike) -> set[str]:
-  """dtype names of the arrays under `path/params`, from Orbax metadata (reads no array data)."""
-  return {str(m.dtype) for m in params_metadata(path).values()}
+      tree = tree[k]
+    yield name, tree
+    del tree
 
 
 def load_params(
     path: str | os.PathLike, shardings: Any = None, **runtime_kw
 ) -> tuple[PLTConfig, Any]:
-  """Read a params directory. `shardings` (a pytree like params, or one Sharding) places the arrays;
-  by default they go to the first local device, whatever mesh they were saved from.
+  """Read a params directory, or the params of a training step. `shardings` (a pytree like params,
+  or one Sharding) places the arrays; by default they go to the first local device, whatever mesh
+  they were saved from.
   """
   path = os.path.abspath(os.fspath(path))
-  if not is_params_dir(path):
-    raise ValueError(
-        f"{path} is not a params checkpoint (needs config.json and params/)"
-    )
-  cfg = PLTConfig.from_hf_file(os.path.join(path, "config.json"), **runtime_kw)
+  directory, subtree = _source(path)
+  cfg = read_config(path, **runtime_kw)
   from loopcoder_jax.model.transformer import (
       abstract_params,  # local: model imports are heavy
   )
 
   target = abstract_params(cfg)
+  stored = _stored(directory, subtree)
+  for p, a in jax.tree_util.tree_flatten_with_path(target)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in p)
+    if name not in stored:
+      raise ValueError(
+          f"checkpoint {path} holds no {name} (shape {a.shape}) for its config"
+      )
+    if tuple(stored[name].shape) != a.shape:
+      raise ValueError(
+          f"checkpoint {path}: {name} is stored with shape "
+          f"{tuple(stored[name].shape)}, its config gives {a.shape}"
+      )
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(shardings, jax.sharding.Sharding):
@@ -116,9 +229,23 @@ def load_params(
       target,
       shardings,
   )
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(path, "params"), target)
-  return cfg, params
+  item = {subtree: target} if subtree else target
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      params = ckptr.restore(
+          directory,
+          args=ocp.args.PyTreeRestore(
+              item=item,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=bool(subtree),
+          ),
+      )
+  except Exception as e:  # noqa: BLE001 - a missing or damaged data file: one line
+    _quiet_abandoned_reads()
+    raise ValueError(
+        f"checkpoint {path} is unreadable ({_first_line(e)})"
+    ) from None
+  return cfg, params[subtree] if subtree else params
 
 
 # ------------------------------------------------------------------------------------- training
@@ -149,8 +276,10 @@ class TrainCheckpointer:
   JSON file per process) and `meta` (JSON: model config, run info) in one step directory.
 
   Saves are asynchronous, every `every_steps` steps (or forced: preemption, end of run); the latest
-  `keep` are kept. `restore` walks back from the latest step and skips unreadable ones with a one-line
-  warning, restoring onto the shardings carried by the abstract target (any mesh).
+  `keep` are kept, and temporary directories of saves cut short (kill -9) are removed on start.
+  `restore` walks back from the latest step, skipping unreadable (or rejected) ones with a one-line
+  warning, and restores onto the shardings carried by the abstract target (any mesh). The steps it
+  skipped are moved to `<directory>_unusable/`, so the run saves those steps anew.
   """
 
   def __init__(
@@ -170,12 +299,17 @@ class TrainCheckpointer:
         save_decision_policy=cm.FixedIntervalPolicy(every_steps),
         preservation_policy=cm.LatestN(keep),
         enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
         create=True,
     )
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` without `force` would save."""
+    return self._mgr.should_save(step)
 
   def save(
       self,
@@ -197,42 +331,84 @@ class TrainCheckpointer:
     return self._mgr.save(step, args=args, force=force)
 
   def restore(
-      self, abstract_state: Any, data_iterator: Any
+      self,
+      abstract_state: Any,
+      data_iterator: Any,
+      *,
+      check_meta=None,
+      check_state=None,
   ) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) from the newest readable checkpoint (sets `data_iterator`'s state), or
+    """(step, state, meta) from the newest usable checkpoint (sets `data_iterator`'s state), or
     None when the directory holds none. `abstract_state`'s leaves carry the target shardings.
-    """
-    import grain.checkpoint as gck
 
+    `check_meta(meta)` runs on each step's metadata before its state is read (a ValueError from it
+    stops the restore); `check_state(state)` returns why a restored state is unusable, or None.
+    """
     steps = sorted(self._mgr.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
-      try:
-        out = self._mgr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=gck.CheckpointRestore(data_iterator),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the previous
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        nxt = (
-            f"using step {steps[i + 1]}"
-            if i + 1 < len(steps)
-            else "no older checkpoint left"
-        )
-        self._log(
-            f"checkpoint step {step} in {self.directory} is unreadable "
-            f"({type(e).__name__}: {first}); {nxt}"
-        )
-        continue
-      return step, out["state"], out["meta"]
+    skipped: list[str] = []  # a line per skipped step, logged with its fate
+    for step in steps:
+      problem, state, meta = self._read(
+          step, abstract_state, data_iterator, check_meta
+      )
+      if problem is None and check_state is not None:
+        problem = check_state(state)
+      if problem is None:
+        aside = self._set_aside(steps[: len(skipped)])
+        for line in skipped:
+          self._log(f"{line}; using step {step}, it is moved to {aside}")
+        return step, state, meta
+      skipped.append(f"checkpoint step {step} in {self.directory} {problem}")
+    for line in skipped:
+      self._log(f"{line}; no usable checkpoint left")
     if steps:
       raise ValueError(
-          f"no readable checkpoint in {self.directory} (tried steps {steps})"
+          f"no usable checkpoint in {self.directory} (tried steps {steps})"
       )
     return None
+
+  def _read(self, step, abstract_state, data_iterator, check_meta):
+    """(None, state, meta), or (why the step is unreadable, None, None)."""
+    import grain.checkpoint as gck
+
+    try:
+      meta = self._mgr.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+      )["meta"]
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the previous
+      return f"is unreadable ({_first_line(e)})", None, None
+    if check_meta is not None:
+      check_meta(meta)
+    try:
+      out = self._mgr.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=gck.CheckpointRestore(data_iterator),
+          ),
+      )
+    except Exception as e:  # noqa: BLE001 - as above
+      _quiet_abandoned_reads()
+      return f"is unreadable ({_first_line(e)})", None, None
+    return None, out["state"], meta
+
+  def _set_aside(self, steps: list[int]) -> str:
+    """Moves skipped steps out of the manager's directory (kept, never deleted); returns where."""
+    aside = f"{self.directory}_unusable"
+    if not steps:
+      return aside
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        dst, n = os.path.join(aside, str(step)), 1
+        while os.path.exists(dst):
+          dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        shutil.move(os.path.join(self.directory, str(step)), dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("checkpoints set aside")
+    self._mgr.reload()
+    return aside
 
   def wait_until_finished(self) -> None:
     self._mgr.wait_until_finished()

@@ -14,9 +14,11 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 DECAYED_LEAVES = ("kernel", "embedding")
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -52,8 +54,10 @@ def _cfg(optim_cfg: Any) -> dict:
 
 def validate_optim_config(optim_cfg: Any) -> dict:
   c = _cfg(optim_cfg)
-  if not c["peak_lr"] > 0:
-    raise ValueError(f"optim.peak_lr must be > 0, got {c['peak_lr']}")
+  if not 0 < c["peak_lr"] <= _F32_MAX:  # the schedule runs in float32
+    raise ValueError(
+        f"optim.peak_lr must be > 0 and finite in float32, got {c['peak_lr']}"
+    )
   if not 0 <= c["warmup_frac"] < 1:
     raise ValueError(
         f"optim.warmup_frac must be in [0, 1), got {c['warmup_frac']}"
@@ -65,10 +69,10 @@ def validate_optim_config(optim_cfg: Any) -> dict:
   for k in ("b1", "b2"):
     if not 0 <= c[k] < 1:
       raise ValueError(f"optim.{k} must be in [0, 1), got {c[k]}")
-  if c["eps"] < 0 or c["weight_decay"] < 0 or c["clip_norm"] < 0:
-    raise ValueError(
-        "optim.eps, optim.weight_decay and optim.clip_norm must be >= 0"
-    )
+  if not c["eps"] > 0:  # 0 divides a zero gradient by zero: NaN params
+    raise ValueError(f"optim.eps must be > 0, got {c['eps']}")
+  if c["weight_decay"] < 0 or c["clip_norm"] < 0:
+    raise ValueError("optim.weight_decay and optim.clip_norm must be >= 0")
   return c
 
 
@@ -76,7 +80,8 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
   c = validate_optim_config(optim_cfg)
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-  warmup = math.ceil(c["warmup_frac"] * total_steps)
+  # at least one step of decay: optax's cosine needs decay_steps > warmup_steps
+  warmup = min(math.ceil(c["warmup_frac"] * total_steps), total_steps - 1)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=c["peak_lr"],

@@ -13,19 +13,26 @@ per assistant token (nats) instead of bits per byte, and conversations truncated
 counted in the log.
 
 Checkpoints: `WORKDIR/checkpoints/<step>/{state,data,meta}` (see checkpoint.TrainCheckpointer); a
-run restarted with the same workdir resumes from the newest readable one (of init.checkpoint only
-the config.json is read then) and sees exactly the batch it would have seen. SIGTERM saves at the
-next step boundary and stops. A non-finite loss or gradient norm stops the run before that step's
-state can be saved. The final params are also written as a params directory (`WORKDIR/params`, for
-generate/convert).
+run restarted with the same workdir resumes from the newest usable one (of init.checkpoint only
+the config.json is read then) and sees exactly the batch it would have seen. The run metadata
+(model config, batch shape, tokenizer vocabulary) must match the restarted run's. SIGTERM or
+Ctrl-C saves at the next step boundary and stops (summary `preempted`: the signal). A non-finite
+loss or gradient norm stops the run, and so does a non-finite state before any save: a checkpoint
+is never non-finite, and a restored one that is (written by an older version) is skipped. The
+final params are also written as a params directory (`WORKDIR/params`, for generate/convert),
+replaced whenever the run ends at a newer step (`WORKDIR/params/step.json` names its step).
+
+One trainer per workdir: `lock.WorkdirLock` (the workdir lock) is held from start to end.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -38,13 +45,17 @@ import numpy as np
 
 from loopcoder_jax.inference import generation
 from loopcoder_jax.model import sharding
-from loopcoder_jax.train import checkpoint, optim
+from loopcoder_jax.train import checkpoint, lock, optim
 from loopcoder_jax.train import config as train_config
 from loopcoder_jax.train import step as train_step
 
 
 class TrainingDiverged(RuntimeError):
   pass
+
+
+WorkdirBusy = lock.WorkdirBusy
+EXPORT_STEP_FILE = "step.json"  # in WORKDIR/params: the step the export holds
 
 
 # ------------------------------------------------------------------------------------- data
@@ -156,6 +167,25 @@ class _Log:
       )
     return self._bar
 
+  def keep_through(self, step: int) -> None:
+    """Drops the records after `step` (a resumed run logs those steps again) and torn lines."""
+    if self._jsonl is None:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    kept = []
+    with open(path) as f:
+      for line in f:
+        try:
+          if json.loads(line)["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+          continue  # a line cut short by a kill
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a")
+
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if self._jsonl is None:
       return
@@ -264,13 +294,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   cfg = train_config.validate(config)
   pi, pc = jax.process_index(), jax.process_count()
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  log = _Log(workdir, enabled=pi == 0, tensorboard=config.metrics.tensorboard)
-  t_start = time.time()
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} exists and is not a directory")
   try:
-    return _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start)
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"cannot create workdir {workdir}: {e.strerror}") from None
+  held = lock.WorkdirLock(workdir, pi)
+  took_over = held.acquire()
+  try:
+    log = _Log(workdir, enabled=pi == 0, tensorboard=config.metrics.tensorboard)
+    if took_over:
+      log.warn(took_over)
+    t_start = time.time()
+    try:
+      return _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start)
+    finally:
+      log.close()
   finally:
-    log.close()
+    held.release()
 
 
 def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
@@ -279,8 +321,8 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
   t, d = config.train, config.data
   rules = tuple(tuple(r) for r in config.rules)
   params_dir = os.path.join(workdir, "params")
-  # decided before any process can create it
-  write_params = not os.path.exists(params_dir)
+  # read before any process can replace it
+  exported_step = _exported_step(params_dir)
   log.info(f"workdir: {workdir}")
   log.info(
       f"model: {config.model.preset or config.init.checkpoint} R={cfg.plt_num_loops} d={cfg.hidden_size} L={cfg.num_hidden_layers} "
@@ -290,6 +332,9 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
 
   # -- tokenizer (and the weights a fine-tune starts from) ---------------------------------------
   init, chat = config.init.checkpoint, d.format == "chat"
+  # a bad source fails before a tokenizer is trained on it; skipped files are counted
+  if not chat:
+    data.load_documents(d.source, d.text_key, report=log.warn)
   own_tok = os.path.join(workdir, "tokenizer")
   init_params = None
   if init and not _has_checkpoints(os.path.join(workdir, "checkpoints")):
@@ -392,6 +437,7 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
       "global_batch_size": t.global_batch_size,
       "seq_len": d.seq_len,
       "tokenizer_vocab_size": tok.vocab_size,
+      "tokenizer_sha256": _vocab_fingerprint(tok),
   }
   ckpt = checkpoint.TrainCheckpointer(
       os.path.join(workdir, "checkpoints"),
@@ -400,7 +446,12 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
       async_save=config.checkpoint.async_save,
       log=log.info,
   )
-  restored = ckpt.restore(abstract, data_it)
+  restored = ckpt.restore(
+      abstract,
+      data_it,
+      check_meta=functools.partial(_check_meta, meta, ckpt.directory),
+      check_state=_check_finite,
+  )
   if restored is None and init_params is not None:
     fresh = jax.jit(
         lambda p: train_step.TrainState(
@@ -416,14 +467,9 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
     state = init_fn(jax.random.key(config.seed))
     log.info(f"initialised a fresh model (seed {config.seed})")
   else:
-    step0, state, old_meta = restored
-    for key in ("model", "seq_len", "global_batch_size"):
-      if old_meta.get(key) != meta[key]:
-        raise ValueError(
-            f"the checkpoint in {ckpt.directory} was written with a different {key}; "
-            "use a new workdir"
-        )
+    step0, state, _ = restored
     log.info(f"resumed from step {step0}")
+  log.keep_through(int(state.step))
 
   summary: dict[str, Any] = {"workdir": workdir, "start_step": int(state.step)}
   if eval_batches and chat:
@@ -451,12 +497,19 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
     from loopcoder_jax.scaling import flops
 
     flops_per_token = flops.train_flops_per_token(cfg, d.seq_len)
-  preempted = {"flag": False}
-  old_handler = None
-  if hasattr(signal, "SIGTERM") and _in_main_thread():
-    old_handler = signal.signal(
-        signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True)
-    )
+  stop_signal = {"signum": None}
+  handlers = {}
+  if _in_main_thread():
+
+    def on_signal(signum, _):
+      stop_signal["signum"] = signum
+      if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    # a signal the run was started to ignore (nohup, a background job) stays ignored
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      if signal.getsignal(sig) is not signal.SIG_IGN:
+        handlers[sig] = signal.signal(sig, on_signal)
   step = int(state.step)
   bar = log.bar(step, t.total_steps, config.metrics.progress_bar)
   t_prev, timed_tokens, timed_s = None, 0.0, 0.0
@@ -473,13 +526,8 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
       now = time.time()
       loss, gnorm = float(m["loss"]), float(m["grad_norm"])
       if not (math.isfinite(loss) and math.isfinite(gnorm)):
-        ckpt.wait_until_finished()
-        last = ckpt.all_steps()
-        raise TrainingDiverged(
-            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
-            f"{step} (loss {loss}, grad norm {gnorm}); stopped without saving, last good "
-            f"checkpoint: step {last[-1] if last else None} in {ckpt.directory}"
-        )
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        _diverged(ckpt, f"non-finite {what} at step {step}", loss, gnorm)
       values = {
           "loss": loss,
           "grad_norm": gnorm,
@@ -510,25 +558,35 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
         )
       if logged:
         log.info(_line(step, t.total_steps, values))
-      stop = preempted["flag"] or _preemption_sync(step)
-      ckpt.save(step, state, data_it, meta, force=stop or step == t.total_steps)
+      preempted = _preemption_sync(step)
+      stop = stop_signal["signum"] is not None or preempted
+      force = stop or step == t.total_steps
+      if force or ckpt.should_save(step):
+        # the loss and gradient norm are the pre-update params'; the update may have broken them
+        bad = _check_finite(state)
+        if bad:
+          _diverged(ckpt, f"{bad} at step {step} after the update", loss, gnorm)
+        ckpt.save(step, state, data_it, meta, force=force)
       if stop:
         ckpt.wait_until_finished()
+        signum = stop_signal["signum"] or signal.SIGTERM
         log.info(
-            f"preempted: saved step {step} in {ckpt.directory}; rerun the same command to resume"
+            f"preempted: saved step {step} in {ckpt.directory} "
+            f"({signal.Signals(signum).name}); rerun the same command to resume"
         )
-        summary.update(preempted=True, end_step=step)
+        summary.update(preempted=int(signum), end_step=step)
         return summary
   finally:
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
+    for sig, handler in handlers.items():
+      signal.signal(sig, handler)
     log.close_bar()
     ckpt.close()
   summary["end_step"] = step
   summary["train_s"] = timed_s
 
-  if write_params:
-    checkpoint.save_params(params_dir, cfg, state.params)
+  if exported_step != step:
+    _export(params_dir, cfg, state.params, step, pi, pc)
+    log.info(f"params of step {step} exported to {params_dir}")
   if eval_batches and chat:
     summary["loss_after"] = token_loss(
         eval_fn, state.params, eval_batches, mesh, rules
@@ -545,6 +603,12 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
         f"held-out bits per byte: {summary.get('bpb_before', float('nan')):.4f} before -> "
         f"{summary['bpb_after']:.4f} after (step {step})"
     )
+  for key in ("loss_after", "bpb_after"):
+    if key in summary and not math.isfinite(summary[key]):
+      raise TrainingDiverged(
+          f"the held-out score at step {step} is {summary[key]} (finite params "
+          f"in {params_dir}, but they do not evaluate to a finite loss)"
+      )
   if e.completion_tokens > 0 and pc == 1:
     summary["completion"] = generation.complete(
         cfg,
@@ -566,6 +630,121 @@ def _train(config, cfg, workdir, log, data, tok_lib, pi, pc, t_start):
   summary["wall_s"] = time.time() - t_start
   log.info(f"done in {summary['wall_s']:.0f}s")
   return summary
+
+
+def _diverged(ckpt, what: str, loss: float, gnorm: float):
+  """Stops the run naming the newest checkpoint (every saved one was checked finite)."""
+  ckpt.wait_until_finished()
+  last = ckpt.all_steps()
+  good = (
+      f"last good checkpoint: step {last[-1]} in {ckpt.directory}"
+      if last
+      else f"no checkpoint saved in {ckpt.directory}"
+  )
+  raise TrainingDiverged(
+      f"{what} (loss {loss}, grad norm {gnorm}); stopped without saving, {good}"
+  )
+
+
+def _path(keys) -> str:
+  return "/".join(
+      str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+      for k in keys
+  )
+
+
+@jax.jit
+def _all_finite(leaves):
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def _check_finite(state) -> str | None:
+  """'non-finite <path>' for the first array of `state` holding a NaN or Inf, else None."""
+  flat = [
+      (p, x)
+      for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  ok = np.asarray(_all_finite([x for _, x in flat]))
+  bad = [_path(p) for (p, _), good in zip(flat, ok) if not good]
+  return f"non-finite {bad[0]}" if bad else None
+
+
+def _vocab_fingerprint(tok) -> str:
+  """sha256 of the id -> token table: a resumed run must tokenize as the checkpoint's did."""
+  table = "\n".join(tok.id_to_token(i) or "" for i in range(tok.vocab_size))
+  return hashlib.sha256(table.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _check_meta(meta: dict, directory: str, old: dict) -> None:
+  """A checkpoint written by a run with another model, batch shape or tokenizer: ValueError."""
+  diffs = []
+  old_model, model = old.get("model") or {}, meta["model"]
+  changed = sorted(
+      k for k in set(old_model) | set(model) if old_model.get(k) != model.get(k)
+  )
+  if changed:
+    diffs.append(
+        "model config ("
+        + ", ".join(
+            f"{k} {old_model.get(k)!r} -> {model.get(k)!r}" for k in changed[:4]
+        )
+        + ")"
+    )
+  for key in ("seq_len", "global_batch_size"):
+    if old.get(key) != meta[key]:
+      diffs.append(f"{key} ({old.get(key)} -> {meta[key]})")
+  # checkpoints written before the fingerprint was recorded compare by size
+  size, old_size = meta["tokenizer_vocab_size"], old.get("tokenizer_vocab_size")
+  key = (
+      "tokenizer_sha256"
+      if "tokenizer_sha256" in old
+      else "tokenizer_vocab_size"
+  )
+  if old.get(key) != meta[key]:
+    how = "same size, other tokens" if old_size == size else "another size"
+    diffs.append(f"tokenizer vocabulary ({old_size} tokens -> {size}, {how})")
+  if diffs:
+    raise ValueError(
+        f"the checkpoints in {directory} were written by a run with another "
+        f"{'; '.join(diffs)}; rerun with the settings they were written with "
+        "or use a new workdir"
+    )
+
+
+def _exported_step(params_dir: str) -> int | None:
+  try:
+    with open(os.path.join(params_dir, EXPORT_STEP_FILE)) as f:
+      return int(json.load(f)["step"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _export(params_dir: str, cfg, params, step: int, pi: int, pc: int) -> None:
+  """Writes the params directory beside the old one, then swaps it in (never half-written)."""
+  partial, old = params_dir + ".partial", params_dir + ".old"
+  if pi == 0:  # left by an export cut short: the old export is put back first
+    shutil.rmtree(partial, ignore_errors=True)
+    if os.path.exists(old) and not os.path.exists(params_dir):
+      os.rename(old, params_dir)
+    shutil.rmtree(old, ignore_errors=True)
+  _sync(pc, "export: start")
+  checkpoint.save_params(partial, cfg, params)
+  if pi == 0:
+    with open(os.path.join(partial, EXPORT_STEP_FILE), "w") as f:
+      json.dump({"step": step}, f)
+    if os.path.exists(params_dir):
+      os.rename(params_dir, old)
+    os.rename(partial, params_dir)
+    shutil.rmtree(old, ignore_errors=True)
+  _sync(pc, "export: done")
+
+
+def _sync(pc: int, name: str) -> None:
+  if pc > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _line(step, total, v) -> str:

@@ -250,7 +250,7 @@ def test_cli_reports_bad_input(tmp_path):
   )
   assert (
       cli.returncode == 2
-      and "neither an HF checkpoint" in cli.stderr.strip().splitlines()[-1]
+      and "is not a checkpoint" in cli.stderr.strip().splitlines()[-1]
   )
   assert not (tmp_path / "out").exists()
 
@@ -470,12 +470,20 @@ def test_nonempty_destination_needs_overwrite(trip, tmp_path):
   (dst / "keep.txt").write_text("x")
   with pytest.raises(ValueError, match="is not empty; pass overwrite"):
     convert.convert_checkpoint(trip["src"], str(dst), "hf")
+  # --overwrite replaces a checkpoint only, never any directory it is given
+  with pytest.raises(ValueError, match="holds keep.txt, not a checkpoint"):
+    convert.convert_checkpoint(trip["src"], str(dst), "hf", overwrite=True)
   assert os.listdir(dst) == ["keep.txt"]
+  convert.convert_checkpoint(trip["src"], str(tmp_path / "ckpt"), "orbax")
   convert.convert_checkpoint(
-      trip["src"], str(dst), "hf", overwrite=True, shard_size="1MB"
+      trip["src"],
+      str(tmp_path / "ckpt"),
+      "hf",
+      overwrite=True,
+      shard_size="1MB",
   )
-  assert "keep.txt" not in os.listdir(dst) and os.path.isfile(
-      dst / st.SINGLE_FILE
+  assert "params" not in os.listdir(tmp_path / "ckpt") and os.path.isfile(
+      tmp_path / "ckpt" / st.SINGLE_FILE
   )
   (tmp_path / "empty").mkdir()  # an empty directory is fine
   convert.convert_checkpoint(trip["src"], str(tmp_path / "empty"), "hf")
@@ -496,8 +504,8 @@ def test_failed_conversion_leaves_nothing(
   monkeypatch.setattr(st.SafetensorsFile, "write", fail_midway)
   dst = tmp_path / "dst"
   if existing:
-    dst.mkdir()
-    (dst / "old.txt").write_text("old")
+    convert.convert_checkpoint(trip["orbax"], str(dst), "orbax")
+    before = sorted(os.listdir(dst))
   with pytest.raises(OSError, match="simulated"):
     convert.convert_checkpoint(
         trip["orbax"], str(dst), "hf", shard_size=3000, overwrite=existing
@@ -506,7 +514,7 @@ def test_failed_conversion_leaves_nothing(
   # no temp sibling left
   assert sorted(os.listdir(tmp_path)) == (["dst"] if existing else [])
   if existing:
-    assert os.listdir(dst) == ["old.txt"]
+    assert sorted(os.listdir(dst)) == before
 
 
 def test_bad_arguments(trip, tmp_path):

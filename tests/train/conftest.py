@@ -1,13 +1,11 @@
 """Fixtures shared by the training tests."""
 
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from loopcoder_jax.data import corpus, tokenizer
 from loopcoder_jax.interop import save_hf
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import PLTForCausalLM
@@ -17,16 +15,7 @@ from tests import helpers
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """A small text corpus (stdlib files) and a 320-token BPE trained on it."""
-  root = tmp_path_factory.mktemp("assets")
-  files = corpus.stdlib_files("train")[:40]
-  os.makedirs(root / "corpus")
-  for i, (_, text) in enumerate(files):
-    (root / "corpus" / f"{i:03d}.py").write_text(text)
-  tokenizer.train_bpe((t for _, t in files), 320, str(root / "tok"))
-  return {
-      "source": str(root / "corpus" / "*.py"),
-      "tokenizer": str(root / "tok"),
-  }
+  return helpers.write_assets(str(tmp_path_factory.mktemp("assets")))
 
 
 def _arithmetic(lo, hi):

@@ -1,4 +1,6 @@
-"""Training checkpoints: save/restore, keep-K, corrupt-latest fallback, restore onto another mesh."""
+"""Training checkpoints: save/restore, keep-K, corrupt-latest fallback (set aside, saved anew),
+rejected states and metadata, restore onto another mesh, params of a training step.
+"""
 
 import glob
 import os
@@ -102,6 +104,46 @@ def test_corrupt_latest_falls_back_with_one_line(tmp_path, setup):
   )
 
 
+def test_rejected_state_is_set_aside_and_its_step_saved_anew(tmp_path, setup):
+  tx, mesh1, state = setup
+  _save_steps(tmp_path, state, [2, 4], keep=3)
+  lines = []
+  ck = checkpoint.TrainCheckpointer(
+      tmp_path, every_steps=2, keep=3, log=lines.append
+  )
+  step, restored, _ = ck.restore(
+      _abstract(tx, mesh1),
+      _iterator(),
+      check_state=lambda s: "is bad" if int(s.step) == 4 else None,
+  )
+  assert step == 2 and ck.all_steps() == [2]
+  assert lines == [
+      f"checkpoint step 4 in {tmp_path} is bad; using step 2, it is moved to "
+      f"{tmp_path}_unusable"
+  ]
+  assert os.path.isdir(f"{tmp_path}_unusable/4/state")  # kept, not deleted
+  # the run passes step 4 again: saved, not refused as existing
+  assert ck.save(4, restored, _iterator(), {}, force=True)
+  ck.close()
+  assert checkpoint.TrainCheckpointer(
+      tmp_path, every_steps=2, keep=3
+  ).all_steps() == [2, 4]
+
+
+def test_check_meta_stops_before_any_state_is_read(tmp_path, setup):
+  tx, mesh1, state = setup
+  _save_steps(tmp_path, state, [2])
+  ck = checkpoint.TrainCheckpointer(tmp_path, every_steps=2, keep=3)
+
+  def check(meta):
+    raise ValueError(f"written by step {meta['step']}")
+
+  with pytest.raises(ValueError, match="written by step 2"):
+    ck.restore(_abstract(tx, mesh1), _iterator(), check_meta=check)
+  ck.close()
+  assert os.listdir(tmp_path) == ["2"]
+
+
 def test_nothing_readable_fails_and_empty_dir_is_fresh(tmp_path, setup):
   tx, mesh1, state = setup
   ck = checkpoint.TrainCheckpointer(tmp_path / "empty", every_steps=1, keep=1)
@@ -114,7 +156,7 @@ def test_nothing_readable_fails_and_empty_dir_is_fresh(tmp_path, setup):
   ck = checkpoint.TrainCheckpointer(
       tmp_path / "bad", every_steps=1, keep=1, log=lambda _: None
   )
-  with pytest.raises(ValueError, match="no readable checkpoint"):
+  with pytest.raises(ValueError, match="no usable checkpoint"):
     ck.restore(_abstract(tx, mesh1), _iterator())
   ck.close()
 
@@ -150,4 +192,21 @@ def test_params_dir_round_trip(tmp_path, setup):
   assert cfg == CFG
   jax.tree.map(
       lambda a, b: np.testing.assert_array_equal(a, b), params, state.params
+  )
+
+
+def test_params_of_a_training_step(tmp_path, setup):
+  _, _, state = setup
+  ck = checkpoint.TrainCheckpointer(tmp_path, every_steps=2, keep=2)
+  ck.save(2, _bump(state, 2), _iterator(), {"model": CFG.to_hf_dict()})
+  ck.close()
+  step_dir = tmp_path / "2"
+  assert checkpoint.is_step_dir(step_dir)
+  assert checkpoint.stored_dtypes(step_dir) == {"float32"}
+  cfg, params = checkpoint.load_params(step_dir)
+  assert cfg == CFG
+  jax.tree.map(
+      lambda a, b: np.testing.assert_array_equal(a, b),
+      params,
+      _bump(state, 2).params,
   )
