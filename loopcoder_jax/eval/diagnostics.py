@@ -374,14 +374,17 @@ def loop_diagnostics(cfg: PLTConfig, params, batches) -> dict[str, Any]:
 
 def for_json(result: dict[str, Any]) -> dict[str, Any]:
   """`result` with the entries of loops where a statistic is not defined as None (in
-  `per_head` too); a NaN left is a real one."""
+  `per_head` too, each per-layer, per-head entry); a NaN left is a real one."""
   loops = len(result["step_size"])
 
   def blank(name, values):
     first = DEFINED_FROM.get(name, 1)
     if name == "fixed_point_gap" and loops == 1:
       first = 2  # one more loop needs the gate params of loops >= 2
-    return [None if r + 1 < first else v for r, v in enumerate(values)]
+    return [none_like(v) if r + 1 < first else v for r, v in enumerate(values)]
+
+  def none_like(v):  # per-head entries keep their nested shape
+    return [none_like(x) for x in v] if isinstance(v, list) else None
 
   out = {k: blank(k, v) for k, v in result.items() if k != "per_head"}
   if "per_head" in result:
