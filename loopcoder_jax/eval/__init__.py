@@ -3,6 +3,7 @@
 
 from loopcoder_jax.eval.diagnostics import (
     MapsKV,
+    for_json,
     format_table,
     loop_diagnostics,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "check",
     "check_all",
     "estimate_pass_at_k",
+    "for_json",
     "format_table",
     "generate_samples",
     "held_out_perplexity",

@@ -1,7 +1,8 @@
 """Orbax checkpoints, behind this one module.
 
-A *params directory* holds `config.json` (HF keys) and `params/` (an Orbax PyTree checkpoint of the
-model params, stored uncompressed). `save_params`/`load_params` write and read it; the converter and
+A *params directory* holds `config.json` (HF keys), `params/` (an Orbax PyTree checkpoint of the
+model params, stored uncompressed) and `checksums.json` (a CRC-32 per param, checked on reading:
+uncompressed chunks have no checksum of their own). `save_params`/`load_params` write and read it; the converter and
 `generate.py` use them; `iter_params` reads it one param at a time (streaming conversion). The
 readers also take one training step (`WORKDIR/checkpoints/<step>`, see `is_step_dir`).
 `TrainCheckpointer` holds the training checkpoints (TrainState, grain iterator
@@ -20,12 +21,16 @@ import os
 import shutil
 import sys
 from typing import Any
+import zlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from loopcoder_jax.model.config import PLTConfig
 
+# Beside a params directory's config.json: a CRC-32 per param (its bytes in C order).
+CHECKSUMS = "checksums.json"
 # A training step directory: the TrainState, with the model config in the run metadata.
 _STEP_STATE, _STEP_META = "state", os.path.join("meta", "metadata")
 
@@ -81,8 +86,26 @@ def _quiet_abandoned_reads() -> None:
   sys.unraisablehook = hook
 
 
+def _names(tree) -> dict[str, Any]:
+  return {
+      "/".join(str(getattr(k, "key", k)) for k in p): x
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def _crc32(x) -> int:
+  """CRC-32 of an array's bytes in C order (a host copy of a device array, one at a time)."""
+  a = np.ascontiguousarray(np.asarray(x))
+  return zlib.crc32(a.reshape(-1).view(np.uint8).data)
+
+
+def _addressable(x) -> bool:
+  return getattr(x, "is_fully_addressable", True)
+
+
 def save_params(path: str | os.PathLike, cfg: PLTConfig, params: Any) -> None:
-  """Write `config.json` and `params/` under `path` (which must not hold a checkpoint yet)."""
+  """Write `config.json`, `params/` and `checksums.json` under `path` (which must not hold a
+  checkpoint yet)."""
   path = os.path.abspath(os.fspath(path))
   os.makedirs(path, exist_ok=True)
   # Uncompressed: zstd saves about a fifth of the disk on bf16 weights, but the compressed stream
@@ -90,7 +113,36 @@ def save_params(path: str | os.PathLike, cfg: PLTConfig, params: Any) -> None:
   handler = ocp.PyTreeCheckpointHandler(use_compression=False)
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(os.path.join(path, "params"), args=ocp.args.PyTreeSave(params))
+  # Uncompressed chunks carry no checksum of their own: without these a damaged byte would load
+  # as a wrong weight. (Arrays spread over several hosts are not checksummed.)
+  flat = _names(params)
+  if jax.process_count() == 1 and all(_addressable(x) for x in flat.values()):
+    sums = {name: _crc32(x) for name, x in flat.items()}
+    with open(os.path.join(path, CHECKSUMS), "w") as f:
+      json.dump({"crc32": sums}, f, indent=0, sort_keys=True)
   cfg.to_hf_file(os.path.join(path, "config.json"))
+
+
+def _verify(path: str, name: str, x, sums: dict[str, int]) -> None:
+  """ValueError when a restored param (in its stored dtype) differs from the checksum saved with
+  it; params without one (older directories, training steps) pass."""
+  if name in sums and _addressable(x) and _crc32(x) != sums[name]:
+    raise ValueError(
+        f"checkpoint {path} is unreadable ({name} does not match the checksum saved with it: a "
+        "data file under params/ is damaged)"
+    )
+
+
+def _checksums(path: str) -> dict[str, int]:
+  try:
+    with open(os.path.join(path, CHECKSUMS)) as f:
+      return {str(k): int(v) for k, v in json.load(f)["crc32"].items()}
+  except FileNotFoundError:
+    return {}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(
+        f"{os.path.join(path, CHECKSUMS)} is unreadable ({_first_line(e)})"
+    ) from None
 
 
 def _source(path: str) -> tuple[str, str]:
@@ -163,6 +215,7 @@ def iter_params(path: str | os.PathLike) -> Iterator[tuple[str, jax.Array]]:
   directory, subtree = _source(path)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   handler = ocp.PyTreeCheckpointHandler()
+  sums = {} if subtree else _checksums(path)
   for name, m in params_metadata(path).items():
     keys = ([subtree] if subtree else []) + name.split("/")
     target: dict[str, Any] = {}
@@ -189,6 +242,7 @@ def iter_params(path: str | os.PathLike) -> Iterator[tuple[str, jax.Array]]:
       ) from None
     for k in keys:
       tree = tree[k]
+    _verify(path, name, tree, sums)
     yield name, tree
     del tree
 
@@ -245,7 +299,15 @@ def load_params(
     raise ValueError(
         f"checkpoint {path} is unreadable ({_first_line(e)})"
     ) from None
-  return cfg, params[subtree] if subtree else params
+  if subtree:
+    return cfg, params[subtree]
+  sums = _checksums(path)
+  for name, x in _names(params).items():
+    if str(x.dtype) == str(
+        stored[name].dtype
+    ):  # a cast restore has other bytes
+      _verify(path, name, x, sums)
+  return cfg, params
 
 
 # ------------------------------------------------------------------------------------- training

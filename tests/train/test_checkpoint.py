@@ -195,6 +195,35 @@ def test_params_dir_round_trip(tmp_path, setup):
   )
 
 
+def test_a_damaged_weight_in_a_params_dir_is_refused(tmp_path, setup):
+  """Uncompressed chunks have no checksum of their own: one flipped bit of a weight (still finite)
+  is caught by the checksum saved with the params, by both readers."""
+  _, _, state = setup
+  path = tmp_path / "p"
+  checkpoint.save_params(path, CFG, state.params)
+  emb = np.asarray(state.params["embed_tokens"]["embedding"])
+  needle = emb.tobytes()[:64]
+  [(data, at)] = [
+      (f, f.read_bytes().find(needle))
+      for f in (path / "params").rglob("*")
+      if f.is_file() and needle in f.read_bytes()
+  ]
+  raw = bytearray(data.read_bytes())
+  raw[at] ^= 1  # the lowest mantissa bit of the first float32
+  data.write_bytes(bytes(raw))
+  match = "embed_tokens/embedding does not match the checksum saved with it"
+  with pytest.raises(ValueError, match=match):
+    checkpoint.load_params(path)
+  with pytest.raises(ValueError, match=match):
+    dict(checkpoint.iter_params(path))
+  # without the checksums (a directory saved before them) the damage loads silently
+  os.remove(path / checkpoint.CHECKSUMS)
+  _, params = checkpoint.load_params(path)
+  want = emb.copy()
+  want.view(np.uint32).flat[0] ^= 1
+  np.testing.assert_array_equal(params["embed_tokens"]["embedding"], want)
+
+
 def test_params_of_a_training_step(tmp_path, setup):
   _, _, state = setup
   ck = checkpoint.TrainCheckpointer(tmp_path, every_steps=2, keep=2)
