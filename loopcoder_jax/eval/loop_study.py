@@ -552,6 +552,17 @@ def _fmt_flops(x: float) -> str:
   return f"{x / 1e12:.3g}"
 
 
+def _code_summary(rows) -> str:
+  passes = [r["code_eval"].get("pass@1", math.nan) for r in rows]
+  text = "pass@1 per run is in the table above (means over seeds)."
+  if all(p == 0 for p in passes):
+    text += (
+        " No run solves any problem: at this scale pass@1 cannot tell the variants apart, and "
+        "held-out bits per byte is the measure the verdict rests on."
+    )
+  return text
+
+
 def report_markdown(
     rows: Sequence[dict[str, Any]],
     *,
@@ -652,7 +663,7 @@ def report_markdown(
       "## Code evaluation",
       "",
       (
-          "pass@1 per run is in the table above (means over seeds)."
+          _code_summary(rows)
           if has_code
           else "Not run (`--code_eval_problems=0`). `scripts/loop_study.py "
           "--code_eval_problems=N` adds HumanEval pass@1 on the first N problems to every run; "

@@ -172,6 +172,15 @@ def test_the_verdict_compares_seed_by_seed(bpbs, expected):
   assert any("control is itself worse" in line for line in lines), lines
 
 
+def test_the_report_says_when_no_run_solves_a_problem():
+  rows = [row("R1", 1, [2.0, 2.1]), row("R2", 2, [1.9, 2.0])]
+  for r, passed in zip(rows, (0.0, 0.0)):
+    r["code_eval"] = {"pass@1": passed}
+  assert "cannot tell the variants apart" in loop_study._code_summary(rows)
+  rows[1]["code_eval"] = {"pass@1": 0.5}
+  assert "cannot tell" not in loop_study._code_summary(rows)
+
+
 def test_a_control_mixed_against_r1_gets_no_such_note():
   rows = [row("R1", 1, [2.0, 2.1]), row("R2", 2, [2.3, 2.4])]
   rows.append(row("R1-L4", 1, [2.2, 2.05], control=2, layers=4))
