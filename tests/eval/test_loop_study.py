@@ -52,9 +52,8 @@ def test_the_control_matches_the_training_flops_of_its_loop_count():
       for k in range(1, 4 * n * 3)
   }
   assert min(miss, key=miss.get) == match["layers"]
-  np.testing.assert_allclose(
-      match["ratio"], train_flops(variants[-1]) / target, rtol=1e-12
-  )
+  # the same FLOP counts, divided the same way
+  assert match["ratio"] == train_flops(variants[-1]) / target
   assert match["matches"] == "R3"
 
 

@@ -59,7 +59,12 @@ def test_diagnostics_plots_of_a_looped_model(tmp_path):
 
 def test_a_single_loop_has_no_gate_plot(tmp_path):
   paths = plots.diagnostics_plots(diag_result(1), str(tmp_path))
-  assert "gate.png" not in written(paths) and len(paths) == 4
+  assert written(paths) == [
+      "attention.png",
+      "effective_rank.png",
+      "logit_lens.png",
+      "step_size.png",
+  ]
 
 
 def test_study_plots(tmp_path):

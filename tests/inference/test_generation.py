@@ -215,7 +215,10 @@ def test_generate_cli(tiny_checkpoint):
       env=env,
       timeout=300,
   )
-  assert bad.returncode != 0 and "top_p" in bad.stderr.strip().splitlines()[-1]
+  # bad input: one error line, exit 2
+  assert bad.returncode == 2, bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "top_p" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_stop_strings_end_a_row_at_the_token_that_completes_one(
