@@ -11,6 +11,7 @@ logits), not just that it ran.
 
 import configparser
 import json
+import os
 import pathlib
 import re
 
@@ -109,7 +110,37 @@ def check_quickstart(tmp_path):
   assert "config.json" in out["sorted(os.listdir(hf_dir))"]
 
 
-CHECKS = {"quickstart.ipynb": check_quickstart}
+def check_train_tpu(tmp_path):
+  steps = _SMALL_TRAINING["STEPS"]
+  out = execute(
+      "train_tpu.ipynb",
+      tmp_path,
+      dict(WORKDIR=str(tmp_path / "run"), RESUME_STEPS=3, **_SMALL_TRAINING),
+      [
+          "backend.name",
+          "dict(mesh.shape)",
+          "summary['bpb_before']",
+          "summary['bpb_after']",
+          "resumed['start_step']",
+          "resumed['end_step']",
+          "checkpoints",
+          "curves",
+      ],
+  )
+  assert out["backend.name"] == "CPU (8 devices)"
+  assert out["dict(mesh.shape)"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert out["summary['bpb_after']"] < out["summary['bpb_before']"]
+  assert out["resumed['start_step']"] == steps
+  assert out["resumed['end_step']"] == steps + 3
+  assert out["checkpoints"][-1] == steps + 3
+  assert [os.path.basename(p) for p in out["curves"]] == ["training.png"]
+  assert all(os.path.getsize(p) > 0 for p in out["curves"])
+
+
+CHECKS = {
+    "quickstart.ipynb": check_quickstart,
+    "train_tpu.ipynb": check_train_tpu,
+}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
