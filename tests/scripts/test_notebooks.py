@@ -137,7 +137,30 @@ def check_train_tpu(tmp_path):
   assert all(os.path.getsize(p) > 0 for p in out["curves"])
 
 
+def check_serve_7b(tmp_path):
+  out = execute(
+      "serve_7b.ipynb",
+      tmp_path,
+      dict(SIZE="tiny", MAX_NEW_TOKENS=12, DIAG_TOKENS=512),
+      [
+          "dict(mesh.shape)",
+          "[len(x.sharding.device_set) for x in leaves]",
+          "cfg.plt_num_loops",
+          "pieces",
+          "streamed",
+          "plain",
+          "diag['effective_rank']",
+      ],
+  )
+  assert out["dict(mesh.shape)"] == {"data": 1, "fsdp": 1, "tensor": 8}
+  assert set(out["[len(x.sharding.device_set) for x in leaves]"]) == {8}
+  assert out["streamed"] and len(out["pieces"]) > 1
+  assert "".join(out["pieces"]) == out["streamed"] == out["plain"]
+  assert len(out["diag['effective_rank']"]) == out["cfg.plt_num_loops"] == 2
+
+
 CHECKS = {
+    "serve_7b.ipynb": check_serve_7b,
     "quickstart.ipynb": check_quickstart,
     "train_tpu.ipynb": check_train_tpu,
 }
