@@ -17,8 +17,10 @@ import re
 
 import nbclient
 import nbformat
+import numpy as np
 import pytest
 
+from loopcoder_jax.model.config import PLTConfig
 from tests import helpers
 
 ROOT = pathlib.Path(helpers.ROOT)
@@ -159,7 +161,34 @@ def check_serve_7b(tmp_path):
   assert len(out["diag['effective_rank']"]) == out["cfg.plt_num_loops"] == 2
 
 
+def check_convert_to_pytorch(tmp_path):
+  out = execute(
+      "convert_to_pytorch.ipynb",
+      tmp_path,
+      dict(WORKDIR=str(tmp_path / "run"), NEW_TOKENS=12, **_SMALL_TRAINING),
+      [
+          "hf_dir",
+          "jax_logits.tolist()",
+          "torch_logits.tolist()",
+          "cache_class",
+          "jax_ids",
+          "torch_ids",
+      ],
+  )
+  cfg = PLTConfig.from_hf_file(os.path.join(out["hf_dir"], "config.json"))
+  want = np.asarray(out["jax_logits.tolist()"])
+  helpers.assert_close(
+      out["torch_logits.tolist()"],
+      want,
+      ops=helpers.forward_ops(cfg, want.shape[1]),
+      what="PyTorch vs JAX logits",
+  )
+  assert out["cache_class"] == "PLTCache"
+  assert out["torch_ids"] == out["jax_ids"] and out["jax_ids"]
+
+
 CHECKS = {
+    "convert_to_pytorch.ipynb": check_convert_to_pytorch,
     "serve_7b.ipynb": check_serve_7b,
     "quickstart.ipynb": check_quickstart,
     "train_tpu.ipynb": check_train_tpu,
