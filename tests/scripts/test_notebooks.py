@@ -187,7 +187,36 @@ def check_convert_to_pytorch(tmp_path):
   assert out["torch_ids"] == out["jax_ids"] and out["jax_ids"]
 
 
+def check_loop_diagnostics(tmp_path):
+  out = execute(
+      "loop_diagnostics.ipynb",
+      tmp_path,
+      dict(
+          WORKDIR=str(tmp_path / "run"),
+          EVAL_LOOPS=[2, 3],
+          DIAG_TOKENS=256,
+          **_SMALL_TRAINING,
+      ),
+      [
+          "{r: results[r]['effective_rank'] for r in EVAL_LOOPS}",
+          "{r: sorted(map(os.path.basename, p)) for r, p in written.items()}",
+          "WORKDIR",
+      ],
+  )
+  ranks = out["{r: results[r]['effective_rank'] for r in EVAL_LOOPS}"]
+  assert {r: len(v) for r, v in ranks.items()} == {"2": 2, "3": 3}
+  assert all(v > 0 for r in ranks.values() for v in r)
+  for r, names in out[
+      "{r: sorted(map(os.path.basename, p)) for r, p in written.items()}"
+  ].items():
+    assert "gate.png" in names and len(names) == 5
+    saved = os.path.join(out["WORKDIR"], "diagnostics", f"R{r}")
+    with open(os.path.join(saved, "diagnostics.json")) as f:
+      assert json.load(f)["loops"] == int(r)
+
+
 CHECKS = {
+    "loop_diagnostics.ipynb": check_loop_diagnostics,
     "convert_to_pytorch.ipynb": check_convert_to_pytorch,
     "serve_7b.ipynb": check_serve_7b,
     "quickstart.ipynb": check_quickstart,
