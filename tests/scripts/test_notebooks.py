@@ -224,7 +224,19 @@ CHECKS = {
 }
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+# The quickstart tours what the others cover one by one: slow (40 s with a warm
+# compile cache, 90 s cold); the other four take about 2 minutes together.
+SLOW = {"quickstart.ipynb"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW else [])
+        for p in NOTEBOOKS
+    ],
+    ids=[p.name for p in NOTEBOOKS],
+)
 def test_notebook(path, tmp_path, kernel_env):
   assert path.name in CHECKS, f"{path.name} has no test: add it to CHECKS"
   CHECKS[path.name](tmp_path)
