@@ -1,6 +1,7 @@
 """PNG plots of the loop diagnostics and of the loop study (matplotlib, Agg backend: no display).
 
-`diagnostics_plots(result, directory)` draws one `loop_diagnostics` result: per-loop step size and
+`training_plots(workdir, directory)` draws a training run's loss and per-loop
+gate means by step (from its `metrics.jsonl`). `diagnostics_plots(result, directory)` draws one `loop_diagnostics` result: per-loop step size and
 update cosine, effective rank, logit-lens rank and KL, attention entropy and inter-loop KL, and the
 gate by layer (R >= 2). `study_plots` draws the loop study: quality against training FLOPs and
 against decode cost, and per-loop diagnostics by variant. Each returns the paths it wrote.
@@ -50,6 +51,45 @@ def _per_loop(ax, result, names, ylabel):
   ax.grid(alpha=0.3)
   if shown:
     ax.legend(fontsize=8)
+
+
+def training_plots(workdir: str, directory: str) -> list[str]:
+  """The loss and the mean gate of each loop r >= 2 by step, from
+  `workdir/metrics.jsonl` (the last record of a step wins: a resumed run logs
+  the steps after its checkpoint again)."""
+  import json
+
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise ValueError(f"{path} does not exist: not a training workdir")
+  by_step = {}
+  with open(path) as f:
+    for line in f:
+      record = json.loads(line)
+      by_step[record["step"]] = record
+  if not by_step:
+    raise ValueError(f"{path} holds no steps yet")
+  steps = sorted(by_step)
+  records = [by_step[s] for s in steps]
+  gates = sorted(k for k in records[0] if k.startswith("gate_loop"))
+  os.makedirs(directory, exist_ok=True)
+  fig, axes = plt.subplots(
+      1, 1 + bool(gates), figsize=(4.5 + 4.5 * bool(gates), 3.5)
+  )
+  a = axes[0] if gates else axes
+  a.plot(steps, [r["loss"] for r in records])
+  a.set_xlabel("step")
+  a.set_ylabel("training loss (nats per token)")
+  a.grid(alpha=0.3)
+  if gates:
+    for key in gates:
+      axes[1].plot(steps, [r[key] for r in records], label=f"loop {key[9:]}")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("mean gate (weight on the global branch)")
+    axes[1].set_ylim(0, 1)
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+  return [_save(fig, os.path.join(directory, "training.png"))]
 
 
 def diagnostics_plots(result: Mapping[str, Any], directory: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 import contextlib
+import dataclasses
 import math
 import re
 from typing import Any
@@ -114,6 +115,62 @@ def make_mesh(
       MESH_AXES,
       axis_types=(AxisType.Auto,) * len(MESH_AXES),
       devices=devices,
+  )
+
+
+# Chip generations whose slice names count TensorCores, two per chip (one JAX
+# device per chip): v4-8 and v5p-8 are 4 chips. v2 and v3 cores are JAX devices
+# (v2-8: 8 devices), v5e and v6e names count chips: the count is the devices.
+_CORES_PER_DEVICE = {"v4": 2, "v5p": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """What this program runs on: `name` reads "TPU v5e-8", "TPU v2-8", "CPU".
+
+  train_mesh: data parallel over every device (small models, and the notebook
+    default). serve_mesh: the model's heads, MLP and vocabulary split over
+    every device (`tensor`), so each device holds 1/n of a large checkpoint.
+  """
+
+  platform: str  # "tpu" | "gpu" | "cpu"
+  device_kind: str
+  num_devices: int
+  chip: str | None  # scaling.flops' key ("v2", "v5e", ...), None if unknown
+
+  @property
+  def name(self) -> str:
+    if self.platform == "tpu":
+      kind = self.chip or self.device_kind.lower().removeprefix("tpu ")
+      kind = kind.replace(" ", "")
+      return f"TPU {kind}-{_CORES_PER_DEVICE.get(kind, 1) * self.num_devices}"
+    if self.platform == "cpu":
+      return (
+          "CPU"
+          if self.num_devices == 1
+          else f"CPU ({self.num_devices} devices)"
+      )
+    return f"{self.platform.upper()} {self.device_kind} x{self.num_devices}"
+
+  def train_mesh(self) -> dict[str, int]:
+    return {"data": -1, "fsdp": 1, "tensor": 1}
+
+  def serve_mesh(self) -> dict[str, int]:
+    return {"data": 1, "fsdp": 1, "tensor": self.num_devices}
+
+
+def describe_backend(devices: Sequence[Any] | None = None) -> Backend:
+  """The backend of `devices` (default: all of `jax.devices()`), from the first
+  device's platform and kind and their number."""
+  from loopcoder_jax.scaling import flops
+
+  devices = list(jax.devices() if devices is None else devices)
+  first = devices[0]
+  return Backend(
+      platform=first.platform,
+      device_kind=first.device_kind,
+      num_devices=len(devices),
+      chip=flops.chip_name(first.device_kind),
   )
 
 

@@ -293,6 +293,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   _init_distributed(config.distributed)
   cfg = train_config.validate(config)
   pi, pc = jax.process_index(), jax.process_count()
+  if "://" in workdir:  # abspath would make "gs://b/x" a local ./gs:/b/x
+    raise ValueError(
+        f"workdir {workdir} is a URL; the trainer writes to a file system: "
+        "mount the bucket (e.g. gcsfuse) and pass the mounted path"
+    )
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir} exists and is not a directory")

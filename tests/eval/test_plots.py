@@ -1,4 +1,7 @@
+import json
+
 import numpy as np
+import pytest
 
 from loopcoder_jax.eval import plots
 
@@ -84,3 +87,17 @@ def test_study_plots(tmp_path):
   paths = plots.study_plots(rows, str(tmp_path / "docs" / "study"))
   assert set(paths) == {"quality", "loops"}
   assert written(paths.values()) == ["study_loops.png", "study_quality.png"]
+
+
+def test_training_plots_read_the_workdir_metrics(tmp_path):
+  with pytest.raises(ValueError, match="not a training workdir"):
+    plots.training_plots(str(tmp_path), str(tmp_path / "plots"))
+  records = [
+      {"step": s, "loss": 5.0 - s / 10, "gate_loop2": 0.5, "gate_loop3": 0.4}
+      for s in (1, 2, 3, 2, 3)  # a resumed run logs steps 2 and 3 again
+  ]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in records)
+  )
+  paths = plots.training_plots(str(tmp_path), str(tmp_path / "plots"))
+  assert written(paths) == ["training.png"]

@@ -97,3 +97,40 @@ def test_batch_sharding_splits_over_data_and_fsdp():
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   assert shd.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
   assert shd.batch_shards(mesh) == 4
+
+
+class _FakeDevice:
+
+  def __init__(self, platform, device_kind):
+    self.platform, self.device_kind = platform, device_kind
+
+
+@pytest.mark.parametrize(
+    "platform, kind, n, name",
+    [
+        ("tpu", "TPU v2", 8, "TPU v2-8"),  # Colab's v2-8: 4 chips, 8 cores
+        ("tpu", "TPU v5 lite", 1, "TPU v5e-1"),
+        ("tpu", "TPU v5 lite", 8, "TPU v5e-8"),
+        ("tpu", "TPU v6 lite", 4, "TPU v6e-4"),
+        ("tpu", "TPU v4", 4, "TPU v4-8"),  # megacore: one device per chip
+        ("tpu", "TPU v5p", 4, "TPU v5p-8"),
+        ("tpu", "TPU v3", 8, "TPU v3-8"),  # not in the peaks table: its name
+        ("cpu", "cpu", 1, "CPU"),
+        ("cpu", "cpu", 8, "CPU (8 devices)"),
+        ("gpu", "NVIDIA H200", 1, "GPU NVIDIA H200 x1"),
+    ],
+)
+def test_describe_backend_names_the_slice(platform, kind, n, name):
+  backend = shd.describe_backend([_FakeDevice(platform, kind)] * n)
+  assert backend.name == name
+  assert backend.num_devices == n
+  assert shd.mesh_shape(backend.train_mesh(), n) == (n, 1, 1)
+  assert shd.mesh_shape(backend.serve_mesh(), n) == (1, 1, n)
+
+
+def test_describe_backend_defaults_to_this_process_devices():
+  backend = shd.describe_backend()
+  assert backend.platform == jax.devices()[0].platform
+  assert backend.num_devices == jax.device_count()
+  mesh = shd.make_mesh(backend.serve_mesh())
+  assert dict(mesh.shape)["tensor"] == jax.device_count()

@@ -186,6 +186,14 @@ def test_bad_inputs_fail_in_one_line_before_compiling(
   assert not os.path.exists(tmp_path / "checkpoints")  # nothing was built
 
 
+def test_url_workdir_is_refused_not_made_local(assets, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match="gs://bucket/run is a URL") as e:
+    trainer.train(_config(assets), "gs://bucket/run")
+  assert "\n" not in str(e.value)
+  assert os.listdir(tmp_path) == []  # no ./gs:/bucket/run
+
+
 def test_empty_corpus_and_cli_error_line(assets, tmp_path):
   empty = tmp_path / "empty"
   os.makedirs(empty)
