@@ -46,7 +46,7 @@ def _cfg(source, **kw):
   return cfg
 
 
-def _batches(cfg, tok, batch=2, n=None, **kw):
+def _batches(cfg, tok, batch=1, n=None, **kw):
   it = data.make_train_iterator(cfg, tok, global_batch_size=batch, **kw)
   out = list(it) if n is None else [next(it) for _ in range(n)]
   it.close()
@@ -61,8 +61,11 @@ def _rows(batches):
   ]
 
 
-def _check_rows(rows, tok):
-  for row in rows:
+def _check_rows(rows, tok, empty_tail=0):
+  """Packing invariants of every row; the last `empty_tail` rows may be all padding (an eval
+  batch filled up)."""
+  n_rows = len(rows)
+  for i, row in enumerate(rows):
     seg, pos, inp, tgt = (
         row["segment_ids"],
         row["positions"],
@@ -83,6 +86,8 @@ def _check_rows(rows, tok):
         and (tgt[n:] == tok.pad_id).all()
         and (pos[n:] == 0).all()
     )
+    if n == 0 and i >= n_rows - empty_tail:
+      continue
     assert seg[0] == 1 and set(np.diff(seg[:n])) <= {0, 1}
     for s in range(1, seg.max() + 1):
       idx = np.flatnonzero(seg == s)
@@ -120,6 +125,15 @@ def test_packing_invariants_and_exact_cover(tok, txt_glob):
   assert len(rows) > 10 and any(r["segment_ids"].max() > 1 for r in rows)
   _check_rows(rows, tok)
   assert _documents(rows, tok.eos_id) == _expected(TEXTS, tok)
+
+
+def test_a_finite_epoch_ends_after_its_last_full_batch(tok, txt_glob):
+  one = _rows(_batches(_cfg(txt_glob), tok, batch=1))
+  size = next(k for k in (3, 4, 5, 7) if len(one) % k)  # leaves a partial batch
+  full = _rows(_batches(_cfg(txt_glob), tok, batch=size))
+  assert len(full) == len(one) // size * size
+  for a, b in zip(full, one):
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_bos_and_eos_options(tok, txt_glob):
@@ -256,7 +270,7 @@ def test_eval_batches_and_byte_count(tok):
       TEXTS, tok, seq_len=SEQ, batch_size=4, max_tokens=10**6
   )
   rows = _rows(batches)
-  _check_rows(rows, tok)
+  _check_rows(rows, tok, empty_tail=3)
   assert all(b["inputs"].shape == (4, SEQ) for b in batches)
   assert _documents(rows, tok.eos_id) == _expected(TEXTS, tok)
   # Every token but each document's first is predicted, so those are the bytes covered.

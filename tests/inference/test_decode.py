@@ -259,12 +259,24 @@ def test_serving_fns_shapes():
     decode.make_serving_fns(cfg, batch=2, max_len=8, prefill_len=4, mode="fast")
 
 
+def _sub_jaxprs(value):
+  """Jaxprs held by an equation's param (scan bodies, calls, cond branches), found by their
+  shape (jax moves the helpers and types that name them between versions)."""
+  if hasattr(value, "eqns"):
+    yield value
+  elif hasattr(getattr(value, "jaxpr", None), "eqns"):
+    yield value.jaxpr
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _sub_jaxprs(v)
+
+
 def _primitive_count(jaxpr, name, pred=lambda eqn: True):
   """Equations of a primitive in a jaxpr and every sub-jaxpr (scan bodies, calls)."""
   n = 0
   for eqn in jaxpr.eqns:
     n += eqn.primitive.name == name and pred(eqn)
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in (j for v in eqn.params.values() for j in _sub_jaxprs(v)):
       n += _primitive_count(sub, name, pred)
   return n
 
