@@ -65,9 +65,8 @@ TOKENIZER_FILES = (
 )
 
 
-_READ_BLOCK = (
-    16 << 20
-)  # bytes read at a time for a tensor that is transposed or cast on load
+# Bytes read at a time for a tensor that is transposed or cast on load.
+_READ_BLOCK = 16 << 20
 
 
 def _aligned_empty(shape, dtype, align=64):
@@ -224,9 +223,8 @@ def _sharded_param(
   for bounds, devices in groups.items():
     host = _read_block(src, slots, [slice(*b) for b in bounds], dtype)
     placed = [jax.device_put(host, d) for d in devices]
-    jax.block_until_ready(
-        placed
-    )  # the host block is released before the next one is read
+    # the host block is released before the next one is read
+    jax.block_until_ready(placed)
     arrays += placed
     del host
   return jax.make_array_from_single_device_arrays(shape, sharding, arrays)

@@ -257,16 +257,14 @@ class PLTLayer(nn.Module):
     the gate (`[B, rows, H]` or None)."""
     cos, sin = rope
     q, k, v = self.project(h_BxSxd, cos, sin)
-    gated = next(
-        (i for i, r in enumerate(kv.loops) if r > 0), None
-    )  # first row
+    # the first row of a loop >= 2 (None: only loop 1 here)
+    gated = next((i for i, r in enumerate(kv.loops) if r > 0), None)
     gate = None
     if gated is not None:
       gate = self.self_attn.gate(h_BxSxd[:, gated:], q[:, gated:])
     elif self.cfg.plt_num_loops > 1 and self.is_initializing():
-      self.self_attn.gate(
-          h_BxSxd, q
-      )  # scanned params must exist after the first call
+      # scanned params must exist after the first call
+      self.self_attn.gate(h_BxSxd, q)
     y, (listed, stacked) = kv.attend(xs, q, k, v, gate)
     h = self.finish(h_BxSxd, y)
     h = nn.with_logical_constraint(

@@ -261,9 +261,8 @@ class PLTForCausalLM(nn.Module):
     h_BxRxd, (listed, stacked) = self.layer_pass(
         jnp.concatenate(rows, axis=1), rope, kv, tuple(range(n))
     )
-    p = self.clp_state(
-        h_BxRxd[:, : n - 1]
-    )  # P(r) of rows 1..R-1: the next carries
+    # P(r) of rows 1..R-1: the next carries
+    p = self.clp_state(h_BxRxd[:, : n - 1])
     kv = kv.after_pass(tuple(range(n)), listed, stacked, p)
     hidden = jnp.moveaxis(h_BxRxd, 1, 0)[:, :, None]  # [R, B, 1, d]
     gates = stacked["gate"]  # [L, B, R-1, H] -> [R-1, L, B, 1, H]
