@@ -19,11 +19,10 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from loopcoder_jax.data import tokenizer as tok_lib
-from loopcoder_jax.interop import convert, hf_names
+from loopcoder_jax.interop import convert
 from loopcoder_jax.interop import safetensors_io as st
 from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
@@ -39,14 +38,11 @@ def _locate(path: str) -> tuple[str, str, tuple[str, ...]]:
 
 def _check_finite(path: str, params: Any) -> None:
   """A checkpoint holding NaN or Inf weights would generate nothing useful: ValueError naming it."""
-  flat = hf_names.flatten(params)
-  ok = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])(
-      list(flat.values())
-  )
-  bad = [p for p, good in zip(flat, ok) if not bool(good)]
+  bad = checkpoint.nonfinite_paths(params)
   if bad:
+    n = len(jax.tree.leaves(params))
     raise ValueError(
-        f"checkpoint {path} holds non-finite weights ({len(bad)} of {len(flat)} arrays, "
+        f"checkpoint {path} holds non-finite weights ({len(bad)} of {n} arrays, "
         f"first {bad[0]}); it cannot be used"
     )
 

@@ -24,6 +24,7 @@ from typing import Any
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -86,11 +87,34 @@ def _quiet_abandoned_reads() -> None:
   sys.unraisablehook = hook
 
 
-def _names(tree) -> dict[str, Any]:
+def _key(k) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def flat_paths(tree) -> dict[str, Any]:
+  """'a/b/c' -> leaf of a pytree (dict keys, dataclass fields and sequence indices joined)."""
   return {
-      "/".join(str(getattr(k, "key", k)) for k in p): x
+      "/".join(_key(k) for k in p): x
       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
+
+
+@jax.jit
+def _all_finite(leaves):
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_paths(tree) -> list[str]:
+  """Paths of the float arrays of `tree` holding a NaN or Inf (one jitted pass over them all)."""
+  floats = {
+      p: x
+      for p, x in flat_paths(tree).items()
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+  }
+  if not floats:
+    return []
+  ok = np.asarray(_all_finite(list(floats.values())))
+  return [p for p, good in zip(floats, ok) if not good]
 
 
 def _crc32(x) -> int:
@@ -115,7 +139,7 @@ def save_params(path: str | os.PathLike, cfg: PLTConfig, params: Any) -> None:
     ckptr.save(os.path.join(path, "params"), args=ocp.args.PyTreeSave(params))
   # Uncompressed chunks carry no checksum of their own: without these a damaged byte would load
   # as a wrong weight. (Arrays spread over several hosts are not checksummed.)
-  flat = _names(params)
+  flat = flat_paths(params)
   if jax.process_count() == 1 and all(_addressable(x) for x in flat.values()):
     sums = {name: _crc32(x) for name, x in flat.items()}
     with open(os.path.join(path, CHECKSUMS), "w") as f:
@@ -187,10 +211,7 @@ def _stored(directory: str, subtree: str) -> dict[str, Any]:
     raise ValueError(
         f"checkpoint {directory} is unreadable ({_first_line(e)})"
     ) from None
-  return {
-      "/".join(str(getattr(k, "key", k)) for k in p): m
-      for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]
-  }
+  return flat_paths(tree)
 
 
 def params_metadata(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
@@ -263,8 +284,7 @@ def load_params(
 
   target = abstract_params(cfg)
   stored = _stored(directory, subtree)
-  for p, a in jax.tree_util.tree_flatten_with_path(target)[0]:
-    name = "/".join(str(getattr(k, "key", k)) for k in p)
+  for name, a in flat_paths(target).items():
     if name not in stored:
       raise ValueError(
           f"checkpoint {path} holds no {name} (shape {a.shape}) for its config"
@@ -302,7 +322,7 @@ def load_params(
   if subtree:
     return cfg, params[subtree]
   sums = _checksums(path)
-  for name, x in _names(params).items():
+  for name, x in flat_paths(params).items():
     if str(x.dtype) == str(
         stored[name].dtype
     ):  # a cast restore has other bytes

@@ -651,27 +651,9 @@ def _diverged(ckpt, what: str, loss: float, gnorm: float):
   )
 
 
-def _path(keys) -> str:
-  return "/".join(
-      str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-      for k in keys
-  )
-
-
-@jax.jit
-def _all_finite(leaves):
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
 def _check_finite(state) -> str | None:
   """'non-finite <path>' for the first array of `state` holding a NaN or Inf, else None."""
-  flat = [
-      (p, x)
-      for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
-      if jnp.issubdtype(x.dtype, jnp.inexact)
-  ]
-  ok = np.asarray(_all_finite([x for _, x in flat]))
-  bad = [_path(p) for (p, _), good in zip(flat, ok) if not good]
+  bad = checkpoint.nonfinite_paths(state)
   return f"non-finite {bad[0]}" if bad else None
 
 
