@@ -8,7 +8,7 @@ benchmark's: S = 32k, left = 64, H = 8, Hkv = 2, D = 128, bf16, with packed segm
 VMEM per kernel: the compiler's own figure for the kernel's scoped VMEM (scratch + Mosaic internal
 scratch), read from the out-of-VMEM error raised when the limit is set to 1 byte, plus the
 double-buffered input/output blocks computed from each pallas_call's block shapes (layout-padded to
-the (8|16, 128) tiles). Run: `pytest -m tpu_compile tests/test_tpu_compile.py -s`.
+the (8|16, 128) tiles). Run: `pytest -m tpu_compile tests/scaling/test_tpu_compile.py -s`.
 """
 
 import importlib.util
