@@ -51,29 +51,57 @@ _SETUP_SLACK_S = 30.0
 _warned: set[str] = set()
 
 
+WEAKER_OPTIONS = ("memory_cgroup", "seccomp")
+
+
 class SandboxUnavailable(RuntimeError):
   """The sandbox cannot be built on this machine; no program was run."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  """What one program may use (per process unless said otherwise)."""
+  """What one sample may use, and which protections a host may lack.
+
+  `memory_mb` bounds each process's address space and, through a memory cgroup, everything the
+  sample's processes hold together (shared memory and tmpfs files included). `allow_weaker` names
+  protections (of `WEAKER_OPTIONS`) the sandbox may run without where the host cannot provide them;
+  by default a missing one is a `SandboxUnavailable`.
+  """
 
   timeout: float = 3.0  # wall-clock seconds for the whole process tree
-  memory_mb: int = 1024  # address space
+  memory_mb: int = 1024
   max_processes: int = 16  # at once, the program's own process included
   file_mb: int = 16  # largest file it may write
   tmp_mb: int = 64  # its /tmp (RAM-backed), all files together
   open_files: int = 64
+  allow_weaker: frozenset[str] = frozenset()
 
   def __post_init__(self):
     if not self.timeout > 0:
       raise ValueError(f"sandbox timeout must be > 0 s, got {self.timeout}")
-    for f in dataclasses.fields(self)[1:]:
-      if getattr(self, f.name) < 1:
+    for name in (
+        "memory_mb",
+        "max_processes",
+        "file_mb",
+        "tmp_mb",
+        "open_files",
+    ):
+      if getattr(self, name) < 1:
         raise ValueError(
-            f"sandbox {f.name} must be >= 1, got {getattr(self, f.name)}"
+            f"sandbox {name} must be >= 1, got {getattr(self, name)}"
         )
+    object.__setattr__(self, "allow_weaker", frozenset(self.allow_weaker))
+    unknown = sorted(self.allow_weaker - set(WEAKER_OPTIONS))
+    if unknown:
+      raise ValueError(
+          f"unknown sandbox protection(s) {','.join(unknown)} in allow_weaker "
+          f"(known: {','.join(WEAKER_OPTIONS)})"
+      )
+
+  def for_jail(self) -> dict:
+    out = dataclasses.asdict(self)
+    out["allow_weaker"] = sorted(self.allow_weaker)
+    return out
 
 
 def _warn_once(message: str) -> None:
@@ -82,19 +110,37 @@ def _warn_once(message: str) -> None:
     logging.getLogger(__name__).warning(message)
 
 
-def run(program: str, limits: Limits = Limits()) -> str:
-  """Runs `program` (Python source) contained; "passed", "timed out" or "failed: <why>".
+def run_tests(
+    program: str,
+    tests: str,
+    *,
+    prelude: str = "",
+    entry_point: str | None = None,
+    limits: Limits = Limits(),
+) -> str:
+  """Runs `program` and, in another process, `tests` against it; "passed", "timed out" or
+  "failed: <why>".
 
-  "passed" means the program ran to its last line. Raises SandboxUnavailable if the sandbox
-  cannot be built.
+  The tests run after `prelude` (trusted helpers), with `entry_point` bound to a proxy that calls
+  the program's function of that name: arguments and results cross as plain data only, and the
+  verdict is the tests' alone. With `tests` empty, "passed" means the program ran to its end.
+  Raises SandboxUnavailable if the sandbox cannot be built.
   """
   if os.geteuid() != 0:
     _warn_once(
         "sandbox: not running as root, so sandboxed code keeps your uid and groups outside "
         "its namespaces (its files are still limited to a read-only view)"
     )
+  request = {
+      "program": program,
+      "tests": tests,
+      "prelude": prelude,
+      "entry_point": entry_point,
+      "limits": limits.for_jail(),
+  }
   # the sandbox's root is mounted here in its own namespace: on the host it stays empty
   root = tempfile.mkdtemp(prefix="loopcoder-sandbox-")
+  request["root"] = root
   try:
     proc = subprocess.Popen(
         [sys.executable, "-I", "-S", JAIL],
@@ -103,11 +149,6 @@ def run(program: str, limits: Limits = Limits()) -> str:
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    request = {
-        "program": program,
-        "root": root,
-        "limits": dataclasses.asdict(limits),
-    }
     try:
       out, err = proc.communicate(
           json.dumps(request).encode(), timeout=limits.timeout + _SETUP_SLACK_S
@@ -126,15 +167,31 @@ def run(program: str, limits: Limits = Limits()) -> str:
   if errors or not lines:
     why = errors[0] if errors else err.decode().strip()[-500:] or "no result"
     raise SandboxUnavailable(f"cannot build the sandbox: {why}")
+  for name in lines[-1].get("missing", ()):
+    _warn_once(
+        f"sandbox: running without its {name} protection (allowed by allow_weaker)"
+    )
   return lines[-1]["result"]
 
 
-def program(problem: Mapping[str, str], completion: str) -> str:
-  """HumanEval's layout: prompt + completion, the tests, then the call that runs them."""
-  return (
-      f"{problem['prompt']}{completion}\n{problem['test']}\n"
-      f"check({problem['entry_point']})\n"
-  )
+def run(program: str, limits: Limits = Limits()) -> str:
+  """Runs `program` (Python source) contained: "passed" once it ran to its end, "timed out" or
+  "failed: <why>". The program can claim its own end: use `run_tests` for a verdict it cannot forge.
+  """
+  return run_tests(program, "", limits=limits)
+
+
+def prelude(prompt: str) -> str:
+  """The prompt as the tests' side runs it, for its helpers (`poly`, `encode_cyclic`, ...): a
+  prompt that stops at the entry point's signature gets a `pass` body."""
+  try:
+    compile(prompt, "<prompt>", "exec")
+    return prompt
+  except SyntaxError:
+    last = prompt.rstrip().splitlines()[-1] if prompt.strip() else ""
+    indent = last[: len(last) - len(last.lstrip())]
+    body = indent + "    " if last.rstrip().endswith(":") else indent
+    return f"{prompt.rstrip()}\n{body}pass\n"
 
 
 def check(
@@ -144,9 +201,20 @@ def check(
     limits: Limits | None = None,
 ) -> dict:
   """{"passed", "result"} of one completion of a HumanEval-format problem (prompt, test,
-  entry_point); `timeout` overrides `limits.timeout`."""
+  entry_point); `timeout` overrides `limits.timeout`.
+
+  The program is prompt + completion; the tests (`check(entry_point)` after the problem's test
+  code, with the prompt's helpers) run in a process of their own and call it as plain data.
+  """
   limits = dataclasses.replace(limits or Limits(), timeout=timeout)
-  result = run(program(problem, completion), limits)
+  entry = problem["entry_point"]
+  result = run_tests(
+      f"{problem['prompt']}{completion}\n",
+      f"{problem['test']}\ncheck({entry})\n",
+      prelude=prelude(problem["prompt"]),
+      entry_point=entry,
+      limits=limits,
+  )
   return {"passed": result == "passed", "result": result}
 
 
