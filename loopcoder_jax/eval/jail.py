@@ -222,14 +222,17 @@ def _build_root(request: dict) -> None:
   ):
     with open(os.path.join(root, name), "w", encoding="utf-8") as f:
       f.write(text)
-  os.makedirs(root + "/tmp")
-  _mount(
-      "tmpfs",
-      root + "/tmp",
-      "tmpfs",
-      MS_NOSUID | MS_NODEV | MS_NOEXEC,
-      f"size={request['limits']['tmp_mb']}m,mode=1777",
-  )
+  # /tmp and /dev/shm (POSIX semaphores, multiprocessing): each holds at most tmp_mb, and all
+  # their pages count against the sample's memory cgroup
+  for tmp in ("/tmp", "/dev/shm"):
+    os.makedirs(root + tmp)
+    _mount(
+        "tmpfs",
+        root + tmp,
+        "tmpfs",
+        _NO_EXEC_DEV_SUID,
+        f"size={request['limits']['tmp_mb']}m,mode=1777",
+    )
   _mount(None, root, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _NO_EXEC_DEV_SUID)
   machine = platform.machine()
   if machine not in SYS_PIVOT_ROOT:

@@ -59,6 +59,23 @@ def test_correct_code_passes_and_wrong_code_fails():
   assert syntax["result"].startswith("failed: SyntaxError")
 
 
+def test_threads_subprocesses_and_multiprocessing_still_work():
+  """What the filter and the mounts allow: threads (clone3 refused, libc falls back to clone),
+  a program from /usr, a process pool (its semaphores live in /dev/shm)."""
+  code = body("""
+      import concurrent.futures, subprocess, threading
+      out = []
+      t = threading.Thread(target=out.append, args=(1,))
+      t.start()
+      t.join()
+      assert out == [1]
+      assert subprocess.run(["true"]).returncode == 0
+      with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        assert list(pool.map(abs, [-1, -2])) == [1, 2]
+      """)
+  assert sandbox.check(PROBLEM, code, timeout=10.0)["result"] == "passed"
+
+
 def test_infinite_loop_ends_at_the_time_limit():
   start = time.monotonic()
   out = sandbox.check(PROBLEM, body("while True:\n    pass\n"), timeout=1.0)
@@ -378,13 +395,14 @@ def test_plain_values_cross_exactly():
   assert sandbox.check(problem, "    return x\n")["result"] == "passed"
 
 
-@pytest.mark.parametrize("where", ["memfd", "tmp"])
+@pytest.mark.parametrize("where", ["memfd", "tmp", "dev-shm"])
 def test_a_shared_memory_hoard_stops_at_the_memory_limit(where):
   """Memory that no address-space limit sees (a memfd, tmpfs files) counts against one limit."""
   limits = sandbox.Limits(memory_mb=128, tmp_mb=4096, file_mb=4096)
   opener = {
       "memfd": 'os.memfd_create("hoard")',
       "tmp": 'os.open("/tmp/hoard", os.O_CREAT | os.O_WRONLY)',
+      "dev-shm": 'os.open("/dev/shm/hoard", os.O_CREAT | os.O_WRONLY)',
   }[where]
   code = body(f"""
       import os
