@@ -1,25 +1,28 @@
-"""The sandbox process: runs one Python program inside fresh namespaces and reports how it ended.
+"""The sandbox process: runs a program and its tests inside fresh namespaces; reports the verdict.
 
 Started by `sandbox.py` as `python -I -S jail.py` (standard library only: it never imports this
-package). Reads one JSON request on stdin, `{"program", "root", "limits": {...}}`, and writes one
-JSON line on stdout: `{"result": "passed" | "timed out" | "failed: ..."}`, or `{"error": ...}` when
-the sandbox itself cannot be built (the caller then refuses to run anything: fail closed).
+package; `memory_cgroup.py`, `syscall_filter.py` and `exchange.py` beside it are standard library
+only too). Reads one JSON request on stdin, `{"program", "tests", "prelude", "entry_point", "root",
+"limits": {...}}`, and writes one JSON line on stdout: `{"result": "passed" | "timed out" |
+"failed: ...", "missing": [...]}`, or `{"error": ...}` when the sandbox cannot be built or lacks a
+protection the request did not waive (the caller then runs nothing: fail closed).
 
 Process tree (each protection names its mechanism; see docs/evaluation.md):
-  P  this script as started, in the caller's namespaces and its own session: writes A's uid/gid
-     maps (as root: the sandbox uid is a fresh unprivileged one, not root), then reaps every
-     descendant before it exits (child subreaper).
-  A  fork of P: unshare(user, mount, pid, network, IPC, UTS namespaces); builds the new root (a
-     read-only tmpfs holding read-only binds of the system and Python directories, a few /dev
-     nodes and a size-limited tmpfs /tmp), pivots into it, detaches the old root, becomes the
-     sandbox uid, forks B and holds B to the wall-clock limit (SIGKILL at the deadline).
-  B  pid 1 of the new pid namespace: forks C, waits for it, passes C's report to A and exits; the
-     kernel then kills every process left in the namespace (forked, `setsid`, daemonised) and A's
-     wait returns only once they are all gone.
-  C  new session; resource limits (address space, CPU time, file size, open files, processes);
-     empty capability bounding set and no_new_privs (exec leaves it no capabilities, even as the
-     namespace's uid 0); execs `python -I -S -B` on the driver, which runs the program and writes
-     "passed" to fd 3 only after the program's last line ran.
+  P  this script as started, in the caller's namespaces and its own session: makes the sample's
+     memory cgroup and moves A into it, writes A's uid/gid maps (as root: two fresh unprivileged
+     uids, 0 and 1 inside), reaps every descendant (child subreaper), then removes the cgroup.
+  A  fork of P: unshare(user, mount, pid, network, IPC, UTS namespaces); sets every
+     max_*_namespaces of its user namespace to 0; builds the new root (a read-only, noexec tmpfs
+     holding read-only binds of the system and Python directories, a few /dev nodes and
+     size-limited noexec tmpfs /tmp and /dev/shm), pivots into it, detaches the old root, forks B
+     and holds B to the wall-clock limit (SIGKILL at the deadline).
+  B  pid 1 of the new pid namespace: forks C and T, hands T the tests, waits for T's verdict,
+     passes it to A and exits; the kernel then kills every process left in the namespace.
+  C  the candidate (uid 1 where two uids are mapped), T the tests (uid 0): each in a new session
+     with resource limits, an empty capability bounding set, no_new_privs and the seccomp filter,
+     then `python -I -S -B /exchange.py candidate|tests`. They share two pipes (calls, answers)
+     that carry plain data only; the tests' source reaches T on its stdin and T alone holds the
+     verdict pipe, so nothing C does can make a pass but right answers.
 """
 
 import ctypes

@@ -1,33 +1,38 @@
 """Contained execution of untrusted Python: the programs a code model writes, and their tests.
 
     check(problem, completion, timeout=3.0) -> {"passed": bool, "result": "passed" | "timed out" | "failed: ..."}
+    run_tests(program, tests, prelude=..., entry_point=..., limits=...) -> result string
     run(program, Limits(...)) -> result string;  check_all(jobs, workers=...) -> results in order
 
 Generated code is hostile until proven otherwise, so each program runs in its own process tree
 contained by the operating system (`jail.py` builds it; docs/evaluation.md has the threat model):
 
   protection                                  mechanism
+  a verdict the program cannot forge          the tests run in a process of their own and call the
+                                              program through pipes carrying plain data only
+                                              (`exchange.py`); the tests' source and the verdict
+                                              pipe are out of its reach
   ends at the time limit                      the jail's wall clock kills the namespace's pid 1
                                               (RLIMIT_CPU as a second line)
-  memory                                      RLIMIT_AS per process; RLIMIT_NPROC caps the count
+  memory                                      one memory cgroup for the sample's whole tree
+                                              (shared memory and tmpfs included); RLIMIT_AS per
+                                              process; RLIMIT_NPROC caps the count
   no process survives `check`                 PID namespace: when its pid 1 exits the kernel kills
-                                              every process in it, forked or `setsid`; the jail
-                                              returns only after that (and reaps as a subreaper)
+                                              every process in it, forked or `setsid`
   no writes outside its temporary directory   mount namespace + pivot_root into a read-only tmpfs
-                                              root holding read-only binds of the system and Python
-                                              directories; /tmp is a size-limited tmpfs that
-                                              vanishes with the namespace; RLIMIT_FSIZE
+                                              root of read-only binds; /tmp and /dev/shm are
+                                              size-limited noexec tmpfs; RLIMIT_FSIZE
   no network                                  network namespace with no interfaces up
-  no privileges                               user namespace; as root the code runs as a fresh
-                                              unprivileged uid with no groups; empty capability
-                                              bounding set and no_new_privs before exec
-  a clean exit before the tests is a failure  the driver reports "passed" only after the
-                                              program's last line (the `check(...)` call) ran
+  no privileges, less kernel                  user namespace (as root: fresh unprivileged uids);
+                                              empty capability bounding set, no_new_privs; no
+                                              nested namespaces (max_*_namespaces = 0) and a
+                                              seccomp filter (`syscall_filter.py`)
 
-Fail closed: when namespaces cannot be created (no permission, a seccomp profile that forbids
-unshare, pivot_root refused) `SandboxUnavailable` is raised and nothing runs. Degraded, with a
-one-line warning: without root the code keeps the caller's uid and groups outside its namespaces
-(its file access is still limited to the read-only view). Not protected: see docs/evaluation.md.
+Fail closed: when the sandbox cannot be built (no user namespaces, pivot_root refused, ...) or a
+protection is missing on this host (no memory cgroup, no seccomp) and `Limits.allow_weaker` does
+not name it, `SandboxUnavailable` is raised with the cause and nothing runs. Degraded, with a
+one-line warning: without root the code keeps the caller's uid outside its namespaces, and the
+program and its tests share one uid. Not protected: see docs/evaluation.md.
 Parallel runs are separate process trees; `check_all` drives them from threads (they only wait).
 """
 

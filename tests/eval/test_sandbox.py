@@ -323,6 +323,32 @@ def test_a_forged_report_is_not_a_pass():
   assert out["result"].startswith("failed: the program's answer is not JSON")
 
 
+def test_the_tests_are_out_of_the_programs_reach():
+  """No file in its view and no descriptor it holds carries the tests' source."""
+  marker = f"loopcoder-tests-{uuid.uuid4().hex}"
+  problem = {**PROBLEM, "test": f"# {marker}\n{PROBLEM['test']}"}
+  # the program looks for the marker reversed, so that its own source does not hold it
+  code = body(f"""
+      import os
+      marker = {marker[::-1]!r}[::-1].encode()
+      found = []
+      for top in ("/", "/tmp", "/dev/shm"):
+        for name in os.listdir(top):
+          path = os.path.join(top, name)
+          if os.path.isfile(path) and marker in open(path, "rb").read():
+            found.append(path)
+      for fd in range(3, 1024):
+        try:
+          os.set_blocking(fd, False)
+          if marker in os.read(fd, 1 << 20):
+            found.append(fd)
+        except OSError:
+          pass
+      assert not found, found
+      """)
+  assert sandbox.check(problem, code)["result"] == "passed"
+
+
 def test_replaced_module_functions_do_not_reach_the_verdict():
   """What the program patches (os, sys, builtins, json) lives in its own process only."""
   code = """\
