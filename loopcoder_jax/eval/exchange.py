@@ -1,16 +1,16 @@
 """The two sides of a sandboxed check, and the plain data that alone passes between them.
 
-Standard library only: `jail.py` copies this file into the sandbox's root and runs it twice, as
-`python -I -S -B /exchange.py candidate` and `... tests`, in two processes of the sandbox.
+Standard library only. In the sandbox (`jail.py`), two processes:
 
-  candidate  runs the program (prompt + completion), then answers calls: reads one request line
-             on fd 3 (`{"call": name, "args": [...]}`), writes one reply line on fd 4
-             (`{"value": ...}`, `{"raised": "Type: message"}` or, once, `{"error": ...}`).
-  tests      reads its job from stdin (`{"prelude", "tests", "entry_point"}`: the tests' source
-             is never in a file the candidate can read), runs the prelude (the prompt: helpers such
-             as `poly` or `encode_cyclic` that the tests use run here), binds the entry point to a
-             proxy that calls the candidate, runs the tests, and writes its verdict to fd 5, which
-             only it holds.
+  candidate  `python -I -S -B /exchange.py` (this file, copied into the sandbox's root): runs the
+             program (prompt + completion), then answers calls: reads one request line on fd 3
+             (`{"call", "args", "kwargs"}`), writes one reply line on fd 4 (`{"value": ...}`,
+             `{"raised": "Type: message"}`, or once `{"error": ...}` as it gives up).
+  tests      `run_tests(job)` in a fork of the jail (`{"prelude", "tests", "entry_point"}`: the
+             tests' source is never in a file): runs the prelude (the prompt, whose helpers such as
+             `poly` or `encode_cyclic` the tests use), binds the entry point to a proxy that calls
+             the candidate, runs the tests; the jail writes the verdict to fd 5, which only it
+             holds.
 
 Values cross as tagged JSON (`encode` / `decode`): None, bool, int, float, complex, str, bytes and
 lists, tuples, dicts, sets and frozensets of them, exact types only (never a subclass), never
@@ -20,13 +20,12 @@ that answers True to anything cannot cross, nor can anything the candidate write
 
 import json
 import os
-import sys
 
 # each side reads fd 3 and writes fd 4; the tests' side alone holds fd 5, the verdict
 IN_FD, OUT_FD, VERDICT_FD = 3, 4, 5
+VERDICT_BYTES = 4096
 MAX_LINE = 16 << 20  # one request or reply, bytes
 MAX_DEPTH = 100  # nesting of containers in one value
-_VERDICT_BYTES = 4096
 _SCALARS = (type(None), bool, str, float)
 _SEQUENCES: dict[type, str] = {list: "l", tuple: "t", set: "s", frozenset: "f"}
 _BUILD = {tag: kind for kind, tag in _SEQUENCES.items()}
@@ -127,7 +126,7 @@ def reply_value(reply: dict):
           f"the program's answer is not plain data: {e}"
       ) from None
   if key in ("raised", "error") and type(data) is str:
-    raise ProgramFailed(data[:_VERDICT_BYTES])
+    raise ProgramFailed(data[:VERDICT_BYTES])
   raise ProgramFailed("the program's answer is not a reply")
 
 
@@ -154,9 +153,8 @@ class Candidate:
     return reply_value(read_reply(self._replies))
 
 
-def run_tests() -> str:
-  """The tests' side: the verdict, "passed" or "failed: <why>"."""
-  job = json.loads(sys.stdin.buffer.read())
+def run_tests(job: dict) -> str:
+  """The tests' side: the verdict of `job`'s tests, "passed" or "failed: <why>"."""
   replies = os.fdopen(IN_FD, "rb")
   try:
     first = read_reply(replies)
@@ -215,16 +213,6 @@ def serve_candidate() -> None:
     write_line(OUT_FD, reply)
 
 
-def main() -> None:
-  if sys.argv[1:] == ["candidate"]:
-    serve_candidate()
-  elif sys.argv[1:] == ["tests"]:
-    verdict = run_tests().encode("utf-8", "replace")[:_VERDICT_BYTES]
-    os.write(VERDICT_FD, verdict)
-  else:
-    sys.exit("usage: exchange.py candidate|tests")
-  os._exit(0)
-
-
 if __name__ == "__main__":
-  main()
+  serve_candidate()
+  os._exit(0)

@@ -38,6 +38,7 @@ import time
 
 # stdlib-only helpers beside this file (-I keeps the script's directory off sys.path)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import exchange  # noqa: E402
 import memory_cgroup  # noqa: E402
 import syscall_filter  # noqa: E402
 
@@ -257,8 +258,15 @@ def _become_sandbox_uid(setgroups: bool) -> None:
   _prctl(PR_SET_DUMPABLE, 1)
 
 
+def _clear_capabilities() -> None:
+  """Effective, permitted and inheritable sets emptied (capset, version 3)."""
+  header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+  data = (ctypes.c_uint32 * 6)()
+  _check(_libc.capset(header, data), "capset")
+
+
 def _drop_privileges(limits: dict, nproc: int, uid: int, seccomp: bool) -> None:
-  """C or T, before exec: limits, its uid, no capabilities, no way to gain any, fewer syscalls."""
+  """C or T: limits, its uid, no capabilities, no way to gain any, fewer system calls."""
   seconds = math.ceil(limits["timeout"]) + 1
   mb = 1 << 20
   for res, value in (
@@ -277,15 +285,19 @@ def _drop_privileges(limits: dict, nproc: int, uid: int, seccomp: bool) -> None:
     raise JailError("could not empty the capability bounding set")
   os.setresgid(uid, uid, uid)
   os.setresuid(uid, uid, uid)
+  _clear_capabilities()  # uid 0 of the namespace keeps them through setresuid
   _prctl(PR_SET_NO_NEW_PRIVS, 1)
   if seccomp:
     syscall_filter.install()
 
 
 def _start(role: str, fds: dict[int, int], error_w: int, request: dict) -> None:
-  """C ("candidate") or T ("tests"): `fds` {target: source} in place, then exec (never returns).
+  """C ("candidate") or T ("tests"), forked by B: `fds` {target: source} in place, privileges
+  dropped, then C execs the program's interpreter and T runs the tests (never returns).
 
-  `error_w` closes on exec: it carries setup errors only.
+  `error_w` carries setup errors only: C's closes on exec, T closes its own once set up. T is not
+  a new interpreter (one start less per sample): it holds what B holds, the program and tests,
+  which C, a fresh interpreter under another uid, cannot read.
   """
   try:
     moved = {
@@ -303,17 +315,24 @@ def _start(role: str, fds: dict[int, int], error_w: int, request: dict) -> None:
     os.closerange(6, error_w)
     os.closerange(error_w + 1, 1 << 16)
     limits = request["limits"]
-    # C has a uid of its own where two can be mapped; else A, B and T count against its limit
-    split = request["privileged"] and role == "candidate"
-    nproc = limits["max_processes"] + (0 if split else 3)
-    _drop_privileges(limits, nproc, 1 if split else 0, request["seccomp"])
+    # where uids 1 and 2 are mapped C and T have their own; else A, B, T count against C's limit
+    uid = {"candidate": 1, "tests": 2}[role] if request["privileged"] else 0
+    nproc = limits["max_processes"] + (0 if uid else 3)
+    _drop_privileges(limits, nproc, uid, request["seccomp"])
     os.chdir("/tmp")
-    exe = request["python"]
-    os.execve(exe, [exe, "-I", "-S", "-B", "/exchange.py", role], _ENV)
+    if role == "candidate":
+      exe = request["python"]
+      os.execve(exe, [exe, "-I", "-S", "-B", "/exchange.py"], _ENV)
   except Exception as e:  # noqa: BLE001 - a setup failure is reported, never run past
     os.write(error_w, f"starting the {role}: {type(e).__name__}: {e}".encode())
-  finally:
     os._exit(127)
+  try:
+    os.close(error_w)
+    verdict = exchange.run_tests(request)
+    verdict_bytes = verdict.encode("utf-8", "replace")[: exchange.VERDICT_BYTES]
+    os.write(exchange.VERDICT_FD, verdict_bytes)
+  finally:
+    os._exit(0)
 
 
 def _ended(status: int) -> str:
@@ -337,12 +356,11 @@ def _run_b(to_a: int, request: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     calls_r, calls_w = os.pipe()
     answers_r, answers_w = os.pipe()
-    job_r, job_w = os.pipe()
     verdict_r, verdict_w = os.pipe()
     errors = [os.pipe(), os.pipe()]  # close-on-exec
     sides = (
         ("candidate", {3: calls_r, 4: answers_w}),
-        ("tests", {0: job_r, 3: answers_r, 4: calls_w, 5: verdict_w}),
+        ("tests", {3: answers_r, 4: calls_w, 5: verdict_w}),
     )
     pids = []
     for (role, fds), (_, error_w) in zip(sides, errors):
@@ -350,19 +368,12 @@ def _run_b(to_a: int, request: dict) -> None:
       if pid == 0:
         _start(role, fds, error_w, request)
       pids.append(pid)
-    for fd in (calls_r, calls_w, answers_r, answers_w, job_r, verdict_w):
+    for fd in (calls_r, calls_w, answers_r, answers_w, verdict_w):
       os.close(fd)
     error = b""
     for error_r, error_w in errors:
       os.close(error_w)
-      error = error or os.read(error_r, _VERDICT_BYTES)  # EOF at exec
-    if not error:
-      job = {k: request[k] for k in ("prelude", "tests", "entry_point")}
-      try:
-        with os.fdopen(job_w, "wb") as f:
-          f.write(json.dumps(job).encode())
-      except BrokenPipeError:
-        pass  # T died: it gives no verdict
+      error = error or os.read(error_r, _VERDICT_BYTES)  # EOF once set up
     candidate, tests = pids
     _, status = os.waitpid(tests, 0)
     os.set_blocking(verdict_r, False)
@@ -448,8 +459,8 @@ def _maps(pid: int, privileged: bool) -> None:
   Without root only one can be mapped, the caller's own: 0, shared by every process.
   """
   if privileged:  # unique while P lives: no other process shares them
-    first = (1 << 29) + 2 * os.getpid()
-    uid_map = gid_map = f"0 {first} 2\n"
+    first = (1 << 29) + 3 * os.getpid()
+    uid_map = gid_map = f"0 {first} 3\n"
   else:
     uid_map, gid_map = f"0 {os.geteuid()} 1\n", f"0 {os.getegid()} 1\n"
     _write(f"/proc/{pid}/setgroups", "deny")
