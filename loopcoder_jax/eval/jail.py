@@ -30,7 +30,6 @@ import fcntl
 import json
 import math
 import os
-import platform
 import resource
 import signal
 import sys
@@ -238,7 +237,7 @@ def _build_root(request: dict) -> None:
         f"size={request['limits']['tmp_mb']}m,mode=1777",
     )
   _mount(None, root, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _NO_EXEC_DEV_SUID)
-  machine = platform.machine()
+  machine = os.uname().machine
   if machine not in SYS_PIVOT_ROOT:
     raise JailError(f"pivot_root: unsupported architecture {machine}")
   os.chdir(root)

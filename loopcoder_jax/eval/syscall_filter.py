@@ -13,7 +13,7 @@ another ABI (x32, or a foreign architecture) kill the process.
 
 import ctypes
 import errno
-import platform
+import os
 import struct
 
 # x86_64 only for now: on other architectures the filter is missing, and the sandbox says so
@@ -121,7 +121,7 @@ class _SockFprog(ctypes.Structure):
 
 def install() -> None:
   """Filters this thread and everything it execs or forks; no_new_privs must be set already."""
-  code = program(platform.machine())
+  code = program(os.uname().machine)
   prog = _SockFprog(len(code) // 8, code)
   libc = ctypes.CDLL(None, use_errno=True)
   libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]

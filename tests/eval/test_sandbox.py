@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from loopcoder_jax.eval import exchange, memory_cgroup, sandbox
+from loopcoder_jax.eval import exchange, memory_cgroup, sandbox, syscall_filter
 from tests.helpers import ROOT
 
 PROBLEM = {
@@ -426,6 +426,45 @@ def test_plain_values_cross_exactly():
       "entry_point": "echo",
   }
   assert sandbox.check(problem, "    return x\n")["result"] == "passed"
+
+
+def test_only_plain_data_is_encoded_or_decoded():
+  class Int(int):
+    pass
+
+  for value in (
+      Int(1),
+      [Int(1)],
+      {"k": object()},
+      print,
+      (1).__class__,
+      range(3),
+  ):
+    with pytest.raises(TypeError, match="not plain data"):
+      exchange.encode(value)
+  deep: list = []
+  for _ in range(exchange.MAX_DEPTH + 2):
+    deep = [deep]
+  with pytest.raises(TypeError, match="nested deeper"):
+    exchange.encode(deep)
+  for data in (
+      ["x", []],
+      [1, 2],
+      ["l", [1], 2],
+      ["d", [[1]]],
+      ["c", ["a", 1.0]],
+      {},
+  ):
+    with pytest.raises(ValueError):
+      exchange.decode(data)
+
+
+def test_the_syscall_filter_is_x86_64_only():
+  """Elsewhere the filter is missing (and the sandbox refuses unless allowed), never wrong."""
+  code = syscall_filter.program("x86_64")
+  assert len(code) % 8 == 0
+  with pytest.raises(syscall_filter.Unavailable, match="aarch64"):
+    syscall_filter.program("aarch64")
 
 
 @pytest.mark.parametrize("where", ["memfd", "tmp", "dev-shm"])
