@@ -32,7 +32,7 @@ _BUILD = {tag: kind for kind, tag in _SEQUENCES.items()}
 # wider ints cross as hex text: decimal text that long is refused by int() (3.11's digit cap)
 _JSON_INT = 1 << 63
 _EXITED = "the program exited (code {!r}) before its tests finished"
-_ENDED = "the program ended before its tests finished"
+ENDED = "the program ended before its tests finished"
 
 
 def encode(value, depth: int = 0):
@@ -105,7 +105,7 @@ def read_reply(replies) -> dict:
   if not line.endswith(b"\n"):
     if len(line) > MAX_LINE:
       raise ProgramFailed(f"the program's answer exceeds {MAX_LINE} bytes")
-    raise ProgramFailed(_ENDED)
+    raise ProgramFailed(ENDED)
   try:
     reply = json.loads(line)
   except (ValueError, RecursionError):
@@ -149,7 +149,7 @@ class Candidate:
     try:
       write_line(OUT_FD, request)
     except BrokenPipeError:
-      raise ProgramFailed(_ENDED) from None
+      raise ProgramFailed(ENDED) from None
     return reply_value(read_reply(self._replies))
 
 

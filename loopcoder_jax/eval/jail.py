@@ -85,7 +85,6 @@ _EXCHANGE = os.path.join(
 )
 _VERDICT_BYTES = 4096
 _WEAKER = ("memory_cgroup", "seccomp")
-_ENDED = "the program ended before its tests finished"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -335,15 +334,12 @@ def _start(role: str, fds: dict[int, int], error_w: int, request: dict) -> None:
 
 
 def _ended(status: int) -> str:
-  """Why the candidate's process ended, from its wait status."""
+  """How a process ended, from its wait status."""
   if os.WIFSIGNALED(status):
     name = signal.Signals(os.WTERMSIG(status)).name
     why = {"SIGXCPU": " (CPU time limit)", "SIGXFSZ": " (file size limit)"}
-    return f"failed: killed by {name}{why.get(name, '')}"
-  return (
-      f"failed: the program exited (status {os.WEXITSTATUS(status)}) before "
-      "its tests finished"
-  )
+    return f"was killed by {name}{why.get(name, '')}"
+  return f"exited (status {os.WEXITSTATUS(status)})"
 
 
 def _run_b(to_a: int, request: dict) -> None:
@@ -380,10 +376,11 @@ def _run_b(to_a: int, request: dict) -> None:
       verdict = os.read(verdict_r, _VERDICT_BYTES).decode("utf-8", "replace")
     except BlockingIOError:
       verdict = ""
-    if verdict == f"failed: {_ENDED}":
-      verdict = _ended(os.waitpid(candidate, 0)[1])
+    if verdict == f"failed: {exchange.ENDED}":  # say how
+      how = _ended(os.waitpid(candidate, 0)[1])
+      verdict = f"failed: the program {how} before its tests finished"
     elif not verdict:
-      verdict = f"failed: the tests' process ended: {_ended(status)[8:]}"
+      verdict = f"failed: the tests' process {_ended(status)}"
     message = {"error": error.decode("utf-8", "replace"), "result": verdict}
     os.write(to_a, json.dumps(message).encode())
   finally:
@@ -453,9 +450,8 @@ def _run_a(request: dict, ready_w: int, go_r: int, out_w: int) -> None:
 
 
 def _maps(pid: int, privileged: bool) -> None:
-  """uid/gid maps of A's user namespace: its uids 0 and 1 are fresh unprivileged uids outside.
-
-  Without root only one can be mapped, the caller's own: 0, shared by every process.
+  """uid/gid maps of A's user namespace: uids 0 (A, B), 1 (C) and 2 (T) are fresh unprivileged
+  uids outside. Without root only one can be mapped, the caller's own: 0, for every process.
   """
   if privileged:  # unique while P lives: no other process shares them
     first = (1 << 29) + 3 * os.getpid()
@@ -477,7 +473,8 @@ def _seccomp_missing() -> str:
       syscall_filter.install()
     except Exception as e:  # noqa: BLE001 - reported
       os.write(w, (str(e) or type(e).__name__).encode())
-    os._exit(0)
+    finally:
+      os._exit(0)
   os.close(w)
   why = os.read(r, _VERDICT_BYTES).decode()
   os.close(r)
@@ -534,9 +531,8 @@ def main() -> int:
     print(json.dumps({"error": str(e)}), flush=True)
     return 0
   request["seccomp"] = "seccomp" not in missing
-  if (
-      cgroup is not None
-  ):  # for the caller to remove should this process be killed
+  # announced for the caller to remove should this process be killed
+  if cgroup is not None:
     print(json.dumps({"cgroup": cgroup.path}), flush=True)
   ready_r, ready_w = os.pipe()
   go_r, go_w = os.pipe()
