@@ -5,7 +5,8 @@ Standard library only. In the sandbox (`jail.py`), two processes:
   candidate  `python -I -S -B /exchange.py` (this file, copied into the sandbox's root): runs the
              program (prompt + completion), then answers calls: reads one request line on fd 3
              (`{"call", "args", "kwargs"}`), writes one reply line on fd 4 (`{"value": ...}`,
-             `{"raised": "Type: message"}`, or once `{"error": ...}` as it gives up).
+             `{"raised": "Type: message"}`, or `{"error": ...}`, which ends the tests: the program
+             exited, or returned what is not plain data).
   tests      `run_tests(job)` in a fork of the jail (`{"prelude", "tests", "entry_point"}`: the
              tests' source is never in a file): runs the prelude (the prompt, whose helpers such as
              `poly` or `encode_cyclic` the tests use), binds the entry point to a proxy that calls
@@ -95,8 +96,13 @@ def write_line(fd: int, message: dict) -> None:
     data = data[os.write(fd, data) :]
 
 
-class ProgramFailed(Exception):
-  """The program raised, ended, or answered with something other than plain data."""
+class ProgramRaised(Exception):
+  """The program's function raised (tests may catch this, as they could the exception itself)."""
+
+
+class ProgramFailed(BaseException):
+  """The program ended, or answered with something other than plain data: the tests end here
+  (a BaseException, so that no `except Exception` in them swallows it)."""
 
 
 def read_reply(replies) -> dict:
@@ -116,7 +122,7 @@ def read_reply(replies) -> dict:
 
 
 def reply_value(reply: dict):
-  """A reply's value; ProgramFailed for a raise, an error or anything else."""
+  """A reply's value; ProgramRaised for a raise, ProgramFailed for anything else."""
   ((key, data),) = reply.items()
   if key == "value":
     try:
@@ -125,7 +131,9 @@ def reply_value(reply: dict):
       raise ProgramFailed(
           f"the program's answer is not plain data: {e}"
       ) from None
-  if key in ("raised", "error") and type(data) is str:
+  if key == "raised" and type(data) is str:
+    raise ProgramRaised(data[:VERDICT_BYTES])
+  if key == "error" and type(data) is str:
     raise ProgramFailed(data[:VERDICT_BYTES])
   raise ProgramFailed("the program's answer is not a reply")
 
@@ -166,7 +174,7 @@ def run_tests(job: dict) -> str:
     if job["entry_point"] is not None:
       scope[job["entry_point"]] = Candidate(job["entry_point"], replies)
     exec(compile(job["tests"], "<tests>", "exec"), scope)
-  except ProgramFailed as e:
+  except (ProgramRaised, ProgramFailed) as e:
     return f"failed: {e}"
   except BaseException as e:  # noqa: BLE001 - every way the tests end is a verdict
     return f"failed: {type(e).__name__}: {e}"
@@ -209,7 +217,7 @@ def serve_candidate() -> None:
     try:
       reply = {"value": encode(value)}
     except (TypeError, RecursionError) as e:
-      reply = {"raised": f"the program returned {e}"}
+      reply = {"error": f"the program returned {e}"}
     write_line(OUT_FD, reply)
 
 
