@@ -158,8 +158,14 @@ def score_samples(
     workers: int,
     limits: sandbox.Limits | None = None,
     progress: bool = False,
+    retries: int = 0,
+    record_sandbox_errors: bool = False,
 ) -> list[dict]:
-  """Each sample run against its problem's tests in the sandbox; records in the samples' order."""
+  """Each sample run against its problem's tests in the sandbox; records in the samples' order.
+
+  `retries` and `record_sandbox_errors` as in `sandbox.check_all`: a sample whose sandbox could not
+  be built is then recorded with `result` "sandbox error: ..." (`sandbox.is_sandbox_error`).
+  """
   by_id = {p["task_id"]: p for p in problems}
   unknown = {s["task_id"] for s in samples} - set(by_id)
   if unknown:
@@ -174,6 +180,8 @@ def score_samples(
         workers=workers,
         limits=limits or sandbox.Limits(),
         on_done=lambda: bar.update(1),
+        retries=retries,
+        record_sandbox_errors=record_sandbox_errors,
     )
   return [
       {

@@ -58,6 +58,8 @@ _warned: set[str] = set()
 
 
 WEAKER_OPTIONS = ("memory_cgroup", "seccomp")
+# the result of a sample whose sandbox could not be built (check_all(record_sandbox_errors=True))
+SANDBOX_ERROR = "sandbox error: "
 
 
 class SandboxUnavailable(RuntimeError):
@@ -248,17 +250,32 @@ def check_all(
     workers: int,
     limits: Limits = Limits(),
     on_done: Callable[[], None] | None = None,
+    retries: int = 0,
+    record_sandbox_errors: bool = False,
 ) -> list[dict]:
   """`check` of each (problem, completion), `workers` sandboxes at a time; results in job order.
 
-  `on_done()` is called as each one finishes (a progress bar). The first SandboxUnavailable stops
-  the rest and is raised.
+  `on_done()` is called as each one finishes (a progress bar). A job whose sandbox could not be
+  built is tried `retries` more times; then, with `record_sandbox_errors`, its result is
+  `SANDBOX_ERROR + <why>` (not a failure of the sample: count it apart, see `is_sandbox_error`),
+  else the first SandboxUnavailable stops the rest and is raised.
   """
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
+  if retries < 0:
+    raise ValueError(f"retries must be >= 0, got {retries}")
 
   def one(job):
-    out = check(*job, timeout=limits.timeout, limits=limits)
+    for attempt in range(retries + 1):
+      try:
+        out = check(*job, timeout=limits.timeout, limits=limits)
+        break
+      except SandboxUnavailable as e:
+        if attempt < retries:
+          continue
+        if not record_sandbox_errors:
+          raise
+        out = {"passed": False, "result": f"{SANDBOX_ERROR}{e}"}
     if on_done is not None:
       on_done()
     return out
@@ -271,6 +288,11 @@ def check_all(
       for f in futures:
         f.cancel()
       raise
+
+
+def is_sandbox_error(result: str) -> bool:
+  """Whether a result says the sandbox, not the sample, failed."""
+  return result.startswith(SANDBOX_ERROR)
 
 
 def probe(limits: Limits = Limits()) -> None:

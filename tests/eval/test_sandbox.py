@@ -600,6 +600,35 @@ def test_a_host_without_a_memory_cgroup_refuses_unless_allowed():
   assert allowed.stdout.splitlines() == RIGHT_AND_WRONG, allowed.stderr
 
 
+def test_sandbox_errors_are_retried_then_recorded_apart(monkeypatch):
+  """A sandbox that fails to build is not a failing sample: retried, then recorded as such."""
+  tries: dict[str, int] = {}
+
+  def flaky_check(problem, completion, timeout, limits):
+    tries[completion] = tries.get(completion, 0) + 1
+    if completion == "broken" or tries[completion] == 1:
+      raise sandbox.SandboxUnavailable("cannot build the sandbox: flaky")
+    return {"passed": True, "result": "passed"}
+
+  monkeypatch.setattr(sandbox, "check", flaky_check)
+  jobs = [(PROBLEM, "flaky"), (PROBLEM, "broken")]
+  with pytest.raises(sandbox.SandboxUnavailable, match="flaky"):
+    sandbox.check_all(jobs, workers=1)
+  tries.clear()
+  out = sandbox.check_all(
+      jobs, workers=2, retries=1, record_sandbox_errors=True
+  )
+  assert out == [
+      {"passed": True, "result": "passed"},
+      {
+          "passed": False,
+          "result": "sandbox error: cannot build the sandbox: flaky",
+      },
+  ]
+  assert tries == {"flaky": 2, "broken": 2}
+  assert [sandbox.is_sandbox_error(r["result"]) for r in out] == [False, True]
+
+
 def test_bad_limits():
   with pytest.raises(ValueError, match="timeout"):
     sandbox.Limits(timeout=0)
