@@ -107,6 +107,7 @@ class Limits:
       )
 
   def for_jail(self) -> dict:
+    """The limits as `jail.py` reads them (JSON)."""
     out = dataclasses.asdict(self)
     out["allow_weaker"] = sorted(self.allow_weaker)
     return out
