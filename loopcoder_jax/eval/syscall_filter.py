@@ -5,8 +5,9 @@ no_new_privs set first and survives exec. Refused with EPERM: new namespaces (un
 clone with a CLONE_NEW* flag), mounts of every kind (mount, umount2, pivot_root, chroot and the new
 mount API), tracing and reading other processes (ptrace, process_vm_*, pidfd_getfd, kcmp),
 kernel-extension and administration calls (bpf, perf_event_open, module and kexec loading, keyrings,
-swap, reboot, quotas, acct, syslog, io ports), handle-based opens, userfaultfd and io_uring (which
-would run calls this filter never sees). clone3 answers ENOSYS, as container runtimes do: its flags
+swap, reboot, quotas, acct, syslog, io ports), handle-based opens, userfaultfd, io_uring (which
+would run calls this filter never sees) and execveat (no exec of a memfd: only execve of a path,
+and nothing writable is mounted exec). clone3 answers ENOSYS, as container runtimes do: its flags
 are in memory a filter cannot read, and libc then falls back to clone, whose flags it can. Calls of
 another ABI (x32, or a foreign architecture) kill the process.
 """
@@ -61,6 +62,7 @@ _DENIED = {
     "name_to_handle_at": 303,
     "open_by_handle_at": 304,
     "userfaultfd": 323,
+    "execveat": 322,
     "io_uring_setup": 425,
     "io_uring_enter": 426,
     "io_uring_register": 427,

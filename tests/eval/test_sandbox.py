@@ -518,6 +518,21 @@ def test_no_nested_namespace_and_no_mount(attack):
   )
 
 
+def test_no_exec_of_a_memfd():
+  """A binary written to a memfd cannot be run either (execveat is refused)."""
+  code = body("""
+      import os, sys
+      fd = os.memfd_create("run-me")
+      with open(sys.executable, "rb") as f:
+        os.write(fd, f.read())
+      os.execve(fd, [sys.executable, "-c", "pass"], {})
+      """)
+  out = sandbox.check(PROBLEM, code, timeout=10.0)
+  assert out["result"].startswith(
+      "failed: PermissionError: [Errno 1] Operation not permitted"
+  )
+
+
 @pytest.mark.parametrize("what", ["script", "binary"])
 def test_no_exec_from_tmp(what):
   """/tmp is noexec: neither a script nor a copied binary written there can be run."""
