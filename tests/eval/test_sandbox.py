@@ -533,6 +533,38 @@ def test_no_exec_of_a_memfd():
   )
 
 
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_the_namespace_limits_hold_without_the_filter():
+  """The second layer alone: once the jail's user namespace allows no namespace, even its root
+  (with every capability there) can make neither a user nor a mount namespace.
+  """
+  code = f"""\
+import ctypes, errno, importlib.util, os
+spec = importlib.util.spec_from_file_location("jail", {sandbox.JAIL!r})
+jail = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(jail)
+jail._limit_namespaces()
+libc = ctypes.CDLL(None, use_errno=True)
+for flag in (jail.CLONE_NEWUSER, jail.CLONE_NEWNS):
+  print(libc.unshare(flag), errno.errorcode[ctypes.get_errno()])
+"""
+  out = subprocess.run(
+      [
+          "unshare",
+          "--user",
+          "--map-root-user",
+          sys.executable,
+          "-I",
+          "-c",
+          code,
+      ],
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
+  assert out.stdout.splitlines() == ["-1 ENOSPC", "-1 ENOSPC"], out.stderr
+
+
 @pytest.mark.parametrize("what", ["script", "binary"])
 def test_no_exec_from_tmp(what):
   """/tmp is noexec: neither a script nor a copied binary written there can be run."""
