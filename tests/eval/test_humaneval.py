@@ -54,6 +54,23 @@ def test_canonical_solutions_score_164_of_164():
   assert humaneval.pass_at_k(records, [1]) == {"pass@1": 1.0}
 
 
+def test_the_prompts_helpers_run_on_the_tests_side():
+  """HumanEval/38's tests decode what the prompt's `encode_cyclic` encodes: a completion that
+  redefines it as the identity (and decodes as the identity) must fail, as the prompt's own
+  helper, not the program's, encodes."""
+  (problem,) = [
+      p for p in humaneval.load_problems() if p["task_id"] == "HumanEval/38"
+  ]
+  cheat = "    return s\n\n\ndef encode_cyclic(s):\n    return s\n"
+  samples = [
+      {"task_id": "HumanEval/38", "completion": problem["canonical_solution"]},
+      {"task_id": "HumanEval/38", "completion": cheat},
+  ]
+  records = humaneval.score_samples([problem], samples, workers=2)
+  assert [r["passed"] for r in records] == [True, False]
+  assert records[1]["result"].startswith("failed: AssertionError")
+
+
 def assert_pass_at_k(n, c, k, exact):
   """estimate_pass_at_k(n, c, k) within its float64 rounding of `exact`.
 
