@@ -79,16 +79,28 @@ def extend(
 
 
 def decode_step(
-    cfg: PLTConfig, params, cache: Cache, tokens_B, mode: str = "batched"
+    cfg: PLTConfig,
+    params,
+    cache: Cache,
+    tokens_B,
+    mode: str = "batched",
+    active_B=None,
 ):
-  """One new token per row at position `cache.lengths`: logits `[B, V]` and the updated cache."""
+  """One new token per row at position `cache.lengths`: logits `[B, V]` and the updated cache.
+
+  Rows where `active_B` (bool `[B]`) is False keep their length, ring and carry (a free slot of
+  continuous batching); their loop-1 K/V land at their length, beyond what any mask shows.
+  """
   _check_mode(mode)
   check_layout(cache, params)
   kv = CacheKV.start(cfg, cache, 1, loops_as_rows=mode == "batched")
   logits, aux = PLTForCausalLM(cfg).apply(
       {"params": params}, tokens_B[:, None], positions=kv.pos_BxC, kv=kv
   )
-  return logits[:, 0], aux["kv"].commit(jnp.ones(tokens_B.shape, jnp.int32))
+  n_B = jnp.ones(tokens_B.shape, jnp.int32)
+  if active_B is not None:
+    n_B = active_B.astype(jnp.int32)
+  return logits[:, 0], aux["kv"].commit(n_B)
 
 
 def prefill(
