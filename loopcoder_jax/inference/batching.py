@@ -301,7 +301,8 @@ class Scheduler:
     self._free = list(range(slots - 1, -1, -1))
     self._thread: threading.Thread | None = None
     self._stopping = False
-    self.steps = 0  # decode steps run (for tests and figures)
+    self.steps = 0  # decode steps run
+    self.cancelled = 0  # requests ended by `cancel`
 
   # ----------------------------------------------------------------------------------- clients
   def check(self, request: Request) -> None:
@@ -346,7 +347,17 @@ class Scheduler:
   def cancel(self, handle: _Live) -> None:
     """End a request now (its client went away): its slot is free for the next step."""
     with self._cond:
+      ended = handle.cancelled or (
+          handle not in self._waiting
+          and self._prefilling is not handle
+          and self._active.get(handle.slot) is not handle
+      )
+      if ended:  # finished already, or cancelled before
+        return
       handle.cancelled = True
+      self.cancelled += 1
+      # a waiting request leaves the queue now; a slot is freed by the loop's next round
+      self._waiting = deque(x for x in self._waiting if x is not handle)
       self._cond.notify_all()
 
   @property

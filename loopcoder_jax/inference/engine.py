@@ -113,7 +113,7 @@ class Engine:
     if key in self.programs:
       return self.programs[key]
     rule = TextStop(steps, self.stop_ids, self._host.check if stops else None)
-    cache_sharding, jit_kw = None, {}
+    cache_sharding, jit_kw = None, dict[str, Any]()
     if self.mesh is not None:
       p_sh, cache_sharding, rows_sh = decode.serving_shardings(
           self.cfg, self.mesh, rows, self.rules

@@ -172,7 +172,11 @@ def create_app(
     """Submit; yields the request's events as they come."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    request.emit = lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+
+    def emit(e: batching.Event) -> None:  # on the scheduler's thread
+      loop.call_soon_threadsafe(events.put_nowait, e)
+
+    request.emit = emit
     try:
       if scheduler.when_full == "wait":
         handle = await run_in_threadpool(scheduler.submit, request)

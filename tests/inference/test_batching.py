@@ -10,8 +10,7 @@ from loopcoder_jax.model import sharding
 
 CHUNK = 8
 OTHERS = [
-    "for i in range(10):\n" * (1 + i % 3) + "x" * (i % 5)
-    for i in range(16)
+    "for i in range(10):\n" * (1 + i % 3) + "x" * (i % 5) for i in range(16)
 ]
 
 
@@ -62,7 +61,9 @@ def served(serve_model, request):
 def test_greedy_text_alone_equals_among_16_others(served, serve_model):
   eng, sched = served
   tok = serve_model[2]
-  prompt = "def add(a, b):\n    return"  # longer than a chunk: prefilled in pieces
+  prompt = (
+      "def add(a, b):\n    return"  # longer than a chunk: prefilled in pieces
+  )
   alone, ends = _run(sched, tok, [prompt])
   crowd, _ = _run(sched, tok, OTHERS[:7] + [prompt] + OTHERS[7:])
   assert crowd[7] == alone[0]
