@@ -158,12 +158,14 @@ class Engine:
       max_new_tokens: int,
       sampler=None,
       seed: int = 0,
+      key: jax.Array | None = None,
       stop: Sequence[str] = (),
       on_token: Callable[..., Any] | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids after each prompt: (ids `[B, max_new_tokens]`, counts `[B]` of real tokens,
-    a stop id included). `on_token(step, ids_B, live_B)` sees each step's tokens (padding rows
-    included: only the first B are real)."""
+    a stop id included). Sampling draws from `key` (default `jax.random.key(seed)`).
+    `on_token(step, ids_B, live_B)` sees each step's tokens (padding rows included: only the
+    first B are real)."""
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not ids or min(len(i) for i in ids) == 0:
@@ -201,7 +203,11 @@ class Engine:
           )
           args = jax.device_put(args, rows_sh)
         out, counts = jax.device_get(
-            program(self.params, *args, jax.random.key(seed))
+            program(
+                self.params,
+                *args,
+                jax.random.key(seed) if key is None else key,
+            )
         )
         jax.effects_barrier()
       finally:
