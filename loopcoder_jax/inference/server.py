@@ -163,9 +163,8 @@ def create_app(
     try:
       scheduler.check(request)
     except ValueError as e:
-      raise ApiError(
-          400, str(e), "invalid_request_error", "max_tokens"
-      ) from None
+      param = "max_tokens" if "max_tokens" in str(e) else "prompt"
+      raise ApiError(400, str(e), "invalid_request_error", param) from None
     return request
 
   async def run(request: batching.Request):
