@@ -372,8 +372,30 @@ class Scheduler:
 
   # ----------------------------------------------------------------------------------- the loop
   def start(self) -> None:
-    """Compile and run the loop on its own thread."""
-    self._cache = self.programs.init_slots()
+    """Compile every program (one dummy request's worth), then run the loop on its own thread."""
+    p, params = self.programs, self.engine.params
+    settings = (np.zeros(1, np.float32), np.ones(1, np.float32))
+    row = p.init_row()
+    one = np.ones(1, np.int32)
+    seed = np.zeros(1, np.uint32)
+    _, row = p.prefill(
+        params, row, np.zeros((1, p.chunk), np.int32), one, *settings, seed
+    )
+    cache = p.insert(p.init_slots(), row, np.int32(0))
+    b = self.slots
+    zeros = np.zeros(b, np.int32)
+    out, cache = p.step(
+        params,
+        cache,
+        zeros,
+        np.zeros(b, bool),
+        np.zeros(b, np.float32),
+        np.ones(b, np.float32),
+        zeros.astype(np.uint32),
+        zeros,
+    )
+    jax.block_until_ready(out)
+    self._cache = p.init_slots()
     self._thread = threading.Thread(
         target=self._run, name="scheduler", daemon=True
     )

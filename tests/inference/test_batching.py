@@ -7,6 +7,7 @@ import pytest
 from loopcoder_jax.inference import batching, engine
 from loopcoder_jax.inference.cache import PER_LAYER, STACKED
 from loopcoder_jax.model import sharding
+from tests.inference.compiles import compiles
 
 CHUNK = 8
 OTHERS = [
@@ -70,6 +71,16 @@ def test_greedy_text_alone_equals_among_16_others(served, serve_model):
   assert ends[0].reason in ("stop", "length") and ends[0].completion_tokens > 0
   # and the same text as the engine's batch program (same prefill chunks)
   assert alone[0] == eng.complete([prompt], max_new_tokens=10)[0]
+
+
+def test_started_means_compiled(served, serve_model):
+  """`start` compiled every program: requests of any shape compile nothing."""
+  _, sched = served
+  tok = serve_model[2]
+  _, n = compiles(
+      lambda: _run(sched, tok, OTHERS[:6], max_tokens=3, seed=3, top_p=0.5)
+  )
+  assert n == 0
 
 
 def test_seeded_sampling_is_the_requests_own(served, serve_model):

@@ -4,22 +4,7 @@ import jax
 import pytest
 
 from loopcoder_jax.inference import decode, engine, generation, sampling
-
-_COMPILE_EVENTS = (
-    "/jax/core/compile/jaxpr_trace_duration",
-    "/jax/core/compile/backend_compile_duration",
-)
-_seen: list[str] = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *a, **kw: _seen.append(name)
-)
-
-
-def _compiles(fn):
-  """fn() and how many programs JAX traced or compiled while it ran."""
-  start = len(_seen)
-  out = fn()
-  return out, sum(e in _COMPILE_EVENTS for e in _seen[start:])
+from tests.inference.compiles import compiles
 
 
 def test_bucket_rounds_up_to_powers_of_two():
@@ -37,19 +22,19 @@ def test_bucket_rounds_up_to_powers_of_two():
 def test_a_second_call_in_the_bucket_compiles_nothing(serve_model):
   cfg, params, tok, _ = serve_model
   eng = engine.Engine(cfg, params, tok)
-  first, n_first = _compiles(
+  first, n_first = compiles(
       lambda: eng.complete(["def add("], max_new_tokens=5)
   )
   assert n_first > 0 and len(eng.programs) == 1
   # another prompt length and budget within the same buckets
-  again, n_again = _compiles(
+  again, n_again = compiles(
       lambda: eng.complete(["for i in range"], max_new_tokens=7)
   )
   assert n_again == 0 and len(eng.programs) == 1 and len(again) == 1
-  same, n_same = _compiles(lambda: eng.complete(["def add("], max_new_tokens=5))
+  same, n_same = compiles(lambda: eng.complete(["def add("], max_new_tokens=5))
   assert n_same == 0 and same == first
   # two rows: a new bucket, one more program
-  _, n_rows = _compiles(lambda: eng.complete(["a", "b"], max_new_tokens=5))
+  _, n_rows = compiles(lambda: eng.complete(["a", "b"], max_new_tokens=5))
   assert n_rows > 0 and len(eng.programs) == 2
 
 
@@ -57,7 +42,7 @@ def test_generation_complete_reuses_its_engine(serve_model):
   cfg, params, tok, _ = serve_model
   generation.clear_engines()
   first = generation.complete(cfg, params, tok, ["def add("], max_new_tokens=6)
-  again, n = _compiles(
+  again, n = compiles(
       lambda: generation.complete(cfg, params, tok, ["for i"], max_new_tokens=7)
   )
   assert n == 0 and len(again) == 1 and isinstance(first[0], str)
@@ -99,7 +84,7 @@ def test_stop_strings_and_streaming_share_programs(serve_model):
       ["def add("], max_new_tokens=8, stop=[stop], on_text=pieces.append
   )[0]
   assert cut == full[: full.find(stop)] and "".join(pieces) == cut
-  _, n = _compiles(
+  _, n = compiles(
       lambda: eng.complete(["for"], max_new_tokens=8, stop=["x"], on_text=len)
   )
   assert n == 0
