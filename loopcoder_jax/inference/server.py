@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 import json
+import random
 import time
 from typing import Any, Literal
 import uuid
@@ -158,7 +159,8 @@ def create_app(
         temperature=body.temperature,
         top_p=body.top_p,
         stop=tuple(body.stop or ()),
-        seed=0 if body.seed is None else body.seed,
+        # unseeded requests differ from one another, as OpenAI's do
+        seed=random.getrandbits(32) if body.seed is None else body.seed,
     )
     try:
       scheduler.check(request)
