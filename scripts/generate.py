@@ -75,7 +75,7 @@ _TOKENIZER = flags.DEFINE_string(
 
 def main():
   from loopcoder_jax import interop
-  from loopcoder_jax.inference import generation, sampling
+  from loopcoder_jax.inference import engine, generation, sampling
   from loopcoder_jax.model import sharding
 
   sampler = sampling.make_sampler(
@@ -95,19 +95,21 @@ def main():
   stream = len(prompts) == 1
   if stream:
     print(prompts[0], end="", flush=True)
-  texts = generation.complete(
+  eng = engine.Engine(
       cfg,
       params,
       tok,
+      mesh=mesh,
+      mode=_MODE.value,
+      prefill_chunk=_PREFILL_CHUNK.value,
+  )
+  texts = eng.complete(
       _PROMPT.value,
       max_new_tokens=_MAX_NEW.value,
       sampler=sampler,
       chat=_CHAT.value,
-      mode=_MODE.value,
-      prefill_chunk=_PREFILL_CHUNK.value,
       seed=_SEED.value,
       on_text=(lambda s: print(s, end="", flush=True)) if stream else None,
-      mesh=mesh,
   )
   if stream:
     print()

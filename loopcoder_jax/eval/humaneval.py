@@ -23,20 +23,16 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from loopcoder_jax.data.tokenizer import Tokenizer
 from loopcoder_jax.eval import sandbox
-from loopcoder_jax.inference import decode, generation, sampling
+from loopcoder_jax.inference import generation, sampling
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.model.transformer import unstack_layers
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint")
 _FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
-# prompts are right-padded to a multiple of this: one compiled program per length bucket
-_BUCKET = 128
 
 
 # ------------------------------------------------------------------------------------- problems
@@ -195,36 +191,6 @@ def score_samples(
 
 
 # ------------------------------------------------------------------------------------- generation
-class _Program:
-  """prefill + decode loop, compiled once per (rows, bucketed prompt length)."""
-
-  def __init__(self, cfg, sampler, rule, max_new_tokens: int, pad: int):
-    self.compiled: dict[tuple[int, ...], jax.stages.Compiled] = {}
-    self.compile_s = 0.0
-
-    def run(params, tokens_BxP, lengths_B, key):
-      max_len = tokens_BxP.shape[1] + max_new_tokens
-      logits, cache = decode.prefill(
-          cfg, params, tokens_BxP, lengths_B, max_len
-      )
-      ids, counts, _ = decode.generate(
-          cfg, params, cache, logits, key, sampler, rule, pad_id=pad
-      )
-      return ids, counts
-
-    self.run = jax.jit(run)
-
-  def __call__(self, params, tokens_BxP, lengths_B, key):
-    shape = tokens_BxP.shape
-    if shape not in self.compiled:
-      t = time.perf_counter()
-      self.compiled[shape] = self.run.lower(
-          params, tokens_BxP, lengths_B, key
-      ).compile()
-      self.compile_s += time.perf_counter() - t
-    return self.compiled[shape](params, tokens_BxP, lengths_B, key)
-
-
 def generate_samples(
     cfg: PLTConfig,
     params,
@@ -261,20 +227,9 @@ def generate_samples(
         f"max_new_tokens={max_new_tokens} exceed the model's "
         f"max_position_embeddings={cfg.max_position_embeddings}"
     )
-  stop_ids = tuple(sorted(set(tok.eos_ids) | set(cfg.eos_ids)))
-  watch = generation.StopWatch(tok, STOP_SEQUENCES, stop_ids)
-  pad = tok.pad_id if tok.pad_id is not None else 0
-  program = _Program(
-      cfg,
-      sampler,
-      generation.TextStop(max_new_tokens, stop_ids, watch),
-      max_new_tokens,
-      pad,
-  )
-  # per-layer buffers decode faster on XLA:CPU (as generation.complete does)
-  if jax.default_backend() == "cpu":
-    params = unstack_layers(params)
-
+  # one engine: programs compiled once per (rows, prompt length) bucket
+  engine = generation.engine_for(cfg, params, tok)
+  compile_before = engine.compile_s
   rows = sorted(
       ((i, j) for i in range(len(problems)) for j in range(n_samples)),
       key=lambda r: len(ids[r[0]]),
@@ -286,28 +241,23 @@ def generate_samples(
   )
   for start in range(0, len(rows), batch_size):
     batch = rows[start : start + batch_size]
-    # full batches only: one compiled shape per bucket (the padding rows are dropped)
-    filled = batch + [batch[-1]] * (batch_size - len(batch))
-    plen = max(len(ids[i]) for i, _ in filled)
-    width = min(-(-plen // _BUCKET) * _BUCKET, room)
-    tokens_BxP = np.full((batch_size, width), pad, np.int32)
-    for b, (i, _) in enumerate(filled):
-      tokens_BxP[b, : len(ids[i])] = ids[i]
-    lengths_B = np.asarray([len(ids[i]) for i, _ in filled], np.int32)
     key = jax.random.fold_in(jax.random.key(seed), start // batch_size)
-    watch.reset(batch_size)
-    before = program.compile_s
+    before = engine.compile_s
     t = time.perf_counter()
-    out_ids, counts = jax.device_get(
-        program(params, jnp.asarray(tokens_BxP), jnp.asarray(lengths_B), key)
+    out_ids, counts = engine.generate_ids(
+        [ids[i] for i, _ in batch],
+        max_new_tokens=max_new_tokens,
+        sampler=sampler,
+        key=key,
+        stop=STOP_SEQUENCES,
     )
-    decode_s += time.perf_counter() - t - (program.compile_s - before)
+    decode_s += time.perf_counter() - t - (engine.compile_s - before)
     steps += int(counts.max())  # the loop runs until its longest row ends
     for b, row in enumerate(batch):
       n = int(counts[b])
       tokens += n
       text = tok.decode(
-          [int(x) for x in out_ids[b, :n] if int(x) not in stop_ids]
+          [int(x) for x in out_ids[b, :n] if int(x) not in engine.stop_ids]
       )
       texts[row] = generation.truncate(text, STOP_SEQUENCES)
     bar.update(len(batch))
@@ -323,6 +273,6 @@ def generate_samples(
       "decode_s": decode_s,
       "tokens_per_s": tokens / decode_s if decode_s > 0 else math.nan,
       "steps_per_s": steps / decode_s if decode_s > 0 else math.nan,
-      "compile_s": program.compile_s,
+      "compile_s": engine.compile_s - compile_before,
   }
   return samples, stats

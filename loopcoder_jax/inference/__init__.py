@@ -1,5 +1,13 @@
-"""Inference: the PLT KV cache, prefill and batched-loop decoding, samplers, text completion."""
+"""Inference: the PLT KV cache, prefill and batched-loop decoding, samplers, text completion, the
+engine (compiled once per shape bucket) and continuous batching. The HTTP server
+(`inference.server`, `inference.serving`) needs the `serve` extra and is imported on its own.
+"""
 
+from loopcoder_jax.inference.batching import (
+    QueueFull,
+    Request,
+    Scheduler,
+)
 from loopcoder_jax.inference.cache import (
     LAYOUTS,
     PER_LAYER,
@@ -24,6 +32,7 @@ from loopcoder_jax.inference.decode import (
     prefill_and_generate,
     serving_shardings,
 )
+from loopcoder_jax.inference.engine import Engine
 from loopcoder_jax.inference.generation import (
     StopWatch,
     TextStop,
@@ -47,8 +56,12 @@ __all__ = [
     "STACKED",
     "Cache",
     "CacheKV",
+    "Engine",
     "Greedy",
     "Layout",
+    "QueueFull",
+    "Request",
+    "Scheduler",
     "StopRule",
     "StopWatch",
     "Temperature",

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from loopcoder_jax.inference.cache import (
+    PER_LAYER,
+    STACKED,
     Cache,
     CacheKV,
     cache_shapes,
@@ -42,7 +44,6 @@ from loopcoder_jax.model.kv import SequenceKV, stack_records
 from loopcoder_jax.model.transformer import (
     PLTForCausalLM,
     abstract_params,
-    unstack_layers,
 )
 
 MODES = ("batched", "serial")
@@ -78,16 +79,28 @@ def extend(
 
 
 def decode_step(
-    cfg: PLTConfig, params, cache: Cache, tokens_B, mode: str = "batched"
+    cfg: PLTConfig,
+    params,
+    cache: Cache,
+    tokens_B,
+    mode: str = "batched",
+    active_B=None,
 ):
-  """One new token per row at position `cache.lengths`: logits `[B, V]` and the updated cache."""
+  """One new token per row at position `cache.lengths`: logits `[B, V]` and the updated cache.
+
+  Rows where `active_B` (bool `[B]`) is False keep their length, ring and carry (a free slot of
+  continuous batching); their loop-1 K/V land at their length, beyond what any mask shows.
+  """
   _check_mode(mode)
   check_layout(cache, params)
   kv = CacheKV.start(cfg, cache, 1, loops_as_rows=mode == "batched")
   logits, aux = PLTForCausalLM(cfg).apply(
       {"params": params}, tokens_B[:, None], positions=kv.pos_BxC, kv=kv
   )
-  return logits[:, 0], aux["kv"].commit(jnp.ones(tokens_B.shape, jnp.int32))
+  n_B = jnp.ones(tokens_B.shape, jnp.int32)
+  if active_B is not None:
+    n_B = active_B.astype(jnp.int32)
+  return logits[:, 0], aux["kv"].commit(n_B)
 
 
 def prefill(
@@ -169,6 +182,7 @@ def generate(
     callback: Callable[..., Any] | None = None,
     pad_id: int = 0,
     ordered: bool = True,
+    limits_B=None,
 ):
   """Sample up to `stop.max_new_tokens` per row in one `lax.while_loop` (static shapes).
 
@@ -177,8 +191,10 @@ def generate(
   then emits `pad_id` and the loop ends when every row has stopped. `callback(step, ids_B, live_B)`
   streams each new token to the host through a `jax.debug.callback` (the whole loop stays one
   device program; only B ints cross per step), an ordered one unless `ordered=False` (JAX orders
-  them on one device only; `in_step_order` restores the order on the host). Returns (ids
-  `[B, max_new_tokens]`, counts `[B]` of real tokens including the stop id, cache).
+  them on one device only; `in_step_order` restores the order on the host). `limits_B` (int32
+  `[B]`, each at most `max_new_tokens`) ends rows sooner, so one compiled loop serves any smaller
+  budget. Returns (ids `[B, max_new_tokens]`, counts `[B]` of real tokens including the stop id,
+  cache).
   """
   _check_mode(mode)
   b = logits_BxV.shape[0]
@@ -198,6 +214,8 @@ def generate(
     ids = ids.at[:, step].set(tok)
     counts = counts + live
     done = done | stop.is_stop(tok)
+    if limits_B is not None:
+      done = done | (counts >= limits_B)
     logits, cache = decode_step(cfg, params, cache, tok, mode)
     return step + 1, ids, done, counts, cache, logits, key
 
@@ -229,6 +247,82 @@ def in_step_order(callback: Callable[..., Any]) -> Callable[..., Any]:
   return call
 
 
+def generation_program(
+    cfg: PLTConfig,
+    sampler,
+    stop: StopRule,
+    *,
+    max_len: int,
+    mode: str = "batched",
+    prefill_chunk: int = 0,
+    callback: Callable[..., Any] | None = None,
+    pad_id: int = 0,
+    cache_sharding: Cache | None = None,
+):
+  """The pure function `prefill` then `generate`: `run(params, tokens_BxP, lengths_B, limits_B,
+  key) -> (ids [B, max_new_tokens], counts [B])`, for `jax.jit` (its settings are all static).
+
+  `cache_sharding` (a mesh's `serving_shardings` cache) pins the cache on the mesh; host callbacks
+  are then unordered (JAX orders them on one device only), so wrap `callback` in `in_step_order`.
+  """
+  _check_mode(mode)
+
+  def run(params, tokens_BxP, lengths_B, limits_B, key):
+    with mesh_context(cache_sharding):
+      logits, cache = prefill(
+          cfg, params, tokens_BxP, lengths_B, max_len, prefill_chunk
+      )
+      if cache_sharding is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+      ids, counts, _ = generate(
+          cfg,
+          params,
+          cache,
+          logits,
+          key,
+          sampler,
+          stop,
+          mode,
+          callback,
+          pad_id,
+          ordered=cache_sharding is None,
+          limits_B=limits_B,
+      )
+    return ids, counts
+
+  return run
+
+
+def serving_params(params, mesh: Mesh | None, layout=None):
+  """Params as decoding wants them: per-layer on CPU without a mesh (XLA:CPU decodes 1.2-2.6x
+  faster with per-layer buffers: it copies slices of stacked ones at every step), else stacked
+  (one compiled layer, and the layout mesh shardings describe); `layout` overrides the choice.
+  """
+  if layout is None:
+    cpu = jax.default_backend() == "cpu" and mesh is None
+    layout = PER_LAYER if cpu else STACKED
+  if mesh is not None and layout is PER_LAYER:
+    raise ValueError("a mesh serves the stacked layout only (its shardings)")
+  return layout.params(params)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_program(cfg, sampler, stop, settings, mesh, rules, batch):
+  """One jitted `generation_program` per distinct settings (reused across calls)."""
+  jit_kw: dict[str, Any] = {}
+  cache_sharding = None
+  if mesh is not None:
+    p_sh, cache_sharding, rows = serving_shardings(cfg, mesh, batch, rules)
+    jit_kw = dict(
+        in_shardings=(p_sh, rows, rows, rows, None),
+        out_shardings=sharding.replicated(mesh),
+    )
+  program = generation_program(
+      cfg, sampler, stop, cache_sharding=cache_sharding, **dict(settings)
+  )
+  return jax.jit(program, **jit_kw)
+
+
 def prefill_and_generate(
     cfg: PLTConfig,
     params,
@@ -250,54 +344,33 @@ def prefill_and_generate(
 
   With a `mesh` of more than one device it runs sharded as `serving_shardings` places params,
   cache and rows (params are moved there unless they already are, e.g. by
-  `interop.load(..., mesh=)`). Otherwise, on CPU, params and cache take the per-layer layout
-  (XLA:CPU decodes 1.2-2.6x faster with per-layer buffers: it copies slices of stacked ones at
-  every step); accelerators and meshes keep the stacked layout (one compiled layer, and the
-  layout the shardings describe). `callback` as in `generate`, called in step order.
+  `interop.load(..., mesh=)`); otherwise params and cache take `serving_params`' layout.
+  `callback` as in `generate`, called in step order. The jitted program is kept per settings
+  (the same `callback` object reuses it); `engine.Engine` also buckets shapes and owns its
+  compiled programs: what repeated callers should use.
   """
   if mesh is not None and mesh.size == 1:
     mesh = None
-  if jax.default_backend() == "cpu" and mesh is None:
-    params = unstack_layers(params)
-  place_cache = None
-  jit_kw: dict[str, Any] = {}
+  params = serving_params(params, mesh)
+  batch = tokens_BxP.shape[0]
+  limits_B = jnp.full((batch,), stop.max_new_tokens, jnp.int32)
   if mesh is not None:
-    p_sh, place_cache, rows = serving_shardings(
-        cfg, mesh, tokens_BxP.shape[0], rules
-    )
+    p_sh, _, rows = serving_shardings(cfg, mesh, batch, rules)
     params = jax.device_put(params, p_sh)
-    tokens_BxP, lengths_B = jax.device_put((tokens_BxP, lengths_B), rows)
+    tokens_BxP, lengths_B, limits_B = jax.device_put(
+        (tokens_BxP, lengths_B, limits_B), rows
+    )
     if callback is not None:
       callback = in_step_order(callback)
-    jit_kw = dict(
-        in_shardings=(p_sh, rows, rows, None),
-        out_shardings=sharding.replicated(mesh),
-    )
-
-  @functools.partial(jax.jit, **jit_kw)
-  def run(params, tokens_BxP, lengths_B, key):
-    with mesh_context(place_cache):
-      logits, cache = prefill(
-          cfg, params, tokens_BxP, lengths_B, max_len, prefill_chunk
-      )
-      if place_cache is not None:
-        cache = jax.lax.with_sharding_constraint(cache, place_cache)
-      ids, counts, _ = generate(
-          cfg,
-          params,
-          cache,
-          logits,
-          key,
-          sampler,
-          stop,
-          mode,
-          callback,
-          pad_id,
-          ordered=mesh is None,
-      )
-    return ids, counts
-
-  return run(params, tokens_BxP, lengths_B, key)
+  settings = (
+      ("max_len", max_len),
+      ("mode", mode),
+      ("prefill_chunk", prefill_chunk),
+      ("callback", callback),
+      ("pad_id", pad_id),
+  )
+  run = _jitted_program(cfg, sampler, stop, settings, mesh, rules, batch)
+  return run(params, tokens_BxP, lengths_B, limits_B, key)
 
 
 # ------------------------------------------------------------------------------------- serving

@@ -2,10 +2,10 @@
 
     texts = complete(cfg, params, tokenizer, ["def fib(n):"], max_new_tokens=64)
 
-One jitted program per call (`decode.prefill_and_generate`): prefill (whole prompt or chunks), then
-the decode loop with static shapes, sharded over a `mesh` when one is given. With `on_text` set and a
-single prompt, the completion is streamed: the loop's host callback hands over each token and
-`on_text` receives each new piece of decoded text.
+`complete` runs on a cached `engine.Engine` (compiled once per shape bucket): prefill (whole prompt
+or chunks), then the decode loop with static shapes, sharded over a `mesh` when one is given. With
+`on_text` set and a single prompt, the completion is streamed: the loop's host callback hands over
+each token and `on_text` receives each new piece of decoded text.
 
 Stop strings (`stop=("\ndef",)`) are text-level, so they are checked on the host: `TextStop` is a
 `StopRule` whose `is_stop` also asks the host (an `io_callback` per decode step) whether a row's
@@ -15,6 +15,7 @@ row has, and the text is cut where the first stop string starts.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 import dataclasses
 
@@ -25,7 +26,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from loopcoder_jax.data.tokenizer import Tokenizer
-from loopcoder_jax.inference import decode, sampling
+from loopcoder_jax.inference import sampling
 from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
 
@@ -103,10 +104,12 @@ class StopWatch:
 
 @dataclasses.dataclass(frozen=True)
 class TextStop(sampling.StopRule):
-  """A StopRule that also ends a row once its decoded text holds one of `watch.stops`."""
+  """A StopRule that also ends a row once `watch(ids_B)` (a `StopWatch`, or any host callable
+  returning `[B]` bool) says its decoded text holds a stop string."""
 
-  # compared by identity: each rule keeps its own host state
-  watch: StopWatch | None = None
+  # compared by equality: a `StopWatch` by identity (each keeps its own host state), an engine's
+  # bound method by its engine, so the engine's compiled programs keep one rule
+  watch: Callable[..., np.ndarray] | None = None
 
   def is_stop(self, ids_B):
     hit = super().is_stop(ids_B)
@@ -116,6 +119,53 @@ class TextStop(sampling.StopRule):
         self.watch, jax.ShapeDtypeStruct(ids_B.shape, jnp.bool_), ids_B
     )
     return hit | host
+
+
+_ENGINES: collections.OrderedDict = collections.OrderedDict()
+_ENGINES_KEPT = (
+    2  # the last engines' params stay referenced (and placed) while cached
+)
+
+
+def engine_for(
+    cfg: PLTConfig,
+    params,
+    tok: Tokenizer,
+    *,
+    mode: str = "batched",
+    prefill_chunk: int = 0,
+    mesh: Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+):
+  """The cached `engine.Engine` of these arguments (params and tokenizer by identity): repeated
+  calls with the same model reuse its compiled programs. `clear_engines()` drops them.
+  """
+  from loopcoder_jax.inference.engine import (
+      Engine,  # engine imports this module
+  )
+
+  key = (cfg, id(params), id(tok), mode, prefill_chunk, mesh, rules)
+  if key in _ENGINES:
+    _ENGINES.move_to_end(key)
+    return _ENGINES[key][0]
+  engine = Engine(
+      cfg,
+      params,
+      tok,
+      mesh=mesh,
+      rules=rules,
+      mode=mode,
+      prefill_chunk=prefill_chunk,
+  )
+  # the key's ids stay valid while `params` and `tok` are held here
+  _ENGINES[key] = (engine, params, tok)
+  while len(_ENGINES) > _ENGINES_KEPT:
+    _ENGINES.popitem(last=False)
+  return engine
+
+
+def clear_engines() -> None:
+  _ENGINES.clear()
 
 
 def complete(
@@ -136,79 +186,30 @@ def complete(
     mesh: Mesh | None = None,
     rules=sharding.DEFAULT_RULES,
 ) -> list[str]:
-  """Completions (without the prompt, stop tokens removed) for a batch of prompts.
+  """Completions (without the prompt, stop tokens removed) for a batch of prompts, by the cached
+  engine of (cfg, params, tok, mode, prefill_chunk, mesh, rules): `engine.Engine.complete`.
 
   With `stop` strings, each completion ends before the first one it produces (and decoding of a
   row ends as soon as its text holds one). `mesh` and `rules` as in `decode.prefill_and_generate`.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if prefill_chunk < 0:
-    raise ValueError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
-  sampler = sampler or sampling.Greedy()
-  _, ids = encode_prompts(tok, prompts, chat, add_bos)
-  plen = max(len(i) for i in ids)
-  max_len = plen + max_new_tokens
-  if max_len > cfg.max_position_embeddings:
-    raise ValueError(
-        f"prompt ({plen} tokens) + max_new_tokens={max_new_tokens} exceed the model's "
-        f"max_position_embeddings={cfg.max_position_embeddings}"
-    )
-  stop_ids = tuple(sorted(set(tok.eos_ids) | set(cfg.eos_ids)))
-  watch = StopWatch(tok, stop, stop_ids) if stop else None
-  if watch is not None:
-    watch.reset(len(ids))
-  rule = TextStop(max_new_tokens, stop_ids, watch)
-  # a stop string may be forming: its first characters are held back while streaming
-  hold = max((len(s) for s in stop), default=1) - 1
-  pad = tok.pad_id if tok.pad_id is not None else 0
-  tokens = jnp.asarray([i + [pad] * (plen - len(i)) for i in ids], jnp.int32)
-  lengths = jnp.asarray([len(i) for i in ids], jnp.int32)
-
-  stream = on_text is not None and len(ids) == 1
-  streamed: list[int] = []
-  shown = [""]
-
-  # host side: decode all so far, hand over the new suffix
-  def on_token(step, ids_B, live_B):
-    del step
-    if live_B[0] and int(ids_B[0]) not in rule.stop_ids:
-      streamed.append(int(ids_B[0]))
-      text = tok.decode(streamed)
-      # wait for the rest of a multi-byte character
-      if not text.endswith("\ufffd"):
-        cut = truncate(text, stop)
-        safe = cut if len(cut) < len(text) else text[: len(text) - hold]
-        if len(safe) > len(shown[0]):
-          on_text(safe[len(shown[0]) :])
-          shown[0] = safe
-
-  out_ids, counts = jax.device_get(
-      decode.prefill_and_generate(
-          cfg,
-          params,
-          tokens,
-          lengths,
-          jax.random.key(seed),
-          sampler,
-          rule,
-          max_len=max_len,
-          mode=mode,
-          prefill_chunk=prefill_chunk,
-          callback=on_token if stream else None,
-          pad_id=pad,
-          mesh=mesh,
-          rules=rules,
-      )
+  engine = engine_for(
+      cfg,
+      params,
+      tok,
+      mode=mode,
+      prefill_chunk=prefill_chunk,
+      mesh=mesh,
+      rules=rules,
   )
-  jax.effects_barrier()
-  texts = [
-      truncate(
-          tok.decode([int(t) for t in row[:n] if int(t) not in rule.stop_ids]),
-          stop,
-      )
-      for row, n in zip(out_ids, counts)
-  ]
-  if on_text is not None and stream and texts[0] != shown[0]:
-    on_text(texts[0][len(shown[0]) :])
-  return texts
+  return engine.complete(
+      prompts,
+      max_new_tokens=max_new_tokens,
+      sampler=sampler,
+      chat=chat,
+      seed=seed,
+      add_bos=add_bos,
+      on_text=on_text,
+      stop=stop,
+  )

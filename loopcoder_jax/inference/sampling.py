@@ -127,3 +127,32 @@ class StopRule:
     if not self.stop_ids:
       return jnp.zeros(ids_B.shape, bool)
     return jnp.isin(ids_B, jnp.asarray(self.stop_ids, ids_B.dtype))
+
+
+def sample_rows(logits_BxV, temperature_B, top_p_B, keys_B):
+  """One token per row, each row by its own settings (continuous batching mixes requests).
+
+  Row b is greedy where `temperature_B[b] == 0`, else nucleus sampling (`top_p_B[b]`, 1 = off)
+  from softmax(logits / temperature) with its own key (`keys_B[b]`), so a row's token never
+  depends on the other rows.
+  """
+  greedy = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  t_Bx1 = jnp.maximum(temperature_B.astype(jnp.float32), 1e-6)[:, None]
+  x = logits_BxV.astype(jnp.float32) / t_Bx1
+  sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_x, axis=-1)
+  before = (
+      jnp.cumsum(probs, axis=-1) - probs
+  )  # mass of strictly more likely tokens
+  keep = before < top_p_B.astype(jnp.float32)[:, None]
+  cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+  x = jnp.where(x >= cutoff, x, _NEG_INF)
+  sampled = jax.vmap(jax.random.categorical)(keys_B, x).astype(jnp.int32)
+  return jnp.where(temperature_B > 0, sampled, greedy)
+
+
+def request_keys(seeds_B, counts_B):
+  """Key of each row's next token: its request's seed folded with the tokens it has sampled."""
+  return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(
+      seeds_B.astype(jnp.uint32), counts_B
+  )

@@ -1,0 +1,205 @@
+"""Serving benchmark: the same server for R1, PLT-2 and serial R=2 (same weights), N concurrent
+streaming clients; throughput, time to first token and inter-token latency.
+
+    python scripts/bench_serve.py [--checkpoint=DIR] [--clients=1,8,32,64] [--max_tokens=64]
+        [--prompt_tokens=32] [--slots=0] [--out=bench_serve.json]
+
+Each (config, N) starts a server on 127.0.0.1 (slots = N unless --slots), warms it up with one
+request, then N clients each stream one completion of `max_tokens` tokens (greedy; a client whose
+request ends at EOS counts the tokens it got). Throughput is completion tokens over the wall time
+from the first request to the last token; TTFT runs from a request to its first token, the
+inter-token latency between two streamed chunks of a request (p50 / p99 over every request).
+Without --checkpoint, a random model of --hidden/--layers/--vocab is used (the tokenizer is a byte
+BPE trained on a few lines). The configs: R1 (the weights run with one loop), PLT-2 (two loops,
+batched: one pass over the weights per token) and serial (two loops, one pass per loop). Prints a
+table and writes JSON (one record per config and N, plus the ratios at each N).
+Targets (a TPU's; docs/benchmarks.md): PLT-2 >= 0.87x R1 and >= 1.6x serial at >= 32 clients.
+"""
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+
+from absl import flags
+import numpy as np
+
+from loopcoder_jax import cli
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Checkpoint directory (default: a random model)."
+)
+_CLIENTS = cli.define_int_list(
+    "clients", [1, 8, 32, 64], "Concurrent streaming clients."
+)
+_MAX_TOKENS = flags.DEFINE_integer(
+    "max_tokens", 64, "Tokens per completion.", lower_bound=1
+)
+_PROMPT_TOKENS = flags.DEFINE_integer(
+    "prompt_tokens", 32, "Prompt length in tokens (about).", lower_bound=1
+)
+_SLOTS = flags.DEFINE_integer(
+    "slots", 0, "Server slots (0: as many as clients).", lower_bound=0
+)
+_HIDDEN = flags.DEFINE_integer("hidden", 256, "Random model: hidden size.")
+_LAYERS = flags.DEFINE_integer("layers", 4, "Random model: layers.")
+_VOCAB = flags.DEFINE_integer("vocab", 512, "Random model: vocabulary size.")
+_OUT = flags.DEFINE_string("out", None, "Write the JSON here too.")
+
+CONFIGS = (
+    ("R1", 1, "batched"),
+    ("PLT-2", 2, "batched"),
+    ("serial", 2, "serial"),
+)
+
+
+def _random_model(workdir):
+  import jax
+
+  from loopcoder_jax.data import tokenizer
+  from loopcoder_jax.model.config import PLTConfig
+  from loopcoder_jax.model.transformer import init_params
+
+  lines = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)]
+  tok = tokenizer.train_bpe(lines, _VOCAB.value, os.path.join(workdir, "tok"))
+  heads = max(1, _HIDDEN.value // 64)
+  cfg = PLTConfig.tiny(
+      loops=2,
+      vocab_size=tok.vocab_size,
+      hidden_size=_HIDDEN.value,
+      intermediate_size=4 * _HIDDEN.value,
+      num_hidden_layers=_LAYERS.value,
+      num_attention_heads=heads,
+      num_key_value_heads=heads,
+      head_dim=64,
+      max_position_embeddings=1024,
+      eos_token_id=tok.eos_id,
+  )
+  return cfg, init_params(cfg, jax.random.key(0)), tok
+
+
+def _servers(slots, loops, mode, model):
+  from loopcoder_jax.inference import serving
+
+  # room for the prompt (re-encoded text may take a few more tokens) and the completion
+  room = 2 * _PROMPT_TOKENS.value + _MAX_TOKENS.value
+  kw = dict(
+      model_name="bench", slots=slots, mode=mode, max_queue=1024, max_len=room
+  )
+  if model is None:
+    return serving.build(_CHECKPOINT.value, loops=loops, **kw)
+  cfg, params, tok = model
+  return serving.from_params(
+      cfg.replace(plt_num_loops=loops), params, tok, **kw
+  )
+
+
+async def _stream(client, url, prompt, max_tokens):
+  """One streamed completion: (request start, token arrival times, completion tokens)."""
+  body = {
+      "model": "bench",
+      "prompt": prompt,
+      "max_tokens": max_tokens,
+      "temperature": 0,
+      "stream": True,
+  }
+  start, arrivals, used = time.perf_counter(), [], 0
+  async with client.stream("POST", url, json=body) as r:
+    r.raise_for_status()
+    async for line in r.aiter_lines():
+      if not line.startswith("data: ") or line == "data: [DONE]":
+        continue
+      chunk = json.loads(line[6:])
+      if chunk["choices"][0]["text"]:
+        arrivals.append(time.perf_counter())
+      if chunk.get("usage"):
+        used = chunk["usage"]["completion_tokens"]
+  return start, arrivals, used
+
+
+async def _clients(url, n, prompt, max_tokens):
+  import httpx
+
+  limits = httpx.Limits(max_connections=n + 1)
+  async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    await _stream(client, url, prompt, 2)  # warm: every program compiled
+    t0 = time.perf_counter()
+    runs = await asyncio.gather(
+        *(_stream(client, url, prompt, max_tokens) for _ in range(n))
+    )
+  end = max(a[-1] for _, a, _ in runs if a)
+  ttft = [a[0] - s for s, a, _ in runs if a]
+  itl = np.concatenate([np.diff(a) for _, a, _ in runs if len(a) > 1] or [[]])
+  tokens = sum(u for *_, u in runs)
+
+  def pct(x, q):
+    return float(np.percentile(x, q) * 1e3) if len(x) else float("nan")
+
+  return {
+      "clients": n,
+      "completion_tokens": tokens,
+      "tokens_per_s": tokens / (end - t0),
+      "ttft_ms_p50": pct(ttft, 50),
+      "ttft_ms_p99": pct(ttft, 99),
+      "itl_ms_p50": pct(itl, 50),
+      "itl_ms_p99": pct(itl, 99),
+  }
+
+
+def main():
+  from loopcoder_jax.inference import serving
+
+  with tempfile.TemporaryDirectory() as tmp:
+    model = None if _CHECKPOINT.value else _random_model(tmp)
+    records = []
+    for n in _CLIENTS.value:
+      for name, loops, mode in CONFIGS:
+        built = _servers(_SLOTS.value or n, loops, mode, model)
+        tok = built.engine.tokenizer
+        words = "def f(x):\n    return x + 1\n" * _PROMPT_TOKENS.value
+        prompt = tok.decode(tok.encode(words)[: _PROMPT_TOKENS.value])
+        try:
+          with serving.Running(built.app) as run:
+            rec = asyncio.run(
+                _clients(run.url + "/completions", n, prompt, _MAX_TOKENS.value)
+            )
+        finally:
+          built.scheduler.stop()
+        records.append({"config": name, "loops": loops, "mode": mode, **rec})
+        print(json.dumps(records[-1]), flush=True)
+  by = {(r["config"], r["clients"]): r["tokens_per_s"] for r in records}
+  ratios = [
+      {
+          "clients": n,
+          "plt2_over_r1": by["PLT-2", n] / by["R1", n],
+          "plt2_over_serial": by["PLT-2", n] / by["serial", n],
+      }
+      for n in _CLIENTS.value
+  ]
+  head = (
+      f"{'config':>7} {'N':>4} {'tok/s':>9} {'TTFT p50':>9} {'p99':>8} "
+      f"{'ITL p50':>8} {'p99':>8}  (ms)"
+  )
+  print(head)
+  for r in records:
+    print(
+        f"{r['config']:>7} {r['clients']:>4} {r['tokens_per_s']:>9.1f} "
+        f"{r['ttft_ms_p50']:>9.1f} {r['ttft_ms_p99']:>8.1f} "
+        f"{r['itl_ms_p50']:>8.1f} {r['itl_ms_p99']:>8.1f}"
+    )
+  for q in ratios:
+    print(
+        f"N={q['clients']:>3}: PLT-2 / R1 = {q['plt2_over_r1']:.2f}x (target >= "
+        f"0.87 at N >= 32), PLT-2 / serial = {q['plt2_over_serial']:.2f}x "
+        "(target >= 1.6)"
+    )
+  result = {"records": records, "ratios": ratios}
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  cli.run(main)
