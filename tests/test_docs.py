@@ -12,13 +12,20 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 TOP_LEVEL = (
-    "loopcoder_jax/", "pallas_kernels/", "scripts/", "configs/", "tests/",
-    "docs/", "notebooks/", ".ci/",
+    "loopcoder_jax/",
+    "pallas_kernels/",
+    "scripts/",
+    "configs/",
+    "tests/",
+    "docs/",
+    "notebooks/",
+    ".ci/",
 )
 # Rooms of the package, which the docs name without the `loopcoder_jax/` prefix.
 ROOMS = tuple(
-    f"{p.name}/" for p in (REPO / "loopcoder_jax").iterdir() if p.is_dir()
-    and not p.name.startswith("_")
+    f"{p.name}/"
+    for p in (REPO / "loopcoder_jax").iterdir()
+    if p.is_dir() and not p.name.startswith("_")
 )
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _CODE = re.compile(r"`([^`\n]+)`")
