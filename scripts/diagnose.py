@@ -62,9 +62,17 @@ def main():
   from loopcoder_jax.data import pipeline as data
   from loopcoder_jax.eval import diagnostics
 
-  if _PLOTS.value and os.path.exists(_PLOTS.value):
-    if not os.path.isdir(_PLOTS.value):
+  if (
+      _PLOTS.value
+  ):  # made before any computation: a path it cannot be fails here
+    if os.path.lexists(_PLOTS.value) and not os.path.isdir(_PLOTS.value):
       raise ValueError(f"--plots={_PLOTS.value} is a file, not a directory")
+    try:
+      os.makedirs(_PLOTS.value, exist_ok=True)
+    except OSError as e:
+      raise ValueError(
+          f"--plots={_PLOTS.value}: cannot make the directory ({e.strerror})"
+      ) from None
   cfg, params, tok = interop.load(_CHECKPOINT.value, loops=_LOOPS.value or None)
   if _SEQ_LEN.value > cfg.max_position_embeddings:
     raise ValueError(
@@ -91,7 +99,6 @@ def main():
   if _PLOTS.value:
     from loopcoder_jax.eval import plots
 
-    os.makedirs(_PLOTS.value, exist_ok=True)
     with open(os.path.join(_PLOTS.value, "diagnostics.json"), "w") as f:
       f.write(line + "\n")
     plots.diagnostics_plots(result, _PLOTS.value)

@@ -222,7 +222,7 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
       sys.executable,
       os.path.join(SCRIPTS, "loop_study.py"),
       f"--study_dir={study}",
-      f"--doc={doc}",
+      f"--report={doc}",
       "--loops=1,2",
       "--seeds=0",
       "--control_matches=0",
