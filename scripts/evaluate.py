@@ -202,7 +202,11 @@ class _Output:
       )
     self._dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(self._dir):
-      raise ValueError(f"--output {path}: directory {self._dir} does not exist")
+      raise ValueError(
+          f"--output {path}: {self._dir} is not a directory"
+          if os.path.lexists(self._dir)
+          else f"--output {path}: directory {self._dir} does not exist"
+      )
     self._samples = self._temp()
     self._stream = open(self._samples, "w", encoding="utf-8")
     self._size = 0  # the bytes of whole lines written
@@ -360,7 +364,6 @@ def _humaneval(ctrl_c: _CtrlC):
     raise ValueError(
         f"--k={','.join(map(str, bad))}: pass@k needs 1 <= k <= {n} (samples per problem)"
     )
-  _probe(sandbox, limits)
   output = _Output(_OUTPUT.value) if _OUTPUT.value else None
   summary = {"task": "humaneval", "problems": len(problems)}
   generated: dict[int, dict] = {}  # sample index -> sample, as they exist
@@ -376,6 +379,7 @@ def _humaneval(ctrl_c: _CtrlC):
     return [scored.get(i, generated[i]) for i in sorted(generated)]
 
   try:
+    _probe(sandbox, limits)
     if source:
       generated.update(enumerate(samples))
       summary["completions"] = source

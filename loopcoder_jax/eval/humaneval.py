@@ -225,7 +225,9 @@ def score_samples(
     raise ValueError(f"workers must be >= 1, got {workers}")
   limits = limits or sandbox.Limits()
   cancelled = threading.Event()
-  records: list[dict | None] = [None] * len(samples)
+  records: list[dict] = [{}] * len(
+      samples
+  )  # each replaced as its sample is scored
   pool = concurrent.futures.ThreadPoolExecutor(workers)
   bar = tqdm.tqdm(
       total=len(samples), desc="executing", unit="sample", disable=not progress
@@ -236,10 +238,10 @@ def score_samples(
       job = (by_id[s["task_id"]], s["completion"], limits, cancelled)
       futures[pool.submit(_check, *job)] = i
     for future in concurrent.futures.as_completed(futures):
-      i, s, r = futures[future], samples[futures[future]], future.result()
+      i, r = futures[future], future.result()
       records[i] = {
-          "task_id": s["task_id"],
-          "completion": s["completion"],
+          "task_id": samples[i]["task_id"],
+          "completion": samples[i]["completion"],
           "passed": r["passed"],
           "result": r["result"],
       }
@@ -257,7 +259,7 @@ def score_samples(
   finally:
     pool.shutdown()
     bar.close()
-  return records  # type: ignore[return-value]  # every one set
+  return records
 
 
 # ------------------------------------------------------------------------------------- generation
@@ -381,18 +383,17 @@ def generate_samples(
       texts[row] = generation.truncate(text, STOP_SEQUENCES)
     bar.update(len(batch))
     if on_batch is not None:
-      on_batch(
-          [
-              (
-                  i * n_samples + j,
-                  {
-                      "task_id": problems[i]["task_id"],
-                      "completion": texts[(i, j)],
-                  },
-              )
-              for i, j in batch
-          ]
-      )
+      made = [
+          (i * n_samples + j, {"task_id": problems[i]["task_id"]})
+          for i, j in batch
+      ]
+      for (_, sample), row in zip(made, batch):
+        sample["completion"] = texts[row]
+      try:
+        on_batch(made)
+      except BaseException:
+        bar.close()  # before whatever the caller prints
+        raise
   bar.close()
   samples = [
       {"task_id": p["task_id"], "completion": texts[(i, j)]}
