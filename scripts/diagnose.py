@@ -58,13 +58,8 @@ _PLOTS = flags.DEFINE_string(
 def main():
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-  from loopcoder_jax import interop
-  from loopcoder_jax.data import pipeline as data
-  from loopcoder_jax.eval import diagnostics
-
-  if (
-      _PLOTS.value
-  ):  # made before any computation: a path it cannot be fails here
+  # made before any computation (and JAX): a path it cannot be fails here
+  if _PLOTS.value:
     if os.path.lexists(_PLOTS.value) and not os.path.isdir(_PLOTS.value):
       raise ValueError(f"--plots={_PLOTS.value} is a file, not a directory")
     try:
@@ -73,6 +68,10 @@ def main():
       raise ValueError(
           f"--plots={_PLOTS.value}: cannot make the directory ({e.strerror})"
       ) from None
+  from loopcoder_jax import interop
+  from loopcoder_jax.data import pipeline as data
+  from loopcoder_jax.eval import diagnostics
+
   cfg, params, tok = interop.load(_CHECKPOINT.value, loops=_LOOPS.value or None)
   if _SEQ_LEN.value > cfg.max_position_embeddings:
     raise ValueError(

@@ -326,13 +326,7 @@ def _humaneval(ctrl_c: _CtrlC):
   from loopcoder_jax.eval import humaneval, sandbox
   from loopcoder_jax.inference import sampling
 
-  _refuse(_PERPLEXITY_FLAGS, "is for --task=perplexity")
   source = _COMPLETIONS.value
-  if source:
-    _refuse(
-        _GENERATION_FLAGS,
-        "is for generating; --completions scores the completions given",
-    )
   ks = _K.value
   limits = sandbox.Limits(timeout=_TIMEOUT.value, memory_mb=_MEMORY.value)
   if _WORKERS.value < 1:
@@ -489,7 +483,6 @@ def _humaneval(ctrl_c: _CtrlC):
 def _perplexity():
   from loopcoder_jax.eval import perplexity
 
-  _refuse(_HUMANEVAL_FLAGS, "is for --task=humaneval")
   cfg, params, tok = _load_model()
   seq_len = _SEQ_LEN.value or min(1024, cfg.max_position_embeddings)
   result = perplexity.held_out_perplexity(
@@ -513,8 +506,16 @@ def _perplexity():
 
 
 def main():
+  # flags of another mode, before JAX is loaded
   if _TASK.value == "perplexity":
+    _refuse(_HUMANEVAL_FLAGS, "is for --task=humaneval")
     return _perplexity()
+  _refuse(_PERPLEXITY_FLAGS, "is for --task=perplexity")
+  if _COMPLETIONS.value:
+    _refuse(
+        _GENERATION_FLAGS,
+        "is for generating; --completions scores the completions given",
+    )
   with _CtrlC() as ctrl_c:
     from loopcoder_jax.eval import sandbox
 
