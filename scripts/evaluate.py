@@ -182,6 +182,10 @@ class _CtrlC:
       self._anywhere = False
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class _OutputFailed(Exception):
   """Writing --output failed mid-run."""
 
@@ -207,77 +211,90 @@ class _Output:
           if os.path.lexists(self._dir)
           else f"--output {path}: directory {self._dir} does not exist"
       )
-    self._samples = self._temp()
-    self._stream = open(self._samples, "w", encoding="utf-8")
-    self._size = 0  # the bytes of whole lines written
+    try:
+      self._fd, self._samples = self._temp()
+    except ValueError as e:
+      raise ValueError(f"--output {path}: {e}") from None
+    self._size = 0  # bytes of whole lines in the temporary file
     self.written = 0  # samples in the temporary file
+    self.complete = False  # whether `save` wrote the records it was given
 
-  def _temp(self) -> str:
-    """A new empty file beside --output, with room for a first write (a full disk fails here)."""
+  def _temp(self) -> tuple[int, str]:
+    """A new empty file beside --output with room for a first write (a full disk fails here):
+    (descriptor, path)."""
     name = f".{os.path.basename(self.path)}."
+    fd = None
     try:
       fd, tmp = tempfile.mkstemp(suffix=".partial", prefix=name, dir=self._dir)
-    except OSError as e:
-      raise ValueError(
-          f"--output {self.path}: cannot write in {self._dir} ({e.strerror})"
-      ) from None
-    try:
+      os.fchmod(
+          fd, 0o666 & ~_UMASK
+      )  # as open() would make FILE (mkstemp: 0o600)
       os.posix_fallocate(fd, 0, 1 << 16)
       os.ftruncate(fd, 0)
     except OSError as e:
-      os.unlink(tmp)
-      raise ValueError(
-          f"--output {self.path}: cannot write in {self._dir} ({e.strerror})"
-      ) from None
-    finally:
-      os.close(fd)
-    return tmp
+      if fd is not None:
+        os.close(fd)
+        os.unlink(tmp)
+      raise ValueError(f"cannot write in {self._dir} ({e.strerror})") from None
+    return fd, tmp
 
   def add(self, samples) -> None:
-    """Appends the samples (a torn last line is cut off if the write fails)."""
-    text = "".join(json.dumps(s) + "\n" for s in samples)
+    """Appends the samples; a failed write leaves the lines before it, whole."""
+    data = memoryview("".join(json.dumps(s) + "\n" for s in samples).encode())
     try:
-      self._stream.write(text)
-      self._stream.flush()
+      for start in range(0, len(data), 1 << 20):
+        chunk = data[start : start + (1 << 20)]
+        while chunk:
+          chunk = chunk[os.write(self._fd, chunk) :]
     except OSError as e:
-      self._stream.truncate(self._size)
+      os.ftruncate(self._fd, self._size)
       raise _OutputFailed(
           f"--output {self.path}: writing failed after {self.written} samples "
           f"({e.strerror})"
       ) from None
-    self._size += len(text.encode())
+    self._size += len(data)
     self.written += len(samples)
 
   def save(self, records) -> str:
-    """Moves `records` into place, else the samples written so far; says what FILE holds."""
-    self._stream.close()
+    """Moves `records` into place, else the samples written so far; says what FILE holds
+    (`complete` tells which)."""
+    os.close(self._fd)
     if not records:
       os.unlink(self._samples)
       return "nothing was generated, so --output was not written"
     tmp = None
     try:
-      tmp = self._temp()
-      with open(tmp, "w", encoding="utf-8") as f:
+      fd, tmp = self._temp()
+      with open(fd, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     except (OSError, ValueError) as e:
       if tmp is not None:
         os.unlink(tmp)
+      why = e if isinstance(e, ValueError) else e.strerror
       if not self.written:
         os.unlink(self._samples)
-        raise cli.Failure(f"--output {self.path}: {e}") from None
-      os.replace(self._samples, self.path)
-      return (
-          f"the results could not be written ({e}); {self.path} holds the "
-          f"{self.written} generated samples"
-      )
+        return f"--output {self.path} was not written ({why})"
+      return f"the results could not be written ({why}); {self._keep()}"
     os.replace(tmp, self.path)
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(self._samples)
+    os.unlink(self._samples)
+    self.complete = True
     scored = sum("passed" in r for r in records)
     return f"wrote {len(records)} samples ({scored} scored) to {self.path}"
 
+  def keep(self) -> str:
+    """Moves the samples written so far into place (a failed write ends the run); says so."""
+    os.close(self._fd)
+    return self._keep()
+
+  def _keep(self) -> str:
+    os.replace(self._samples, self.path)
+    return (
+        f"{self.path} holds the {self.written} samples generated: score them "
+        f"with --completions={self.path}"
+    )
+
   def discard(self) -> None:
-    self._stream.close()
+    os.close(self._fd)
     os.unlink(self._samples)
 
 
@@ -415,7 +432,8 @@ def _humaneval(ctrl_c: _CtrlC):
         128 + signal.SIGINT,
     )
   except _OutputFailed as e:
-    raise cli.Failure(f"{e}; {output.save(so_far())}") from None
+    assert output is not None  # only it raises this
+    raise cli.Failure(f"{e}; {output.keep()}") from None
   except BaseException:
     if output is not None:
       if generated and not source:
@@ -463,6 +481,8 @@ def _humaneval(ctrl_c: _CtrlC):
   if saved:
     print(f"  output     {saved}")
   print(json.dumps(summary))
+  if output is not None and not output.complete:
+    raise cli.Failure(saved)
   if errors:
     first = next(
         r["result"]

@@ -417,6 +417,45 @@ def test_evaluate_unwritable_output_fails_before_any_work(tmp_path):
   ]
 
 
+def test_full_disk_at_the_end_is_one_line_and_leaves_nothing(tmp_path):
+  """Results that do not fit (a 68 KiB tmpfs, 80 KB of completions): the table and the JSON
+  line, then one error line; no temporary file is left to block the next run."""
+  full = tmp_path / "full"
+  full.mkdir()
+  big = "    # " + "x" * 40_000 + "\n    return None\n"
+  samples = write_samples(tmp_path / "samples.jsonl", [big, big])
+  run = subprocess.run(
+      [
+          "unshare",
+          "--mount",
+          "sh",
+          "-c",
+          f'mount -t tmpfs -o size=68k tmpfs {full} || exit 99; "$@"; rc=$?; '
+          f"ls -A {full} > {tmp_path / 'left'}; exit $rc",
+          "sh",
+          sys.executable,
+          EVALUATE,
+          f"--completions={samples}",
+          "--limit=2",
+          "--noprogress",
+          f"--output={full}/r.jsonl",
+      ],
+      capture_output=True,
+      text=True,
+      env=subprocess_env(),
+      timeout=600,
+  )
+  if run.returncode == 99:
+    pytest.skip(f"no tmpfs mount here: {run.stderr.strip()[-300:]}")
+  assert run.returncode == 1, run.stderr
+  assert run.stderr.strip().splitlines() == [
+      f"error: --output {full}/r.jsonl was not written (No space left on device)"
+  ]
+  assert json.loads(run.stdout.strip().splitlines()[-1])["failed"] == 2
+  # listed before the mount went with its namespace
+  assert (tmp_path / "left").read_text() == ""
+
+
 def run_until(flags, marker, tmp_path, wait=0.0, **env):
   """evaluate.py with `flags`, sent SIGINT `wait` s after `marker` is on its stderr: (exit
   code, stderr, seconds the exit took)."""
