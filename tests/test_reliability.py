@@ -749,3 +749,26 @@ def test_diagnose_plots_under_a_file_before_loading(tmp_path):
       f"error: --plots={a_file / 'sub'}: cannot make the directory (Not a directory)"
   )
   assert a_file.read_text() == "x"
+
+
+def test_generate_ctrl_c_is_one_line_and_exit_130(assets, run):
+  """Ctrl-C once the prompt is echoed (as the model compiles): one line, no traceback."""
+  proc = subprocess.Popen(
+      [
+          sys.executable,
+          os.path.join(helpers.SCRIPTS, "generate.py"),
+          f"--checkpoint={run}",
+          "--prompt=def f():",
+          "--max_new_tokens=60",
+      ],
+      # compiled afresh: the Ctrl-C lands while it compiles
+      env={**helpers.subprocess_env(), "JAX_ENABLE_COMPILATION_CACHE": "false"},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  assert proc.stdout.read(len("def f():")) == "def f():"
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+  assert err.strip().splitlines() == ["error: interrupted"]
