@@ -759,7 +759,7 @@ def test_generate_ctrl_c_is_one_line_and_exit_130(assets, run):
           os.path.join(helpers.SCRIPTS, "generate.py"),
           f"--checkpoint={run}",
           "--prompt=def f():",
-          "--max_new_tokens=60",
+          "--max_new_tokens=40",
       ],
       # compiled afresh: the Ctrl-C lands while it compiles
       env={**helpers.subprocess_env(), "JAX_ENABLE_COMPILATION_CACHE": "false"},
