@@ -348,10 +348,6 @@ def _humaneval(ctrl_c: _CtrlC):
   limits = sandbox.Limits(timeout=_TIMEOUT.value, memory_mb=_MEMORY.value)
   if _WORKERS.value < 1:
     raise ValueError(f"--workers must be >= 1, got {_WORKERS.value}")
-  if _OUTPUT.value and os.path.lexists(_OUTPUT.value):
-    raise ValueError(
-        f"--output {_OUTPUT.value} exists; results never overwrite a file"
-    )
   problems = humaneval.load_problems(_LIMIT.value)
   if source == "canonical":
     samples, n = humaneval.canonical_samples(problems), 1
@@ -375,6 +371,7 @@ def _humaneval(ctrl_c: _CtrlC):
     raise ValueError(
         f"--k={','.join(map(str, bad))}: pass@k needs 1 <= k <= {n} (samples per problem)"
     )
+  # made now: the flags are checked and nothing long has run
   output = _Output(_OUTPUT.value) if _OUTPUT.value else None
   summary = {"task": "humaneval", "problems": len(problems)}
   generated: dict[int, dict] = {}  # sample index -> sample, as they exist
