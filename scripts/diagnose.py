@@ -58,13 +58,20 @@ _PLOTS = flags.DEFINE_string(
 def main():
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+  # made before any computation (and JAX): a path it cannot be fails here
+  if _PLOTS.value:
+    if os.path.lexists(_PLOTS.value) and not os.path.isdir(_PLOTS.value):
+      raise ValueError(f"--plots={_PLOTS.value} is a file, not a directory")
+    try:
+      os.makedirs(_PLOTS.value, exist_ok=True)
+    except OSError as e:
+      raise ValueError(
+          f"--plots={_PLOTS.value}: cannot make the directory ({e.strerror})"
+      ) from None
   from loopcoder_jax import interop
   from loopcoder_jax.data import pipeline as data
   from loopcoder_jax.eval import diagnostics
 
-  if _PLOTS.value and os.path.exists(_PLOTS.value):
-    if not os.path.isdir(_PLOTS.value):
-      raise ValueError(f"--plots={_PLOTS.value} is a file, not a directory")
   cfg, params, tok = interop.load(_CHECKPOINT.value, loops=_LOOPS.value or None)
   if _SEQ_LEN.value > cfg.max_position_embeddings:
     raise ValueError(
@@ -91,7 +98,6 @@ def main():
   if _PLOTS.value:
     from loopcoder_jax.eval import plots
 
-    os.makedirs(_PLOTS.value, exist_ok=True)
     with open(os.path.join(_PLOTS.value, "diagnostics.json"), "w") as f:
       f.write(line + "\n")
     plots.diagnostics_plots(result, _PLOTS.value)

@@ -14,8 +14,10 @@ streams token by token. Weights and compute keep the checkpoint's dtype (bf16 fo
 tensor; e.g. tensor=8 on a TPU v5e-8 or v2-8, fsdp=2,tensor=4): each device loads only its slices
 and prefill and decoding run on the mesh; without it, everything is on one device.
 Exit codes: 0 done; 2 bad input (flags, a damaged checkpoint or one with NaN/Inf weights,
-tokenizer, prompt: one `error:` line on stderr).
+tokenizer, prompt: one `error:` line on stderr); 130 Ctrl-C (one line, no traceback).
 """
+
+import signal
 
 from absl import flags
 
@@ -74,6 +76,14 @@ _TOKENIZER = flags.DEFINE_string(
 
 
 def main():
+  try:
+    _generate()
+  except KeyboardInterrupt:
+    print(flush=True)  # ends a streamed line
+    cli.error_exit("interrupted", 128 + signal.SIGINT)
+
+
+def _generate():
   from loopcoder_jax import interop
   from loopcoder_jax.inference import engine, generation, sampling
   from loopcoder_jax.model import sharding

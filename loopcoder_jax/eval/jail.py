@@ -504,7 +504,8 @@ def _protections(request: dict):
     name, why = refused[0]
     raise JailError(
         f"no {name} protection on this host ({why}); accept the weaker sandbox "
-        f"with allow_weaker_sandbox={','.join(n for n, _ in refused)}"
+        f"with --allow_weaker_sandbox={','.join(n for n, _ in refused)} "
+        "(Limits.allow_weaker)"
     )
   return cgroup, [name for name, _ in missing]
 

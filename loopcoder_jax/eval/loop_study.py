@@ -24,7 +24,7 @@ training run resumes from its last checkpoint):
                              run_config.json (a rerun with another config is refused), train.json
                              (the trainer's summary), eval.json and timing.jsonl (wall and CPU
                              seconds per stage)
-`write_report` turns the results into docs/loop_study.md with its plots.
+`write_report` turns the results into a report (a markdown file) with its plots.
 """
 
 from __future__ import annotations
@@ -193,6 +193,11 @@ def run_study(
   if diag_tokens < 1 or diag_batch < 1:
     raise ValueError(
         f"diag_tokens ({diag_tokens}) and diag_batch ({diag_batch}) must be >= 1"
+    )
+  if base.eval.max_tokens < 1:
+    raise ValueError(
+        f"eval.max_tokens={base.eval.max_tokens}: the study compares held-out "
+        "bits per byte, so it needs held-out tokens (> 0)"
     )
   variants, match = plan(base, loops, control_matches)
   study_dir = os.path.abspath(study_dir)

@@ -217,12 +217,12 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
       "eval.max_tokens": 256,
       "eval.batch_size": 4,
   }
-  study, doc = tmp_path / "study", tmp_path / "docs" / "study.md"
+  study = tmp_path / "study"
+  doc = study / "loop_study.md"  # the report's default place
   args = [
       sys.executable,
       os.path.join(SCRIPTS, "loop_study.py"),
       f"--study_dir={study}",
-      f"--doc={doc}",
       "--loops=1,2",
       "--seeds=0",
       "--control_matches=0",
@@ -274,8 +274,8 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
     assert len(diag["diagnostics"]["step_size"]) == int(name[1])
   text = doc.read_text()
   assert "| R2 | 2 | 2 |" in text and "## Verdict" in text
-  assert (tmp_path / "docs" / "study_quality.png").exists()
-  assert (tmp_path / "docs" / "study_loops.png").exists()
+  assert (study / "loop_study_quality.png").exists()
+  assert (study / "loop_study_loops.png").exists()
   sessions = (study / "sessions.jsonl").read_text().splitlines()
   assert len(sessions) == 1  # the killed session wrote none
 

@@ -137,3 +137,29 @@ def test_help_exits_0(name, no_jax):
   run = run_script(name, ["--help"], no_jax)
   assert run.returncode == 0, run.stderr
   assert "Exit codes:" in run.stdout and f"scripts/{name}:" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "name, args, names",
+    [
+        (
+            "evaluate.py",
+            ["--completions=canonical", "--temperature=0.8"],
+            ["--temperature is for generating"],
+        ),
+        (
+            "evaluate.py",
+            ["--task=perplexity", "--checkpoint=c", "--k=1,10"],
+            ["--k is for --task=humaneval"],
+        ),
+        (
+            "diagnose.py",
+            ["--checkpoint=c", f"--plots={os.path.join(__file__, 'sub')}"],
+            ["--plots=", "cannot make the directory"],
+        ),
+    ],
+)
+def test_flags_that_cannot_go_together_or_paths_that_cannot_be_made(
+    name, args, names, no_jax
+):
+  assert_bad_input(run_script(name, args, no_jax), *names)
