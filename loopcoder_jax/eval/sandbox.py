@@ -120,19 +120,28 @@ def _warn_once(message: str) -> None:
 
 
 def _remove_cgroup(out: bytes) -> None:
-  """Removes the memory cgroup a killed jail announced (its processes die with the jail)."""
+  """Removes the memory cgroup the jail announced, if it is still there: a jail that was killed
+  (time-out, Ctrl-C) could not remove it. Whatever still runs in it is killed first.
+  """
   for line in out.decode(errors="replace").splitlines():
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError, AttributeError):
       path = json.loads(line).get("cgroup")
       if path:
-        for _ in range(100):
-          try:
-            os.rmdir(path)
-            return
-          except FileNotFoundError:
-            return
-          except OSError:
-            time.sleep(0.01)  # busy until its last process is gone
+        break
+  else:
+    return
+  for _ in range(200):
+    try:
+      with open(os.path.join(path, "cgroup.procs")) as f:
+        for pid in f.read().split():
+          with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+      os.rmdir(path)
+      return
+    except FileNotFoundError:
+      return
+    except OSError:
+      time.sleep(0.01)  # busy until its last process is gone
 
 
 def run_tests(
@@ -186,6 +195,7 @@ def run_tests(
       raise SandboxUnavailable(
           f"the sandbox did not finish within {limits.timeout + _SETUP_SLACK_S:.0f} s"
       ) from None
+    _remove_cgroup(out)  # gone already, unless the jail was killed from outside
   finally:
     os.rmdir(root)
   lines = [json.loads(line) for line in out.decode().splitlines() if line]

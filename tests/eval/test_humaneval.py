@@ -547,6 +547,7 @@ def test_ctrl_c_while_scoring_stops_within_seconds(tmp_path):
       "executing:",
       tmp_path,
       wait=3.0,  # the quick sample is scored; two slow ones run, three wait
+      LOOPCODER_TEST_RUN=str(tmp_path),  # marks this run's processes
   )
   assert rc == 130, err[-3000:]
   assert "Traceback" not in err
@@ -562,27 +563,37 @@ def test_ctrl_c_while_scoring_stops_within_seconds(tmp_path):
   assert [r["completion"] for r in records] == completions
   assert [("result" in r) for r in records] == [done[1] == "1"] + [False] * 5
   assert sorted(os.listdir(tmp_path)) == ["r.jsonl", "samples.jsonl", "stderr"]
-  assert not [
-      line
-      for line in os.popen("ps -eo args").read().splitlines()
-      if sandbox.JAIL in line
-  ]
+  assert not processes_marked(f"LOOPCODER_TEST_RUN={tmp_path}")
+
+
+def processes_marked(variable: str) -> list[int]:
+  """Pids of the processes whose environment holds `variable` (NAME=value): those of one run,
+  not the sandboxes other tests start meanwhile."""
+  marked = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/environ", "rb") as f:
+        if os.fsencode(variable) in f.read().split(b"\0"):
+          marked.append(int(pid))
+    except OSError:
+      continue  # gone, or not ours to read
+  return marked
 
 
 SANDBOX_FAILS = '''\
 """Fault injection: the sandbox cannot be built for a program holding "# no sandbox"."""
 from loopcoder_jax.eval import sandbox
 
-_run = sandbox.run
+_run_tests = sandbox.run_tests
 
 
-def run(program, limits=sandbox.Limits()):
+def run_tests(program, tests, **kwargs):
   if "# no sandbox" in program:
     raise sandbox.SandboxUnavailable("cannot build the sandbox: injected")
-  return _run(program, limits)
+  return _run_tests(program, tests, **kwargs)
 
 
-sandbox.run = run
+sandbox.run_tests = run_tests
 '''
 
 

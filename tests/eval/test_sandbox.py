@@ -641,7 +641,8 @@ def test_a_host_without_a_memory_cgroup_refuses_unless_allowed():
       "refused: cannot build the sandbox: no memory_cgroup protection on this host ("
   ), (refused.stdout + refused.stderr)
   assert refused.stdout.endswith(
-      "accept the weaker sandbox with allow_weaker_sandbox=memory_cgroup\n"
+      "accept the weaker sandbox with --allow_weaker_sandbox=memory_cgroup"
+      " (Limits.allow_weaker)\n"
   )
   allowed = sandbox_from(sys.executable, "memory_cgroup", wrapper=hide)
   assert allowed.stdout.splitlines() == RIGHT_AND_WRONG, allowed.stderr
