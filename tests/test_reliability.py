@@ -24,12 +24,13 @@ import numpy as np
 import pytest
 
 from loopcoder_jax import interop
+from loopcoder_jax.checkpoints import hf_io, params_io
 from loopcoder_jax.data import corpus, pipeline, tokenizer
 from loopcoder_jax.eval import diagnostics
 from loopcoder_jax.interop import convert
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.train import checkpoint, optim, trainer
 from loopcoder_jax.train import config as train_config
+from loopcoder_jax.train import optim, trainer
 from loopcoder_jax.train import step as train_step
 from tests import helpers
 
@@ -148,8 +149,8 @@ def test_extended_run_exports_its_newest_step_and_logs_each_step_once(
   assert [m["step"] for m in helpers.read_metrics(work)] == [1, 2, 3, 4, 5, 6]
   with open(os.path.join(work, "params", trainer.EXPORT_STEP_FILE)) as f:
     assert json.load(f) == {"step": 6}
-  _, exported = checkpoint.load_params(os.path.join(work, "params"))
-  _, newest = checkpoint.load_params(os.path.join(work, "checkpoints", "6"))
+  _, exported = params_io.load_params(os.path.join(work, "params"))
+  _, newest = params_io.load_params(os.path.join(work, "checkpoints", "6"))
   _assert_same(exported, newest)
   assert not glob.glob(os.path.join(work, "params.*"))  # no staging left
 
@@ -214,8 +215,8 @@ def test_damaged_newest_checkpoint_resumes_bit_exact(
         fh.write('{"shards": [{"not": "a grain state"}]}')
   shutil.rmtree(os.path.join(work, "params"))
   trainer.train(_config(assets), work)  # resumes from step 2, saves step 4 anew
-  _, want = checkpoint.load_params(os.path.join(run, "params"))
-  _, got = checkpoint.load_params(os.path.join(work, "params"))
+  _, want = params_io.load_params(os.path.join(run, "params"))
+  _, got = params_io.load_params(os.path.join(work, "params"))
   _assert_same(got, want)
   assert os.listdir(os.path.join(work, "checkpoints_unusable")) == ["4"]
   assert [m["step"] for m in helpers.read_metrics(work)] == [1, 2, 3, 4]
@@ -266,10 +267,10 @@ def test_binary_and_non_utf8_files_are_skipped_and_counted(tmp_path):
 
 # ------------------------------------------------------------------ checkpoints and interop
 def test_nan_weights_are_refused_where_they_are_loaded(assets, run, tmp_path):
-  cfg, params = checkpoint.load_params(os.path.join(run, "params"))
+  cfg, params = params_io.load_params(os.path.join(run, "params"))
   params["norm"]["scale"] = params["norm"]["scale"].at[3].set(jnp.nan)
   nan_dir = tmp_path / "nan"
-  checkpoint.save_params(nan_dir, cfg, params)
+  params_io.save_params(nan_dir, cfg, params)
   with pytest.raises(
       ValueError,
       match=r"holds non-finite weights \(1 of \d+ arrays, first norm/scale\)",
@@ -292,7 +293,7 @@ def test_damaged_orbax_files_are_one_line(run, tmp_path, capfd):
     d = _copy(os.path.join(run, "params"), tmp_path / how)
     damage(d, how)
     with pytest.raises(ValueError, match=f"checkpoint {d} is unreadable") as e:
-      checkpoint.load_params(d)
+      params_io.load_params(d)
     # a corrupted chunk still reads (the params are stored uncompressed): its checksum fails
     why = (
         "does not match the checksum" if how == "corrupted" else "Error reading"
@@ -308,7 +309,7 @@ def test_damaged_orbax_files_are_one_line(run, tmp_path, capfd):
       match=r"layers/mlp/down_proj/kernel is stored with shape \(2, 64, 32\), "
       r"its config gives \(2, 96, 32\)",
   ):
-    checkpoint.load_params(d)
+    params_io.load_params(d)
   assert "Event loop is closed" not in capfd.readouterr().err
 
 
@@ -377,7 +378,7 @@ def test_truncated_safetensors_is_one_line(assets, hf, tmp_path):
   shard = os.path.join(bad, "model.safetensors")
   os.truncate(shard, os.path.getsize(shard) // 2)
   calls = [
-      lambda: convert.load_hf(bad),
+      lambda: hf_io.load_hf(bad),
       lambda: interop.load(bad),
       lambda: convert.convert_checkpoint(bad, str(tmp_path / "out"), "orbax"),
   ]
@@ -448,7 +449,7 @@ def test_overwrite_replaces_only_checkpoints(run, tmp_path):
   assert (notes / "todo.txt").read_text() == "mine"
   convert.convert_checkpoint(run, str(tmp_path / "ckpt"), "orbax")
   convert.convert_checkpoint(run, str(tmp_path / "ckpt"), "hf", overwrite=True)
-  assert convert.is_hf_dir(str(tmp_path / "ckpt"))
+  assert hf_io.is_hf_dir(str(tmp_path / "ckpt"))
   assert sorted(os.listdir(tmp_path)) == ["ckpt", "notes"]  # no temp siblings
 
 
@@ -466,12 +467,12 @@ def test_stale_temp_directories_and_a_dangling_destination(run, tmp_path):
       ValueError, match="is not empty"
   ):  # restored, so not replaced
     convert.convert_checkpoint(run, str(tmp_path / "kept"), "hf")
-  assert convert.is_hf_dir(str(tmp_path / "kept"))
+  assert hf_io.is_hf_dir(str(tmp_path / "kept"))
   assert sorted(os.listdir(tmp_path)) == sorted(["kept", "out", live.name])
   # a destination symlink to a directory that does not exist yet: written where it points
   os.symlink(tmp_path / "target" / "ckpt", tmp_path / "link")
   convert.convert_checkpoint(run, str(tmp_path / "link"), "orbax")
-  assert checkpoint.is_params_dir(tmp_path / "target" / "ckpt")
+  assert params_io.is_params_dir(tmp_path / "target" / "ckpt")
   assert os.path.islink(tmp_path / "link")
   assert sorted(os.listdir(tmp_path / "target")) == ["ckpt"]
 
@@ -506,9 +507,9 @@ def test_scripts_bad_input_exit_2_in_one_line(assets, run, hf, tmp_path):
   )
   assert "--seq_lens" in line
   # NaN weights: no empty completion with exit 0
-  cfg, params = checkpoint.load_params(os.path.join(run, "params"))
+  cfg, params = params_io.load_params(os.path.join(run, "params"))
   params["norm"]["scale"] = params["norm"]["scale"] * jnp.inf
-  checkpoint.save_params(tmp_path / "nan", cfg, params)
+  params_io.save_params(tmp_path / "nan", cfg, params)
   line = _one_line_error(
       helpers.run_script(
           "generate.py",
@@ -592,7 +593,7 @@ def reference(assets, tmp_path_factory):
   work = tmp_path_factory.mktemp("reference") / "work"
   res = helpers.run_train(helpers.train_flags(assets, work))
   assert res.returncode == 0, res.stderr[-3000:]
-  _, params = checkpoint.load_params(work / "params")
+  _, params = params_io.load_params(work / "params")
   return params, {m["step"]: m["loss"] for m in helpers.read_metrics(work)}
 
 
@@ -651,7 +652,7 @@ def test_kill9_during_async_save_then_ctrl_c_resume_bit_exact(
   assert final.returncode == 0, final.stderr[-3000:]
   assert f"resumed from step {saved}" in final.stdout
   params_ref, loss_ref = reference
-  _, params = checkpoint.load_params(work / "params")
+  _, params = params_io.load_params(work / "params")
   _assert_same(params, params_ref)
   metrics = helpers.read_metrics(work)
   assert [m["step"] for m in metrics] == list(range(1, 17))
@@ -673,7 +674,7 @@ def test_second_trainer_on_a_workdir_is_refused(assets, reference, tmp_path):
   out, err = first.communicate(timeout=240)
   assert first.returncode == 0, err[-3000:]
   # the first run was not disturbed: the same params as the reference, each step logged once
-  _, params = checkpoint.load_params(work / "params")
+  _, params = params_io.load_params(work / "params")
   _assert_same(params, reference[0])
   assert [m["step"] for m in helpers.read_metrics(work)] == list(range(1, 17))
   assert lock_file.stat().st_size == 0  # released at exit

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from loopcoder_jax.interop import hf_names
+from loopcoder_jax.checkpoints import hf_names
 from loopcoder_jax.model.config import PLTConfig
 
 DEFAULT_GATE_BIAS = 2.0
