@@ -136,6 +136,34 @@ def test_resume_refuses_another_tokenizer_or_model(assets, run, tmp_path):
   assert _files(work) == before  # stopped before anything was written
 
 
+def test_fine_tune_with_another_tokenizer_is_refused_unless_asked(
+    assets, run, tmp_path
+):
+  """The init checkpoint's embeddings index its own vocabulary: a tokenizer.path with other tokens
+  (here the same size) fails before any weight is read, unless asked for explicitly.
+  """
+  texts = [t for _, t in corpus.stdlib_files("train")[40:80]]
+  tokenizer.train_bpe(texts, 320, str(tmp_path / "other_tok"))
+  tuned = {
+      "init.checkpoint": run,
+      "tokenizer.path": str(tmp_path / "other_tok"),
+      "train.total_steps": 1,
+  }
+  with pytest.raises(ValueError) as e:
+    trainer.train(_config(assets, **tuned), str(tmp_path / "sft"))
+  assert "is not the tokenizer of init.checkpoint" in str(e.value)
+  assert "same size, other tokens" in str(e.value)
+  assert "init.allow_different_tokenizer=True" in str(e.value)
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "sft" / "checkpoints")
+  # its own tokenizer is fine; asked for explicitly, another one is too
+  own = {**tuned, "tokenizer.path": os.path.join(run, "tokenizer")}
+  assert trainer.train(_config(assets, **own), str(tmp_path / "own"))
+  allowed = {**tuned, "init.allow_different_tokenizer": True}
+  summary = trainer.train(_config(assets, **allowed), str(tmp_path / "sft"))
+  assert summary["end_step"] == 1
+
+
 def test_extended_run_exports_its_newest_step_and_logs_each_step_once(
     assets, run, tmp_path
 ):

@@ -5,7 +5,7 @@ safetensors through the name table, staged atomic directories, format detection,
 `load` that takes any of them onto a device or a mesh.
 """
 
-from loopcoder_jax.checkpoints.formats import detect_format
+from loopcoder_jax.checkpoints.formats import detect_format, tokenizer_dirs
 from loopcoder_jax.checkpoints.hf_io import load_hf
 from loopcoder_jax.checkpoints.loader import load
 from loopcoder_jax.checkpoints.params_io import (
@@ -27,4 +27,5 @@ __all__ = [
     "nonfinite_paths",
     "read_config",
     "save_params",
+    "tokenizer_dirs",
 ]

@@ -107,6 +107,11 @@ def resolve_source(path: str) -> tuple[str, str, tuple[str, ...]]:
   )
 
 
+def tokenizer_dirs(path: str) -> tuple[str, ...]:
+  """The directories that may hold the tokenizer of the checkpoint at `path`."""
+  return resolve_source(path)[2]
+
+
 def detect_format(path: str) -> str:
   """'orbax' or 'hf' for a checkpoint `resolve_source` takes; ValueError otherwise."""
   return resolve_source(path)[1]

@@ -60,7 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
   # checkpoint: start from these weights with a fresh optimizer (an HF directory, a params
   # directory or a finished training workdir; its tokenizer too). A checkpoint of the run's own
   # workdir (a resumed run) wins over it.
-  c.init = ml_collections.ConfigDict(dict(checkpoint=""))
+  # allow_different_tokenizer: fine-tune with a tokenizer.path whose vocabulary differs from the
+  # init checkpoint's (its embeddings then index other tokens): refused unless set
+  c.init = ml_collections.ConfigDict(
+      dict(checkpoint="", allow_different_tokenizer=False)
+  )
   # data_shards: how many data shards the global batch is read from (0 = one per process). A run
   # with the same data_shards sees the same batches whatever the number of processes.
   c.train = ml_collections.ConfigDict(

@@ -209,15 +209,20 @@ def _tokenizer(config, cfg: PLTConfig, workdir: str, log: RunLog):
     data.load_documents(d.source, d.text_key, report=log.warn)
   own_tok = os.path.join(workdir, "tokenizer")
   init_params = None
-  if init and not _has_checkpoints(os.path.join(workdir, "checkpoints")):
-    t0 = time.time()
-    _, init_params, init_tok = checkpoints.load(init)
-    log.info(f"loaded {init} ({time.time() - t0:.1f}s)")
+  fresh_init = init and not _has_checkpoints(
+      os.path.join(workdir, "checkpoints")
+  )
   if config.tokenizer.path:
     tok = tok_lib.load_tokenizer(config.tokenizer.path)
-  elif init:  # a resumed fine-tune reads the tokenizer it saved at its start
+    if fresh_init:
+      _check_init_tokenizer(config, tok)
+  elif (
+      init
+  ):  # the checkpoint's tokenizer; a resumed fine-tune reads the one it saved
     tok = (
-        init_tok if init_params is not None else tok_lib.load_tokenizer(own_tok)
+        tok_lib.find_tokenizer(*checkpoints.tokenizer_dirs(init))
+        if fresh_init
+        else tok_lib.load_tokenizer(own_tok)
     )
   else:
     texts = lambda: data.document_texts(d.source, d.text_key)  # noqa: E731
@@ -238,11 +243,37 @@ def _tokenizer(config, cfg: PLTConfig, workdir: str, log: RunLog):
           workdir, config.tokenizer.vocab_size, texts
       )
   tok_lib.check_vocab(tok, cfg.vocab_size)
+  if fresh_init:
+    t0 = time.time()
+    _, init_params, _ = checkpoints.load(init)
+    log.info(f"loaded {init} ({time.time() - t0:.1f}s)")
   if chat:
     tok = chat_data.with_template(tok)
   if (init or chat) and pi == 0 and not os.path.isdir(own_tok):
     tok.save(own_tok)
   return tok, init_params
+
+
+def _check_init_tokenizer(config, tok) -> None:
+  """A fine-tune's tokenizer.path must tokenize as the init checkpoint's tokenizer does (its
+  embeddings index that vocabulary), unless `init.allow_different_tokenizer`."""
+  from loopcoder_jax.data import tokenizer as tok_lib
+
+  init = config.init.checkpoint
+  if config.init.allow_different_tokenizer:
+    return
+  theirs = tok_lib.find_tokenizer(*checkpoints.tokenizer_dirs(init))
+  if _vocab_fingerprint(theirs) != _vocab_fingerprint(tok):
+    how = (
+        "same size, other tokens"
+        if theirs.vocab_size == tok.vocab_size
+        else f"{tok.vocab_size} tokens, not {theirs.vocab_size}"
+    )
+    raise ValueError(
+        f"tokenizer.path {config.tokenizer.path} is not the tokenizer of init.checkpoint "
+        f"{init} ({how}): its embeddings would be trained on ids that mean other tokens; "
+        "set init.allow_different_tokenizer=True to fine-tune with it anyway"
+    )
 
 
 def _data(config, tok, log):
