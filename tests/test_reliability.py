@@ -7,6 +7,7 @@ the fault injections: a non-finite update on a save step (in-process), kill -9 d
 save then Ctrl-C, and two trainers on one workdir (scripts/train.py in subprocesses, marked slow).
 """
 
+import errno
 import glob
 import hashlib
 import json
@@ -20,15 +21,18 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
-from loopcoder_jax import interop
+from loopcoder_jax import checkpoints, interop
 from loopcoder_jax.checkpoints import hf_io, params_io
+from loopcoder_jax.checkpoints import safetensors_io as st
 from loopcoder_jax.data import corpus, pipeline, tokenizer
 from loopcoder_jax.eval import diagnostics
 from loopcoder_jax.interop import convert
 from loopcoder_jax.model.config import PLTConfig
+from loopcoder_jax.model.transformer import init_params
 from loopcoder_jax.train import config as train_config
 from loopcoder_jax.train import optim, trainer
 from loopcoder_jax.train import step as train_step
@@ -706,3 +710,134 @@ def test_second_trainer_on_a_workdir_is_refused(assets, reference, tmp_path):
   _assert_same(params, reference[0])
   assert [m["step"] for m in helpers.read_metrics(work)] == list(range(1, 17))
   assert lock_file.stat().st_size == 0  # released at exit
+
+
+def test_a_directory_where_the_lock_belongs_is_one_line(assets, tmp_path):
+  work = tmp_path / "work"
+  (work / "trainer.0.lock").mkdir(parents=True)
+  res = helpers.run_train(helpers.train_flags(assets, work))
+  line = _one_line_error(res, 2)
+  assert line == (
+      f"error: cannot open the workdir lock {work / 'trainer.0.lock'} (Is a directory); it "
+      "must be a regular file the trainer can write: remove or fix it"
+  )
+  assert sorted(os.listdir(work)) == ["trainer.0.lock"]
+
+
+# ------------------------------------------------------------------ storage: a full disk
+def _no_space(*_, **__):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_training_names_the_last_good_checkpoint(
+    assets, run, tmp_path, monkeypatch
+):
+  """The export and a checkpoint save each fail in one line naming the kept checkpoint; nothing
+  half-written is left to block the next run, which finishes the job once there is room.
+  """
+  work = _copy(run, tmp_path / "work")
+  shutil.rmtree(os.path.join(work, "params"))
+  steps = os.path.join(work, "checkpoints")
+
+  def half_export(path, *_):
+    os.makedirs(path)
+    open(os.path.join(path, "config.json"), "w").close()
+    _no_space()
+
+  monkeypatch.setattr(checkpoints, "save_params", half_export)
+  with pytest.raises(trainer.StorageError) as e:
+    trainer.train(_config(assets), work)
+  assert str(e.value) == (
+      f"exporting the params of step 4 to {work}/params failed (No space left on "
+      f"device); last good checkpoint: step 4 in {steps}; free space and rerun the same "
+      "command to resume"
+  )
+  assert not os.path.exists(f"{work}/params.partial")
+  monkeypatch.undo()
+  monkeypatch.setattr(checkpoints.TrainCheckpointer, "save", _no_space)
+  with pytest.raises(trainer.StorageError) as e:
+    trainer.train(_config(assets, **{"train.total_steps": 6}), work)
+  assert str(e.value).startswith(
+      "saving the checkpoint of step 6 failed (No space left on device); last good "
+      f"checkpoint: step 4 in {steps};"
+  )
+  monkeypatch.undo()
+  assert trainer.train(_config(assets), work)["end_step"] == 4
+  assert trainer._exported_step(os.path.join(work, "params")) == 4
+
+
+def test_a_full_disk_while_converting_is_one_line_both_ways(
+    run, hf, tmp_path, monkeypatch
+):
+  for src, to, writer in (
+      (hf, "orbax", (params_io, "save_params")),
+      (run, "hf", (st.SafetensorsFile, "write")),
+  ):
+    monkeypatch.setattr(*writer, _no_space)
+    dst = str(tmp_path / f"out_{to}")
+    with pytest.raises(checkpoints.StorageError) as e:
+      convert.convert_checkpoint(src, dst, to)
+    assert str(e.value) == (
+        f"writing {dst} failed (No space left on device); nothing was left there and "
+        f"the source {os.path.abspath(src)} is unchanged"
+    )
+    assert sorted(os.listdir(tmp_path)) == []
+    monkeypatch.undo()
+
+
+def test_converters_refuse_to_write_non_finite_weights(tmp_path):
+  cfg = PLTConfig.tiny(loops=1, torch_dtype="bfloat16")
+  params = jax.tree.map(
+      lambda x: np.asarray(x, ml_dtypes.bfloat16),
+      init_params(cfg, jax.random.key(0)),
+  )
+  convert.save_hf(cfg, params, tmp_path / "r1")
+  convert.convert_checkpoint(
+      str(tmp_path / "r1"), str(tmp_path / "r1_orbax"), "orbax"
+  )
+  # a gate bias that overflows the checkpoint's dtype, streamed or in memory
+  for src, to in ((tmp_path / "r1_orbax", "hf"), (tmp_path / "r1", "orbax")):
+    with pytest.raises(ValueError) as e:
+      convert.convert_checkpoint(
+          str(src), str(tmp_path / "out"), to, loops=2, gate_bias=-1e40
+      )
+    assert str(e.value) == (
+        "refusing to write a checkpoint that cannot load: "
+        "layers/self_attn/plt_gate/bias would hold NaN or Inf (bfloat16): "
+        "gate_bias=-1e+40 does not fit bfloat16"
+    )
+    assert not os.path.exists(tmp_path / "out")
+  # all-NaN weights, from HF and from a params directory
+  nan = jax.tree.map(lambda x: np.full_like(x, np.nan), params)
+  convert.save_hf(cfg, nan, tmp_path / "nan_hf")
+  params_io.save_params(
+      tmp_path / "nan_orbax", cfg, jax.tree.map(jnp.asarray, nan)
+  )
+  for src, to in (("nan_hf", "orbax"), ("nan_orbax", "hf")):
+    with pytest.raises(ValueError, match="would hold NaN or Inf") as e:
+      convert.convert_checkpoint(str(tmp_path / src), str(tmp_path / "out"), to)
+    assert "gate_bias" not in str(e.value)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_rerunning_a_finished_run_differently_gives_a_notice(
+    assets, run, tmp_path, capfd
+):
+  work = _copy(run, tmp_path / "work")
+  other = str(tmp_path / "other.txt")
+  with open(other, "w") as f:
+    f.write("def f():\n  return 1\n" * 50)
+  capfd.readouterr()
+  summary = trainer.train(
+      _config(assets, **{"train.total_steps": 2, "data.source": other}), work
+  )
+  assert summary["end_step"] == 4
+  notices = [
+      line for line in capfd.readouterr().err.splitlines() if "notice" in line
+  ]
+  assert notices == [
+      f"notice: {work}/checkpoints holds step 4, past train.total_steps 2: nothing "
+      "is trained, the export and evaluation are of step 4",
+      f"notice: the checkpoints in {work}/checkpoints were trained on data.source "
+      f"{assets['source']!r}; this run goes on with {other!r}",
+  ]

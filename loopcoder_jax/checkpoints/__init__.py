@@ -5,6 +5,7 @@ safetensors through the name table, staged atomic directories, format detection,
 `load` that takes any of them onto a device or a mesh.
 """
 
+from loopcoder_jax.checkpoints.errors import StorageError, storage_problem
 from loopcoder_jax.checkpoints.formats import detect_format, tokenizer_dirs
 from loopcoder_jax.checkpoints.hf_io import load_hf
 from loopcoder_jax.checkpoints.loader import load
@@ -18,6 +19,7 @@ from loopcoder_jax.checkpoints.params_io import (
 from loopcoder_jax.checkpoints.training import TrainCheckpointer
 
 __all__ = [
+    "StorageError",
     "TrainCheckpointer",
     "detect_format",
     "is_params_dir",
@@ -27,5 +29,6 @@ __all__ = [
     "nonfinite_paths",
     "read_config",
     "save_params",
+    "storage_problem",
     "tokenizer_dirs",
 ]

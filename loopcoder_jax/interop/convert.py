@@ -13,6 +13,7 @@ upcycles on the way, see `upcycling.py`).
 from __future__ import annotations
 
 from collections.abc import Iterable
+import contextlib
 import itertools
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from loopcoder_jax.checkpoints import formats, hf_io, params_io, staging
+from loopcoder_jax.checkpoints import errors, formats, hf_io, params_io, staging
 from loopcoder_jax.checkpoints import safetensors_io as st
 from loopcoder_jax.interop import upcycling
 from loopcoder_jax.model.config import PLTConfig
@@ -114,9 +115,40 @@ def _orbax_to_hf(
       bias = upcycling.DEFAULT_GATE_BIAS if gate_bias is None else gate_bias
       gates = upcycling.gate_params(cfg, st.DTYPES[dtypes["norm/scale"]], bias)
       dtypes.update({p: dtypes["norm/scale"] for p in gates})
+      # the new gates are checked before anything is read or written
+      list(_finite(gates.items(), dtypes, gate_bias))
       leaves = itertools.chain(leaves, gates.items())
   with staging.staged_dir(dst, overwrite) as tmp:
-    _write_export(cfg, tmp, dtypes, leaves, shard_size, tokenizer_dir)
+    _write_export(
+        cfg,
+        tmp,
+        dtypes,
+        _finite(leaves, dtypes, gate_bias),
+        shard_size,
+        tokenizer_dir,
+    )
+
+
+def _nonfinite(param: str, dtype: str, gate_bias: float | None) -> ValueError:
+  why = (
+      f": gate_bias={gate_bias} does not fit {dtype}"
+      if gate_bias is not None and param.startswith(upcycling.GATE_PREFIX)
+      else ""
+  )
+  return ValueError(
+      f"refusing to write a checkpoint that cannot load: {param} would hold NaN or Inf "
+      f"({dtype}){why}"
+  )
+
+
+def _finite(leaves, dtypes: dict[str, str], gate_bias: float | None):
+  """`leaves` as they come, each checked finite in its output dtype before it is written."""
+  for p, x in leaves:
+    if not np.isfinite(
+        np.asarray(x).astype(st.DTYPES[dtypes[p]], copy=False)
+    ).all():
+      raise _nonfinite(p, dtypes[p], gate_bias)
+    yield p, x
 
 
 def convert_checkpoint(
@@ -155,6 +187,37 @@ def convert_checkpoint(
     upcycling.plan_loops(params_io.read_config(weights), loops, gate_bias)
   elif gate_bias is not None:
     raise ValueError("gate_bias applies only with loops (upcycling)")
+  with _storage_errors(src, dst):
+    _convert(
+        weights,
+        fmt,
+        dst,
+        to,
+        tok_dir,
+        shard_size=shard_size,
+        dtype=dtype,
+        overwrite=overwrite,
+        loops=loops,
+        gate_bias=gate_bias,
+    )
+  return fmt
+
+
+def _convert(
+    weights: str,
+    fmt: str,
+    dst: str,
+    to: str,
+    tok_dir: str | None,
+    *,
+    shard_size,
+    dtype: str | None,
+    overwrite: bool,
+    loops: int | None,
+    gate_bias: float | None,
+) -> None:
+  """The conversion itself, once every argument was checked: each output param is checked finite
+  before it is written."""
   if fmt == "orbax" and to == "hf":
     _orbax_to_hf(
         weights,
@@ -166,7 +229,7 @@ def convert_checkpoint(
         gate_bias=gate_bias,
         tokenizer_dir=tok_dir,
     )
-    return fmt
+    return
   cfg, params = (
       hf_io.load_hf(weights, dtype)
       if fmt == "hf"
@@ -174,6 +237,13 @@ def convert_checkpoint(
   )
   if loops is not None:
     cfg, params = upcycling.upcycle(cfg, params, loops, gate_bias=gate_bias)
+  bad = params_io.nonfinite_paths(params)
+  if bad:
+    raise _nonfinite(
+        bad[0],
+        dtype or st.dtype_of(params_io.flat_paths(params)[bad[0]]),
+        gate_bias,
+    )
   if to == "hf":
     save_hf(
         cfg,
@@ -187,4 +257,18 @@ def convert_checkpoint(
     formats.save_orbax(
         cfg, params, dst, overwrite=overwrite, tokenizer_dir=tok_dir
     )
-  return fmt
+
+
+@contextlib.contextmanager
+def _storage_errors(src: str, dst: str):
+  """A full disk, read-only or unwritable destination: one StorageError line."""
+  try:
+    yield
+  except Exception as e:
+    problem = errors.storage_problem(e)
+    if problem is None:
+      raise
+    raise errors.StorageError(
+        f"writing {dst} failed ({problem}); nothing was left there and the source "
+        f"{src} is unchanged"
+    ) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -18,6 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from loopcoder_jax import checkpoints
+from loopcoder_jax.checkpoints import params_io
 from loopcoder_jax.train import step as train_step
 from loopcoder_jax.train.run_log import step_line
 from loopcoder_jax.train.setup import Run, nonfinite_state
@@ -56,7 +59,8 @@ def train_steps(run: Run, summary: dict) -> Any:
           return None
   finally:
     run.log.close_bar()
-    run.ckpt.close()
+    with storage_guard(run.ckpt, "finishing the checkpoint writes"):
+      run.ckpt.close()
   summary["end_step"] = step
   summary["train_s"] = meter.seconds
   return state
@@ -158,11 +162,13 @@ def _checkpoint(run: Run, step: int, state, values: dict, force: bool) -> None:
           values["loss"],
           values["grad_norm"],
       )
-    run.ckpt.save(step, state, run.data_it, run.meta, force=force)
+    with storage_guard(run.ckpt, f"saving the checkpoint of step {step}"):
+      run.ckpt.save(step, state, run.data_it, run.meta, force=force)
 
 
 def _stopped(run: Run, step: int, signum: int, summary: dict) -> None:
-  run.ckpt.wait_until_finished()
+  with storage_guard(run.ckpt, f"saving the checkpoint of step {step}"):
+    run.ckpt.wait_until_finished()
   run.log.info(
       f"preempted: saved step {step} in {run.ckpt.directory} "
       f"({signal.Signals(signum).name}); rerun the same command to resume"
@@ -173,15 +179,39 @@ def _stopped(run: Run, step: int, signum: int, summary: dict) -> None:
 def diverged(ckpt, what: str, loss: float, gnorm: float):
   """Stops the run naming the newest checkpoint (every saved one was checked finite)."""
   ckpt.wait_until_finished()
-  last = ckpt.all_steps()
-  good = (
-      f"last good checkpoint: step {last[-1]} in {ckpt.directory}"
-      if last
-      else f"no checkpoint saved in {ckpt.directory}"
-  )
   raise TrainingDiverged(
-      f"{what} (loss {loss}, grad norm {gnorm}); stopped without saving, {good}"
+      f"{what} (loss {loss}, grad norm {gnorm}); stopped without saving, "
+      f"{last_good(ckpt.directory)}"
   )
+
+
+def last_good(directory: str) -> str:
+  """'last good checkpoint: step N in DIR' (the newest complete step), or that none was saved."""
+  steps = (
+      sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+      if os.path.isdir(directory)
+      else []
+  )
+  if not steps:
+    return f"no checkpoint saved in {directory}"
+  return f"last good checkpoint: step {steps[-1]} in {directory}"
+
+
+@contextlib.contextmanager
+def storage_guard(ckpt, what: str):
+  """A storage failure (full disk, read-only, quota) while `what`: one StorageError line that
+  names the last good checkpoint; any other error passes through."""
+  try:
+    yield
+  except Exception as e:
+    problem = checkpoints.storage_problem(e)
+    if problem is None:
+      raise
+    params_io.quiet_abandoned_reads()  # Orbax's async writes end on a closed event loop
+    raise checkpoints.StorageError(
+        f"{what} failed ({problem}); {last_good(ckpt.directory)}; free space and "
+        "rerun the same command to resume"
+    ) from None
 
 
 class _StopSignals(contextlib.AbstractContextManager):

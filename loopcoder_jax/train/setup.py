@@ -171,8 +171,9 @@ def set_up(config, cfg: PLTConfig, workdir: str, log: RunLog) -> Run:
     state = init_fn(jax.random.key(config.seed))
     log.info(f"initialised a fresh model (seed {config.seed})")
   else:
-    step0, state, _ = restored
+    step0, state, old_meta = restored
     log.info(f"resumed from step {step0}")
+    _notice_changes(config, meta, old_meta, step0, ckpt.directory, log)
   log.keep_through(int(state.step))
   return Run(
       config,
@@ -339,7 +340,25 @@ def _run_meta(config, cfg: PLTConfig, tok) -> dict:
       "seq_len": config.data.seq_len,
       "tokenizer_vocab_size": tok.vocab_size,
       "tokenizer_sha256": _vocab_fingerprint(tok),
+      "data_source": str(config.data.source),
   }
+
+
+def _notice_changes(config, meta, old, step: int, directory: str, log) -> None:
+  """One-line notices for a rerun that differs from the run it resumes where training may go on:
+  another data source, or fewer steps than were already trained."""
+  total = config.train.total_steps
+  if step > total:
+    log.warn(
+        f"notice: {directory} holds step {step}, past train.total_steps {total}: nothing "
+        f"is trained, the export and evaluation are of step {step}"
+    )
+  # checkpoints written before the source was recorded say nothing about it
+  if "data_source" in old and old["data_source"] != meta["data_source"]:
+    log.warn(
+        f"notice: the checkpoints in {directory} were trained on data.source "
+        f"{old['data_source']!r}; this run goes on with {meta['data_source']!r}"
+    )
 
 
 def nonfinite_state(state) -> str | None:

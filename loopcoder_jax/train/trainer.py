@@ -43,13 +43,24 @@ from loopcoder_jax import checkpoints
 from loopcoder_jax.inference import generation
 from loopcoder_jax.train import config as train_config
 from loopcoder_jax.train import lock
-from loopcoder_jax.train.loop import TrainingDiverged, train_steps
+from loopcoder_jax.train.loop import (
+    TrainingDiverged,
+    storage_guard,
+    train_steps,
+)
 from loopcoder_jax.train.run_log import RunLog
 from loopcoder_jax.train.setup import Run, set_up
 
-__all__ = ["EXPORT_STEP_FILE", "TrainingDiverged", "WorkdirBusy", "train"]
+__all__ = [
+    "EXPORT_STEP_FILE",
+    "StorageError",
+    "TrainingDiverged",
+    "WorkdirBusy",
+    "train",
+]
 
 WorkdirBusy = lock.WorkdirBusy
+StorageError = checkpoints.StorageError
 EXPORT_STEP_FILE = "step.json"  # in WORKDIR/params: the step the export holds
 
 
@@ -113,7 +124,10 @@ def _finish(run: Run, state, exported_step: int | None, summary: dict) -> None:
   step, log = summary["end_step"], run.log
   pi, pc = jax.process_index(), jax.process_count()
   if exported_step != step:
-    _export(run.params_dir, run.cfg, state.params, step, pi, pc)
+    with storage_guard(
+        run.ckpt, f"exporting the params of step {step} to {run.params_dir}"
+    ):
+      _export(run.params_dir, run.cfg, state.params, step, pi, pc)
     log.info(f"params of step {step} exported to {run.params_dir}")
   run.heldout.after(state.params, step, summary, log)
   for key in ("loss_after", "bpb_after"):
@@ -172,10 +186,17 @@ def _export(params_dir: str, cfg, params, step: int, pi: int, pc: int) -> None:
       os.rename(old, params_dir)
     shutil.rmtree(old, ignore_errors=True)
   _sync(pc, "export: start")
-  checkpoints.save_params(partial, cfg, params)
+  try:
+    checkpoints.save_params(partial, cfg, params)
+    if pi == 0:
+      with open(os.path.join(partial, EXPORT_STEP_FILE), "w") as f:
+        json.dump({"step": step}, f)
+  except BaseException:
+    # a failed export leaves nothing behind; the previous one stays in place
+    if pi == 0:
+      shutil.rmtree(partial, ignore_errors=True)
+    raise
   if pi == 0:
-    with open(os.path.join(partial, EXPORT_STEP_FILE), "w") as f:
-      json.dump({"step": step}, f)
     if os.path.exists(params_dir):
       os.rename(params_dir, old)
     os.rename(partial, params_dir)
