@@ -841,3 +841,18 @@ def test_rerunning_a_finished_run_differently_gives_a_notice(
       f"notice: the checkpoints in {work}/checkpoints were trained on data.source "
       f"{assets['source']!r}; this run goes on with {other!r}",
   ]
+
+
+def test_a_half_written_orbax_init_directory_names_the_cause(
+    assets, run, tmp_path
+):
+  init = _copy(os.path.join(run, "params"), tmp_path / "init")
+  os.remove(os.path.join(init, "params", "_METADATA"))
+  tuned = {"init.checkpoint": init, "tokenizer.path": assets["tokenizer"]}
+  with pytest.raises(ValueError) as e:
+    trainer.train(_config(assets, **tuned), str(tmp_path / "sft"))
+  assert str(e.value) == (
+      f"checkpoint {init}/params is incomplete: its Orbax index (_METADATA, "
+      "manifest.ocdbt) is missing or unreadable, as after a save or copy cut short; "
+      "use another checkpoint or write this one again"
+  )

@@ -200,14 +200,23 @@ def _stored(directory: str, subtree: str) -> dict[str, Any]:
   """'a/b/c' -> Orbax array metadata (shape, dtype) of every stored array; reads no array data."""
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      tree = ckptr.metadata(directory).item_metadata.tree
-    if subtree:
+      item = ckptr.metadata(directory).item_metadata
+    tree = None if item is None else item.tree
+    if tree is not None and subtree:
       tree = tree[subtree]
   except Exception as e:  # noqa: BLE001 - any unreadable metadata: one line
     quiet_abandoned_reads()
     raise ValueError(
         f"checkpoint {directory} is unreadable ({first_line(e)})"
     ) from None
+  if (
+      tree is None
+  ):  # its index files are missing: Orbax finds no tree to describe
+    raise ValueError(
+        f"checkpoint {directory} is incomplete: its Orbax index (_METADATA, "
+        "manifest.ocdbt) is missing or unreadable, as after a save or copy cut short; "
+        "use another checkpoint or write this one again"
+    )
   return flat_paths(tree)
 
 

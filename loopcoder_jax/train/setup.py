@@ -246,7 +246,9 @@ def _tokenizer(config, cfg: PLTConfig, workdir: str, log: RunLog):
   tok_lib.check_vocab(tok, cfg.vocab_size)
   if fresh_init:
     t0 = time.time()
-    _, init_params, _ = checkpoints.load(init)
+    _, init_params, _ = checkpoints.load(
+        init, tokenizer=config.tokenizer.path or None
+    )
     log.info(f"loaded {init} ({time.time() - t0:.1f}s)")
   if chat:
     tok = chat_data.with_template(tok)
@@ -263,7 +265,10 @@ def _check_init_tokenizer(config, tok) -> None:
   init = config.init.checkpoint
   if config.init.allow_different_tokenizer:
     return
-  theirs = tok_lib.find_tokenizer(*checkpoints.tokenizer_dirs(init))
+  try:
+    theirs = tok_lib.find_tokenizer(*checkpoints.tokenizer_dirs(init))
+  except ValueError:  # the checkpoint has none: the one given is all there is
+    return
   if _vocab_fingerprint(theirs) != _vocab_fingerprint(tok):
     how = (
         "same size, other tokens"
