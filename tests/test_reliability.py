@@ -757,9 +757,9 @@ def test_a_full_disk_while_training_names_the_last_good_checkpoint(
   monkeypatch.setattr(checkpoints.TrainCheckpointer, "save", _no_space)
   with pytest.raises(trainer.StorageError) as e:
     trainer.train(_config(assets, **{"train.total_steps": 6}), work)
-  assert str(e.value).startswith(
-      "saving the checkpoint of step 6 failed (No space left on device); last good "
-      f"checkpoint: step 4 in {steps};"
+  assert str(e.value) == (
+      "saving a checkpoint failed (No space left on device); last good checkpoint: step "
+      f"4 in {steps}; free space and rerun the same command to resume"
   )
   monkeypatch.undo()
   assert trainer.train(_config(assets), work)["end_step"] == 4
@@ -856,3 +856,52 @@ def test_a_half_written_orbax_init_directory_names_the_cause(
       "manifest.ocdbt) is missing or unreadable, as after a save or copy cut short; "
       "use another checkpoint or write this one again"
   )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 600 KiB tmpfs (room for one tiny training checkpoint, not two); skipped where mounting is
+  not permitted."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+      capture_output=True,
+  )
+  if mounted.returncode != 0:
+    pytest.skip("mounting a tmpfs is not permitted here")
+  yield disk
+  subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_real_full_disk_is_one_line_and_the_run_resumes(
+    assets, run, small_disk
+):
+  """Orbax's asynchronous save fails in its background threads (each logging a traceback) and
+  again at the next save: the script says so once, naming the checkpoint kept.
+  """
+  work = small_disk / "work"
+  args = helpers.train_flags(assets, work)
+  line = _one_line_error(helpers.run_train(args), 1)
+  assert line == (
+      "error: saving a checkpoint failed (No space left on device); last good "
+      f"checkpoint: step 4 in {work}/checkpoints; free space and rerun the same command "
+      "to resume"
+  )
+  res = helpers.run_script(
+      "convert_checkpoint.py",
+      [f"--src={run}", f"--dst={small_disk}/hf", "--to=hf"],
+  )
+  assert _one_line_error(res, 1) == (
+      f"error: writing {small_disk}/hf failed (No space left on device); nothing was "
+      f"left there and the source {run} is unchanged"
+  )
+  assert not [n for n in os.listdir(small_disk) if "hf" in n]
+  # with room again the same command resumes from the kept step; the half-written one is gone
+  subprocess.run(
+      ["mount", "-o", "remount,size=16m", str(small_disk)], check=True
+  )
+  res = helpers.run_train(args)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "resumed from step 4" in res.stdout
+  assert sorted(os.listdir(work / "checkpoints")) == ["12", "16", "8"]

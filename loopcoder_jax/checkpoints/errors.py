@@ -13,8 +13,8 @@ import os
 _ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 # A write refused outright (not a cause deep inside a reader's error: that is bad input).
 _REFUSED = {errno.EACCES, errno.EPERM}
-_MARKERS = (
-    "RESOURCE_EXHAUSTED",
+# The OS's words for it, as TensorStore quotes them inside its RESOURCE_EXHAUSTED errors.
+_PHRASES = (
     "No space left on device",
     "Disk quota exceeded",
     "Read-only file system",
@@ -38,8 +38,11 @@ def storage_problem(e: BaseException | None) -> str | None:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in _ERRNOS:
       return os.strerror(e.errno)
-    for line in str(e).splitlines():
-      if any(m in line for m in _MARKERS):
-        return line.strip()[:200]
+    text = str(e)
+    for phrase in _PHRASES:
+      if phrase in text:
+        return phrase
+    if "RESOURCE_EXHAUSTED" in text:
+      return text.strip().splitlines()[0][:200]
     e = e.__cause__ or e.__context__
   return None

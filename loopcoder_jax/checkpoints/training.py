@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Any
@@ -37,6 +38,18 @@ def _snapshot(iterator):
   return Snapshot(iterator.get_state())
 
 
+class _OrbaxThreadErrors(logging.Filter):
+  """Drops Orbax's error logs (with their tracebacks): a failed asynchronous save is logged by
+  each of its background threads, then raised by the next `save` or wait, where the caller
+  reports it once."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (
+        record.levelno >= logging.ERROR
+        and f"{os.sep}orbax{os.sep}" in record.pathname
+    )
+
+
 class TrainCheckpointer:
   """Orbax `CheckpointManager` for training: `state` (TrainState), `data` (grain iterator state, one
   JSON file per process) and `meta` (JSON: model config, run info) in one step directory.
@@ -69,6 +82,8 @@ class TrainCheckpointer:
         create=True,
     )
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
+    self._quiet = _OrbaxThreadErrors()
+    logging.getLogger("absl").addFilter(self._quiet)
 
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())
@@ -180,5 +195,8 @@ class TrainCheckpointer:
     self._mgr.wait_until_finished()
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    try:
+      self._mgr.wait_until_finished()
+      self._mgr.close()
+    finally:
+      logging.getLogger("absl").removeFilter(self._quiet)

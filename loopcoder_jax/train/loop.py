@@ -59,7 +59,7 @@ def train_steps(run: Run, summary: dict) -> Any:
           return None
   finally:
     run.log.close_bar()
-    with storage_guard(run.ckpt, "finishing the checkpoint writes"):
+    with storage_guard(run.ckpt, "saving a checkpoint"):
       run.ckpt.close()
   summary["end_step"] = step
   summary["train_s"] = meter.seconds
@@ -162,12 +162,13 @@ def _checkpoint(run: Run, step: int, state, values: dict, force: bool) -> None:
           values["loss"],
           values["grad_norm"],
       )
-    with storage_guard(run.ckpt, f"saving the checkpoint of step {step}"):
+    # a failed asynchronous save surfaces here, at the next save, or at the last wait
+    with storage_guard(run.ckpt, "saving a checkpoint"):
       run.ckpt.save(step, state, run.data_it, run.meta, force=force)
 
 
 def _stopped(run: Run, step: int, signum: int, summary: dict) -> None:
-  with storage_guard(run.ckpt, f"saving the checkpoint of step {step}"):
+  with storage_guard(run.ckpt, "saving a checkpoint"):
     run.ckpt.wait_until_finished()
   run.log.info(
       f"preempted: saved step {step} in {run.ckpt.directory} "
