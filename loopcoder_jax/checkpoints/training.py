@@ -39,15 +39,26 @@ def _snapshot(iterator):
 
 
 class _OrbaxThreadErrors(logging.Filter):
-  """Drops Orbax's error logs (with their tracebacks): a failed asynchronous save is logged by
-  each of its background threads, then raised by the next `save` or wait, where the caller
-  reports it once."""
+  """Drops Orbax's error logs (with their tracebacks), and asyncio's for Orbax's tasks: a failed
+  asynchronous save is logged by each of its background threads and tasks, then raised by the
+  next `save` or wait, where the caller reports it once."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (
-        record.levelno >= logging.ERROR
-        and f"{os.sep}orbax{os.sep}" in record.pathname
-    )
+    if record.levelno < logging.ERROR:
+      return True
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+      return False
+    return not (record.name == "asyncio" and "orbax" in record.getMessage())
+
+
+def _quiet_orbax_threads() -> None:
+  """From now on (tasks a failed save abandons report at exit too), drops those logs and the
+  "Event loop is closed" reports of those tasks; once per process."""
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OrbaxThreadErrors) for f in logger.filters):
+      logger.addFilter(_OrbaxThreadErrors())
+  quiet_abandoned_reads()
 
 
 class TrainCheckpointer:
@@ -82,8 +93,7 @@ class TrainCheckpointer:
         create=True,
     )
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
-    self._quiet = _OrbaxThreadErrors()
-    logging.getLogger("absl").addFilter(self._quiet)
+    _quiet_orbax_threads()
 
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())
@@ -195,8 +205,5 @@ class TrainCheckpointer:
     self._mgr.wait_until_finished()
 
   def close(self) -> None:
-    try:
-      self._mgr.wait_until_finished()
-      self._mgr.close()
-    finally:
-      logging.getLogger("absl").removeFilter(self._quiet)
+    self._mgr.wait_until_finished()
+    self._mgr.close()
