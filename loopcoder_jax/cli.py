@@ -258,3 +258,42 @@ def flag_values(
 ) -> types.SimpleNamespace:
   """The flags' values as attributes named like the flags."""
   return types.SimpleNamespace(**{f.name: f.value for f in flag_holders})
+
+
+# The model-shape flags the benchmark scripts share: flag -> (PLTConfig field, help).
+MODEL_SHAPE_FLAGS = {
+    "d": ("hidden_size", "Hidden size."),
+    "ffn": ("intermediate_size", "SwiGLU intermediate size."),
+    "layers": ("num_hidden_layers", "Layers."),
+    "heads": ("num_attention_heads", "Query heads."),
+    "kv_heads": ("num_key_value_heads", "KV heads."),
+    "head_dim": ("head_dim", "Head dim (even: RoPE)."),
+    "vocab": ("vocab_size", "Vocabulary size."),
+    "window": ("plt_window_size", "Local attention window (left)."),
+}
+
+
+def define_model_shape(**defaults: int) -> tuple[flags.FlagHolder[int], ...]:
+  """The `MODEL_SHAPE_FLAGS`, each with this script's default (all must be given)."""
+  if set(defaults) != set(MODEL_SHAPE_FLAGS):
+    raise TypeError(
+        f"define_model_shape needs defaults for exactly {sorted(MODEL_SHAPE_FLAGS)}"
+    )
+  return tuple(
+      flags.DEFINE_integer(
+          name, defaults[name], help_string, lower_bound=int(name != "window")
+      )
+      for name, (_, help_string) in MODEL_SHAPE_FLAGS.items()
+  )
+
+
+def model_shape(args: Any) -> dict[str, Any]:
+  """The PLTConfig keyword arguments the shape flags' values in `args` (attributes named like the
+  flags, e.g. `flag_values(...)`) stand for: `PLTConfig.tiny(loops, **model_shape(args))`.
+  """
+  shape = {
+      field: getattr(args, name)
+      for name, (field, _) in MODEL_SHAPE_FLAGS.items()
+  }
+  shape["plt_window_size"] = (args.window, 0)
+  return shape

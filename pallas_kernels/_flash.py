@@ -106,9 +106,10 @@ class Plan:
     assert not self.gated or len(self.branches) == 2
 
 
-def _scores_and_mask(q, k, scale, q_start, k_start, left, segs):
-  """Scaled q @ k.T `[bq, bk]` (f32) and its visibility mask for a query block at q_start and a
-  key block at k_start; `segs` = (q segment ref, kv segment ref) or None."""
+def _masked_scores(q, k, scale, q_start, k_start, left, segs):
+  """Scaled q @ k.T `[bq, bk]` (f32) for a query block at q_start and a key block at k_start, with
+  MASK_VALUE where a key is not visible; `segs` = (q segment ref, kv segment ref) or None.
+  """
   bq, bk = q.shape[0], k.shape[0]
   scores = (
       lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
@@ -118,7 +119,16 @@ def _scores_and_mask(q, k, scale, q_start, k_start, left, segs):
   mask = window_visible(q_pos, k_pos, left)
   if segs is not None:
     mask &= segs[0][:, :1] == segs[1][:1, :]
-  return scores, mask
+  return jnp.where(mask, scores, MASK_VALUE)
+
+
+def _kv_visit(branch, i, j, off: int, bq: int):
+  """(start position of the key block, whether grid step j visits one) for query block i in one
+  branch: the branch's key blocks for i occupy steps off .. off + count - 1."""
+  s = j - off
+  first = branch.kv_first(i, bq)
+  count = branch.kv_last(i, bq) - first + 1
+  return (first + s) * branch.block_kv, (s >= 0) & (s < count)
 
 
 def _col(row_ref):
@@ -168,35 +178,21 @@ def _fwd_kernel(*refs, plan, offs, scale, seg, residuals):
   for b, branch in enumerate(plan.branches):
     k_ref, v_ref, kvseg_ref = br[b]
     m_ref, l_ref, acc_ref = scratch[b]
-    bk = branch.block_kv
-    s = j - offs[b]
-    first = branch.kv_first(i, bq)
-    count = branch.kv_last(i, bq) - first + 1
+    k_start, visits = _kv_visit(branch, i, j, offs[b], bq)
 
-    @pl.when((s >= 0) & (s < count))
+    @pl.when(visits)
     def _step(
-        branch=branch,
+        left=branch.left,
+        segs=(qseg_ref, kvseg_ref) if seg else None,
         k_ref=k_ref,
         v_ref=v_ref,
-        kvseg_ref=kvseg_ref,
         m_ref=m_ref,
         l_ref=l_ref,
         acc_ref=acc_ref,
-        bk=bk,
-        s=s,
-        first=first,
+        k_start=k_start,
     ):
       q, k, v = q_ref[...], k_ref[...], v_ref[...]
-      scores, mask = _scores_and_mask(
-          q,
-          k,
-          scale,
-          i * bq,
-          (first + s) * bk,
-          branch.left,
-          (qseg_ref, kvseg_ref) if seg else None,
-      )
-      scores = jnp.where(mask, scores, MASK_VALUE)
+      scores = _masked_scores(q, k, scale, i * bq, k_start, left, segs)
       m_prev = m_ref[...]
       # [bq, 128]
       m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
@@ -273,21 +269,20 @@ def _branch_args(ks, vs, seg):
   return args
 
 
-def forward(plan, q, ks, vs, seg, gate, *, residuals):
-  """q [B,H,Sp,D], ks/vs per branch [B,Hkv,Sp,D], seg (col [B,Sp,128], row [B,8,Sp]) or None,
-  gate [B,H,1,Sp] f32 or None. Returns out (and lse per branch as rows [B,H,1,Sp], delta when
-  residuals)."""
-  b, h, sp, d = q.shape
-  bq, groups = plan.block_q, h // ks[0].shape[1]
-  nq = sp // bq
-  offs, steps = _offsets(plan, nq)
+def _query_side(plan, per_query, seg, gate):
+  """The query side of the forward and dq calls (grid: batch, head, query block i, step j):
+  (q block spec, row spec, in_specs, args, branch offsets, steps), the in_specs and args holding
+  the `per_query` arrays (shaped like q), the segment column and the gate."""
+  _, _, sp, d = per_query[0].shape
+  bq = plan.block_q
+  offs, steps = _offsets(plan, sp // bq)
   q_spec = pl.BlockSpec(
       (None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0)
   )
   row_spec = pl.BlockSpec(
       (None, None, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i)
   )
-  in_specs, args = [q_spec], [q]
+  in_specs, args = [q_spec] * len(per_query), list(per_query)
   if seg is not None:
     in_specs.append(
         pl.BlockSpec((None, bq, LANES), lambda b_, h_, i, j: (b_, i, 0))
@@ -296,6 +291,18 @@ def forward(plan, q, ks, vs, seg, gate, *, residuals):
   if plan.gated:
     in_specs.append(row_spec)
     args.append(gate)
+  return q_spec, row_spec, in_specs, args, offs, steps
+
+
+def forward(plan, q, ks, vs, seg, gate, *, residuals):
+  """q [B,H,Sp,D], ks/vs per branch [B,Hkv,Sp,D], seg (col [B,Sp,128], row [B,8,Sp]) or None,
+  gate [B,H,1,Sp] f32 or None. Returns out (and lse per branch as rows [B,H,1,Sp], delta when
+  residuals)."""
+  b, h, sp, d = q.shape
+  bq, groups, nq = plan.block_q, h // ks[0].shape[1], sp // plan.block_q
+  q_spec, row_spec, in_specs, args, offs, steps = _query_side(
+      plan, [q], seg, gate
+  )
   in_specs += _branch_specs(plan, offs, groups, d, seg is not None)
   args += _branch_args(ks, vs, seg)
 
@@ -360,35 +367,22 @@ def _dq_kernel(*refs, plan, offs, scale, seg):
 
   for b, branch in enumerate(plan.branches):
     k_ref, v_ref, kvseg_ref, lse_ref, di_ref = br[b]
-    bk = branch.block_kv
-    s = j - offs[b]
-    first = branch.kv_first(i, bq)
-    count = branch.kv_last(i, bq) - first + 1
+    k_start, visits = _kv_visit(branch, i, j, offs[b], bq)
 
-    @pl.when((s >= 0) & (s < count))
+    @pl.when(visits)
     def _step(
         b=b,
-        branch=branch,
+        left=branch.left,
+        segs=(qseg_ref, kvseg_ref) if seg else None,
         k_ref=k_ref,
         v_ref=v_ref,
-        kvseg_ref=kvseg_ref,
         lse_ref=lse_ref,
         di_ref=di_ref,
-        bk=bk,
-        s=s,
-        first=first,
+        k_start=k_start,
     ):
       q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-      scores, mask = _scores_and_mask(
-          q,
-          k,
-          scale,
-          i * bq,
-          (first + s) * bk,
-          branch.left,
-          (qseg_ref, kvseg_ref) if seg else None,
-      )
-      p = jnp.exp(jnp.where(mask, scores, MASK_VALUE) - _col(lse_ref))
+      scores = _masked_scores(q, k, scale, i * bq, k_start, left, segs)
+      p = jnp.exp(scores - _col(lse_ref))
       dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
       ds = p * (dp - _col(di_ref))
       if plan.gated:
@@ -406,24 +400,10 @@ def _dq_kernel(*refs, plan, offs, scale, seg):
 def backward_dq(plan, q, do, ks, vs, seg, gate, lses, dis):
   """dq [B,H,Sp,D] for all branches; lses/dis per branch as rows [B,H,1,Sp] f32."""
   b, h, sp, d = q.shape
-  bq, groups = plan.block_q, h // ks[0].shape[1]
-  nq = sp // bq
-  offs, steps = _offsets(plan, nq)
-  q_spec = pl.BlockSpec(
-      (None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0)
+  bq, groups, nq = plan.block_q, h // ks[0].shape[1], sp // plan.block_q
+  q_spec, row_spec, in_specs, args, offs, steps = _query_side(
+      plan, [q, do], seg, gate
   )
-  row_spec = pl.BlockSpec(
-      (None, None, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i)
-  )
-  in_specs, args = [q_spec, q_spec], [q, do]
-  if seg is not None:
-    in_specs.append(
-        pl.BlockSpec((None, bq, LANES), lambda b_, h_, i, j: (b_, i, 0))
-    )
-    args.append(seg[0])
-  if plan.gated:
-    in_specs.append(row_spec)
-    args.append(gate)
   kv_specs = _branch_specs(plan, offs, groups, d, seg is not None)
   kv_args = _branch_args(ks, vs, seg)
   per = len(kv_specs) // len(plan.branches)

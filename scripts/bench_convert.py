@@ -9,7 +9,7 @@ HF -> Orbax and Orbax -> HF, each in a fresh process, and reads that process's p
 rusage, ru_maxrss) next to a baseline process that only imports the converter and starts JAX.
 Streaming target: peak RSS about one copy of the weights (checkpoint bytes) plus the baseline. The
 round trip is checked tensor by tensor (bytes equal).
-Loading for use (`convert.load_hf_sharded`, what `interop.load` runs) is measured onto one CPU device
+Loading for use (`hf_io.load_hf_sharded`, what `interop.load` runs) is measured onto one CPU device
 and onto `--load_devices` fake CPU devices (mesh `tensor` = all of them): there the devices' arrays
 are host memory too, so the loader's own transient memory is the peak minus the process's RSS before
 the load minus the bytes the devices hold; it is reported against the largest shard file.
@@ -105,8 +105,9 @@ def run_phase(args, phase: str) -> None:
   """Body of one child process."""
   import numpy as np
 
-  from loopcoder_jax.interop import convert, hf_names
-  from loopcoder_jax.interop import safetensors_io as st
+  from loopcoder_jax.checkpoints import hf_names
+  from loopcoder_jax.checkpoints import safetensors_io as st
+  from loopcoder_jax.interop import convert
 
   hf, orbax, hf2, resharded = (
       os.path.join(args.workdir, n) for n in ("hf", "orbax", "hf2", "resharded")
@@ -159,12 +160,12 @@ def _load_phase(args, phase: str, hf: str) -> None:
 
   import jax
 
-  from loopcoder_jax.interop import convert
+  from loopcoder_jax.checkpoints import hf_io
   from loopcoder_jax.model import sharding
   from loopcoder_jax.model.transformer import abstract_params
 
   jax.numpy.zeros(1).block_until_ready()
-  cfg = convert.read_hf_config(hf)
+  cfg = hf_io.read_hf_config(hf)
   target = abstract_params(cfg)
   if phase == "load_1":
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -173,7 +174,7 @@ def _load_phase(args, phase: str, hf: str) -> None:
     mesh = sharding.make_mesh({"tensor": -1})
     shardings = sharding.param_shardings(target, mesh)
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  _, params = convert.load_hf_sharded(hf, shardings)
+  _, params = hf_io.load_hf_sharded(hf, shardings)
   placed = sum(
       s.data.nbytes
       for x in jax.tree.leaves(params)
@@ -238,7 +239,7 @@ def run(args):
     raise ValueError(f"--workdir {args.workdir} is not empty")
   import numpy as np
 
-  from loopcoder_jax.interop import safetensors_io as st
+  from loopcoder_jax.checkpoints import safetensors_io as st
 
   # before the children start: a bad size would otherwise fail inside write_hf
   st.parse_size(args.shard_size)

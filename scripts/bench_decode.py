@@ -59,17 +59,15 @@ _FLAGS = (
         "Timed decode steps per variant (after one warm-up step).",
         lower_bound=1,
     ),
-    flags.DEFINE_integer("d", 1024, "Hidden size.", lower_bound=1),
-    flags.DEFINE_integer(
-        "ffn", 4096, "SwiGLU intermediate size.", lower_bound=1
-    ),
-    flags.DEFINE_integer("layers", 4, "Layers.", lower_bound=1),
-    flags.DEFINE_integer("heads", 16, "Query heads.", lower_bound=1),
-    flags.DEFINE_integer("kv_heads", 4, "KV heads.", lower_bound=1),
-    flags.DEFINE_integer("head_dim", 64, "Head dim.", lower_bound=1),
-    flags.DEFINE_integer("vocab", 8192, "Vocabulary size.", lower_bound=1),
-    flags.DEFINE_integer(
-        "window", 64, "Local attention window.", lower_bound=0
+    *cli.define_model_shape(
+        d=1024,
+        ffn=4096,
+        layers=4,
+        heads=16,
+        kv_heads=4,
+        head_dim=64,
+        vocab=8192,
+        window=64,
     ),
     flags.DEFINE_enum(
         "layout",
@@ -83,19 +81,8 @@ _FLAGS = (
 
 
 def bench_cfg(args, loops):
-  return PLTConfig(
-      vocab_size=args.vocab,
-      hidden_size=args.d,
-      intermediate_size=args.ffn,
-      num_hidden_layers=args.layers,
-      num_attention_heads=args.heads,
-      num_key_value_heads=args.kv_heads,
-      head_dim=args.head_dim,
-      max_position_embeddings=65536,
-      plt_window_size=(args.window, 0),
-      plt_num_loops=loops,
-      torch_dtype="float32",
-      rope_theta=10000.0,
+  return PLTConfig.tiny(
+      loops, max_position_embeddings=65536, **cli.model_shape(args)
   )
 
 

@@ -38,17 +38,15 @@ _FLAGS = (
         "new_tokens", 32, "Generated tokens per row.", lower_bound=1
     ),
     flags.DEFINE_integer("batch", 1, "Rows.", lower_bound=1),
-    flags.DEFINE_integer("d", 1024, "Hidden size.", lower_bound=1),
-    flags.DEFINE_integer(
-        "ffn", 2816, "SwiGLU intermediate size.", lower_bound=1
-    ),
-    flags.DEFINE_integer("layers", 8, "Layers.", lower_bound=1),
-    flags.DEFINE_integer("heads", 16, "Query heads.", lower_bound=1),
-    flags.DEFINE_integer("kv_heads", 4, "KV heads.", lower_bound=1),
-    flags.DEFINE_integer("head_dim", 64, "Head dim (even).", lower_bound=2),
-    flags.DEFINE_integer("vocab", 32000, "Vocabulary size.", lower_bound=2),
-    flags.DEFINE_integer(
-        "window", 64, "Local attention window (left).", lower_bound=0
+    *cli.define_model_shape(
+        d=1024,
+        ffn=2816,
+        layers=8,
+        heads=16,
+        kv_heads=4,
+        head_dim=64,
+        vocab=32000,
+        window=64,
     ),
     flags.DEFINE_integer(
         "repeats",
@@ -66,21 +64,12 @@ def hf_config(args, loops):
   """The config.json keys of an export of this shape (less the names of its classes)."""
   from loopcoder_jax.model.config import PLTConfig
 
-  hf = PLTConfig(
-      vocab_size=args.vocab,
-      hidden_size=args.d,
-      intermediate_size=args.ffn,
-      num_hidden_layers=args.layers,
-      num_attention_heads=args.heads,
-      num_key_value_heads=args.kv_heads,
-      head_dim=args.head_dim,
+  hf = PLTConfig.tiny(
+      loops,
       max_position_embeddings=max(4096, args.prompt + args.new_tokens),
-      plt_window_size=(args.window, 0),
-      plt_num_loops=loops,
-      torch_dtype="float32",
-      rope_theta=10000.0,
       bos_token_id=None,
       eos_token_id=None,
+      **cli.model_shape(args),
   ).to_hf_dict()
   return {
       k: v for k, v in hf.items() if k not in ("architectures", "model_type")

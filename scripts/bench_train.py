@@ -36,15 +36,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from loopcoder_jax import cli  # noqa: E402
-from loopcoder_jax.model import sharding
+from loopcoder_jax import (
+    cli,  # noqa: E402
+    hardware,  # noqa: E402
+)
+from loopcoder_jax.model import (
+    flops,  # noqa: E402
+    sharding,  # noqa: E402
+)
 from loopcoder_jax.model.config import (  # noqa: E402
     ATTENTION_IMPLS,
     DTYPES,
     REMAT_POLICIES,
     PLTConfig,
 )
-from loopcoder_jax.scaling import flops
 from loopcoder_jax.train import optim
 from loopcoder_jax.train import step as train_step
 
@@ -56,17 +61,15 @@ _FLAGS = (
     ),
     flags.DEFINE_integer("batch", 8, "Batch size.", lower_bound=1),
     flags.DEFINE_integer("seq", 256, "Sequence length.", lower_bound=2),
-    flags.DEFINE_integer("layers", 4, "Layers.", lower_bound=1),
-    flags.DEFINE_integer("d", 256, "Hidden size.", lower_bound=1),
-    flags.DEFINE_integer("heads", 4, "Query heads.", lower_bound=1),
-    flags.DEFINE_integer("kv_heads", 4, "KV heads.", lower_bound=1),
-    flags.DEFINE_integer("head_dim", 64, "Head dim.", lower_bound=1),
-    flags.DEFINE_integer(
-        "ffn", 1024, "SwiGLU intermediate size.", lower_bound=1
-    ),
-    flags.DEFINE_integer("vocab", 32000, "Vocabulary size.", lower_bound=1),
-    flags.DEFINE_integer(
-        "window", 64, "Local attention window.", lower_bound=0
+    *cli.define_model_shape(
+        d=256,
+        ffn=1024,
+        layers=4,
+        heads=4,
+        kv_heads=4,
+        head_dim=64,
+        vocab=32000,
+        window=64,
     ),
     flags.DEFINE_enum(
         "dtype",
@@ -103,19 +106,10 @@ _FLAGS = (
 
 
 def bench_cfg(args, loops: int) -> PLTConfig:
-  return PLTConfig(
-      vocab_size=args.vocab,
-      hidden_size=args.d,
-      intermediate_size=args.ffn,
-      num_hidden_layers=args.layers,
-      num_attention_heads=args.heads,
-      num_key_value_heads=args.kv_heads,
-      head_dim=args.head_dim,
+  return PLTConfig.tiny(
+      loops,
       max_position_embeddings=max(4096, args.seq),
-      plt_window_size=(args.window, 0),
-      plt_num_loops=loops,
-      rope_theta=10000.0,
-      torch_dtype="float32",
+      **cli.model_shape(args),
   ).with_runtime(
       dtype=args.dtype,
       attention_impl=args.attention_impl,
@@ -162,7 +156,7 @@ def bench_loops(args, loops: int, device, peak_dtype) -> dict:
   step_times, peaks, cpu_times = [], [], []
 
   def measure_peak():
-    return flops.measure_matmul_peak(
+    return hardware.measure_matmul_peak(
         peak_dtype, n=args.peak_n, repeats=2, device=device
     )
 
@@ -181,7 +175,7 @@ def bench_loops(args, loops: int, device, peak_dtype) -> dict:
   tokens = args.batch * args.seq
   # Each step against the mean of the peaks measured just before and just after it.
   paired = [
-      flops.mfu(tokens / t, fpt, (p0 + p1) / 2)
+      hardware.mfu(tokens / t, fpt, (p0 + p1) / 2)
       for t, p0, p1 in zip(step_times, peaks, peaks[1:])
   ]
   return {
@@ -215,7 +209,7 @@ def run(args):
   for r in rows:
     r["tokens_per_s"] = tokens / r["step_s_best"]
     r["tokens_per_s_median"] = tokens / r["step_s_median"]
-    r["mfu"] = flops.mfu(r["tokens_per_s"], r["flops_per_token"], peak)
+    r["mfu"] = hardware.mfu(r["tokens_per_s"], r["flops_per_token"], peak)
 
   print(
       f"backend={device.platform} ({device.device_kind}), {args.dtype}, attention={args.attention_impl}, "

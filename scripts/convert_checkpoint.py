@@ -16,8 +16,9 @@ everywhere; the rule and its promises are in loopcoder_jax/interop/upcycling.py)
 replaces a destination that holds a checkpoint, never another directory; a destination symlink is
 followed. Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
 Exit codes: 0 converted; 2 bad input (flags, a missing, damaged or unsafe source checkpoint, a
-non-empty destination without --overwrite or one that is not a checkpoint: one `error:` line on
-stderr).
+non-empty destination without --overwrite or one that is not a checkpoint, output that would hold
+NaN or Inf, e.g. an upcycling gate bias its dtype cannot hold: one `error:` line on stderr); 1 the
+destination ran out of space or is read-only (one line; nothing is left there).
 """
 
 import os
@@ -68,18 +69,22 @@ _GATE_BIAS = flags.DEFINE_float(
 
 
 def main():
+  from loopcoder_jax import checkpoints
   from loopcoder_jax.interop import convert
 
-  fmt = convert.convert_checkpoint(
-      _SRC.value,
-      _DST.value,
-      _TO.value,
-      shard_size=_SHARD_SIZE.value,
-      dtype=_DTYPE.value,
-      overwrite=_OVERWRITE.value,
-      loops=_LOOPS.value,
-      gate_bias=_GATE_BIAS.value,
-  )
+  try:
+    fmt = convert.convert_checkpoint(
+        _SRC.value,
+        _DST.value,
+        _TO.value,
+        shard_size=_SHARD_SIZE.value,
+        dtype=_DTYPE.value,
+        overwrite=_OVERWRITE.value,
+        loops=_LOOPS.value,
+        gate_bias=_GATE_BIAS.value,
+    )
+  except checkpoints.StorageError as e:
+    raise cli.Failure(str(e)) from e
   print(
       f"converted {fmt} {os.path.abspath(_SRC.value)} -> {_TO.value} {os.path.abspath(_DST.value)}"
   )

@@ -9,7 +9,7 @@ sharding rules, the KV cache over kv heads, bf16 params: the config's compute dt
 its layer loop unrolled so that XLA's cost analysis counts every layer. Per device: FLOPs and bytes
 accessed (XLA's counts, and the floor no implementation avoids: weights once per pass over the
 layers, the KV cache once per pass that reads it), estimated step time = max(FLOPs / peak FLOP/s,
-bytes / HBM bandwidth) with `flops.PEAKS`, whether the served step fits, and the ratios PLT/R1 and
+bytes / HBM bandwidth) with `hardware.PEAKS`, whether the served step fits, and the ratios PLT/R1 and
 PLT/serial. Method: `loopcoder_jax/scaling/roofline.py`. Compile-only: nothing is timed.
 Prints a table and, as the last line, one JSON object.
 Exit codes: 0 done (a step that does not fit is reported, not an error); 2 bad input (flags,

@@ -5,9 +5,10 @@ Exit codes: 0 trained (or already done); 2 bad input (flags, config, data, token
 whose checkpoints another model, batch shape or tokenizer wrote: one `error:` line on stderr,
 before anything is built); 1 the loss, gradient norm or updated state went non-finite (one
 `error:` line naming the step and the last good checkpoint, which is kept), or another trainer
-holds the workdir (the line names it); 143 stopped by SIGTERM and 130 by Ctrl-C (SIGINT) after
-saving a checkpoint: not finished, rerun the same command to resume (a second Ctrl-C stops at
-once, without saving).
+holds the workdir (the line names it), or storage failed (a full disk or read-only file system
+while saving a checkpoint or exporting the params: the line names the last good checkpoint); 143
+stopped by SIGTERM and 130 by Ctrl-C (SIGINT) after saving a checkpoint: not finished, rerun the
+same command to resume (a second Ctrl-C stops at once, without saving).
 """
 
 import os
@@ -38,7 +39,11 @@ def main():
   )
   try:
     summary = trainer.train(config, workdir)
-  except (trainer.TrainingDiverged, trainer.WorkdirBusy) as e:
+  except (
+      trainer.TrainingDiverged,
+      trainer.WorkdirBusy,
+      trainer.StorageError,
+  ) as e:
     raise cli.Failure(str(e)) from e
   except KeyboardInterrupt:
     cli.error_exit(

@@ -18,7 +18,12 @@ import sys
 from hypothesis import Phase
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+
+from loopcoder_jax.checkpoints import hf_names
+from loopcoder_jax.checkpoints import safetensors_io as st
 
 ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 SCRIPTS = os.path.join(ROOT, "scripts")
@@ -333,3 +338,43 @@ def run_train(args, timeout=240, devices=1):
 def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+# ------------------------------------------------------------------------------------- HF dirs
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def random_hf_tensors(cfg, dtype=BF16, seed=0):
+  """Random tensors for every key of `cfg`'s HF checkpoint (the name table's plan)."""
+  rng = np.random.default_rng(seed)
+  return {
+      s.key: (rng.standard_normal(s.hf_shape) * 0.5).astype(dtype)
+      for s in hf_names.plan(cfg)
+  }
+
+
+def write_hf(path, cfg, tensors, shard_bytes=3000, extra_config=None):
+  """An HF directory written with safetensors' own writer (independent of ours), sharded + index."""
+  n_shards = write_safetensors_dir(path, tensors, shard_bytes)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({**cfg.to_hf_dict(), **(extra_config or {})}, f, indent=2)
+  return n_shards
+
+
+def read_hf(path):
+  """An HF directory's tensors, read with safetensors' own reader."""
+  files = st.weight_files(path)
+  out = {}
+  for k, fname in files.items():
+    with safe_open(fname, "numpy") as f:
+      out[k] = f.get_tensor(k)
+  return out
+
+
+def hf_dir(path, cfg, rename=None, dtype=BF16, **kw):
+  """An HF directory of random tensors, some keys renamed (`rename`: old -> new)."""
+  tensors = random_hf_tensors(cfg, dtype)
+  for old, new in (rename or {}).items():
+    tensors[new] = tensors.pop(old)
+  write_hf(path, cfg, tensors, **kw)
+  return str(path)

@@ -7,6 +7,7 @@ the fault injections: a non-finite update on a save step (in-process), kill -9 d
 save then Ctrl-C, and two trainers on one workdir (scripts/train.py in subprocesses, marked slow).
 """
 
+import errno
 import glob
 import hashlib
 import json
@@ -20,16 +21,20 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
-from loopcoder_jax import interop
+from loopcoder_jax import checkpoints, interop
+from loopcoder_jax.checkpoints import hf_io, params_io
+from loopcoder_jax.checkpoints import safetensors_io as st
 from loopcoder_jax.data import corpus, pipeline, tokenizer
 from loopcoder_jax.eval import diagnostics
 from loopcoder_jax.interop import convert
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.train import checkpoint, optim, trainer
+from loopcoder_jax.model.transformer import init_params
 from loopcoder_jax.train import config as train_config
+from loopcoder_jax.train import optim, trainer
 from loopcoder_jax.train import step as train_step
 from tests import helpers
 
@@ -135,6 +140,34 @@ def test_resume_refuses_another_tokenizer_or_model(assets, run, tmp_path):
   assert _files(work) == before  # stopped before anything was written
 
 
+def test_fine_tune_with_another_tokenizer_is_refused_unless_asked(
+    assets, run, tmp_path
+):
+  """The init checkpoint's embeddings index its own vocabulary: a tokenizer.path with other tokens
+  (here the same size) fails before any weight is read, unless asked for explicitly.
+  """
+  texts = [t for _, t in corpus.stdlib_files("train")[40:80]]
+  tokenizer.train_bpe(texts, 320, str(tmp_path / "other_tok"))
+  tuned = {
+      "init.checkpoint": run,
+      "tokenizer.path": str(tmp_path / "other_tok"),
+      "train.total_steps": 1,
+  }
+  with pytest.raises(ValueError) as e:
+    trainer.train(_config(assets, **tuned), str(tmp_path / "sft"))
+  assert "is not the tokenizer of init.checkpoint" in str(e.value)
+  assert "same size, other tokens" in str(e.value)
+  assert "init.allow_different_tokenizer=True" in str(e.value)
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "sft" / "checkpoints")
+  # its own tokenizer is fine; asked for explicitly, another one is too
+  own = {**tuned, "tokenizer.path": os.path.join(run, "tokenizer")}
+  assert trainer.train(_config(assets, **own), str(tmp_path / "own"))
+  allowed = {**tuned, "init.allow_different_tokenizer": True}
+  summary = trainer.train(_config(assets, **allowed), str(tmp_path / "sft"))
+  assert summary["end_step"] == 1
+
+
 def test_extended_run_exports_its_newest_step_and_logs_each_step_once(
     assets, run, tmp_path
 ):
@@ -148,8 +181,8 @@ def test_extended_run_exports_its_newest_step_and_logs_each_step_once(
   assert [m["step"] for m in helpers.read_metrics(work)] == [1, 2, 3, 4, 5, 6]
   with open(os.path.join(work, "params", trainer.EXPORT_STEP_FILE)) as f:
     assert json.load(f) == {"step": 6}
-  _, exported = checkpoint.load_params(os.path.join(work, "params"))
-  _, newest = checkpoint.load_params(os.path.join(work, "checkpoints", "6"))
+  _, exported = params_io.load_params(os.path.join(work, "params"))
+  _, newest = params_io.load_params(os.path.join(work, "checkpoints", "6"))
   _assert_same(exported, newest)
   assert not glob.glob(os.path.join(work, "params.*"))  # no staging left
 
@@ -214,8 +247,8 @@ def test_damaged_newest_checkpoint_resumes_bit_exact(
         fh.write('{"shards": [{"not": "a grain state"}]}')
   shutil.rmtree(os.path.join(work, "params"))
   trainer.train(_config(assets), work)  # resumes from step 2, saves step 4 anew
-  _, want = checkpoint.load_params(os.path.join(run, "params"))
-  _, got = checkpoint.load_params(os.path.join(work, "params"))
+  _, want = params_io.load_params(os.path.join(run, "params"))
+  _, got = params_io.load_params(os.path.join(work, "params"))
   _assert_same(got, want)
   assert os.listdir(os.path.join(work, "checkpoints_unusable")) == ["4"]
   assert [m["step"] for m in helpers.read_metrics(work)] == [1, 2, 3, 4]
@@ -266,10 +299,10 @@ def test_binary_and_non_utf8_files_are_skipped_and_counted(tmp_path):
 
 # ------------------------------------------------------------------ checkpoints and interop
 def test_nan_weights_are_refused_where_they_are_loaded(assets, run, tmp_path):
-  cfg, params = checkpoint.load_params(os.path.join(run, "params"))
+  cfg, params = params_io.load_params(os.path.join(run, "params"))
   params["norm"]["scale"] = params["norm"]["scale"].at[3].set(jnp.nan)
   nan_dir = tmp_path / "nan"
-  checkpoint.save_params(nan_dir, cfg, params)
+  params_io.save_params(nan_dir, cfg, params)
   with pytest.raises(
       ValueError,
       match=r"holds non-finite weights \(1 of \d+ arrays, first norm/scale\)",
@@ -292,7 +325,7 @@ def test_damaged_orbax_files_are_one_line(run, tmp_path, capfd):
     d = _copy(os.path.join(run, "params"), tmp_path / how)
     damage(d, how)
     with pytest.raises(ValueError, match=f"checkpoint {d} is unreadable") as e:
-      checkpoint.load_params(d)
+      params_io.load_params(d)
     # a corrupted chunk still reads (the params are stored uncompressed): its checksum fails
     why = (
         "does not match the checksum" if how == "corrupted" else "Error reading"
@@ -308,7 +341,7 @@ def test_damaged_orbax_files_are_one_line(run, tmp_path, capfd):
       match=r"layers/mlp/down_proj/kernel is stored with shape \(2, 64, 32\), "
       r"its config gives \(2, 96, 32\)",
   ):
-    checkpoint.load_params(d)
+    params_io.load_params(d)
   assert "Event loop is closed" not in capfd.readouterr().err
 
 
@@ -377,7 +410,7 @@ def test_truncated_safetensors_is_one_line(assets, hf, tmp_path):
   shard = os.path.join(bad, "model.safetensors")
   os.truncate(shard, os.path.getsize(shard) // 2)
   calls = [
-      lambda: convert.load_hf(bad),
+      lambda: hf_io.load_hf(bad),
       lambda: interop.load(bad),
       lambda: convert.convert_checkpoint(bad, str(tmp_path / "out"), "orbax"),
   ]
@@ -448,7 +481,7 @@ def test_overwrite_replaces_only_checkpoints(run, tmp_path):
   assert (notes / "todo.txt").read_text() == "mine"
   convert.convert_checkpoint(run, str(tmp_path / "ckpt"), "orbax")
   convert.convert_checkpoint(run, str(tmp_path / "ckpt"), "hf", overwrite=True)
-  assert convert.is_hf_dir(str(tmp_path / "ckpt"))
+  assert hf_io.is_hf_dir(str(tmp_path / "ckpt"))
   assert sorted(os.listdir(tmp_path)) == ["ckpt", "notes"]  # no temp siblings
 
 
@@ -466,12 +499,12 @@ def test_stale_temp_directories_and_a_dangling_destination(run, tmp_path):
       ValueError, match="is not empty"
   ):  # restored, so not replaced
     convert.convert_checkpoint(run, str(tmp_path / "kept"), "hf")
-  assert convert.is_hf_dir(str(tmp_path / "kept"))
+  assert hf_io.is_hf_dir(str(tmp_path / "kept"))
   assert sorted(os.listdir(tmp_path)) == sorted(["kept", "out", live.name])
   # a destination symlink to a directory that does not exist yet: written where it points
   os.symlink(tmp_path / "target" / "ckpt", tmp_path / "link")
   convert.convert_checkpoint(run, str(tmp_path / "link"), "orbax")
-  assert checkpoint.is_params_dir(tmp_path / "target" / "ckpt")
+  assert params_io.is_params_dir(tmp_path / "target" / "ckpt")
   assert os.path.islink(tmp_path / "link")
   assert sorted(os.listdir(tmp_path / "target")) == ["ckpt"]
 
@@ -506,9 +539,9 @@ def test_scripts_bad_input_exit_2_in_one_line(assets, run, hf, tmp_path):
   )
   assert "--seq_lens" in line
   # NaN weights: no empty completion with exit 0
-  cfg, params = checkpoint.load_params(os.path.join(run, "params"))
+  cfg, params = params_io.load_params(os.path.join(run, "params"))
   params["norm"]["scale"] = params["norm"]["scale"] * jnp.inf
-  checkpoint.save_params(tmp_path / "nan", cfg, params)
+  params_io.save_params(tmp_path / "nan", cfg, params)
   line = _one_line_error(
       helpers.run_script(
           "generate.py",
@@ -592,7 +625,7 @@ def reference(assets, tmp_path_factory):
   work = tmp_path_factory.mktemp("reference") / "work"
   res = helpers.run_train(helpers.train_flags(assets, work))
   assert res.returncode == 0, res.stderr[-3000:]
-  _, params = checkpoint.load_params(work / "params")
+  _, params = params_io.load_params(work / "params")
   return params, {m["step"]: m["loss"] for m in helpers.read_metrics(work)}
 
 
@@ -651,7 +684,7 @@ def test_kill9_during_async_save_then_ctrl_c_resume_bit_exact(
   assert final.returncode == 0, final.stderr[-3000:]
   assert f"resumed from step {saved}" in final.stdout
   params_ref, loss_ref = reference
-  _, params = checkpoint.load_params(work / "params")
+  _, params = params_io.load_params(work / "params")
   _assert_same(params, params_ref)
   metrics = helpers.read_metrics(work)
   assert [m["step"] for m in metrics] == list(range(1, 17))
@@ -673,7 +706,7 @@ def test_second_trainer_on_a_workdir_is_refused(assets, reference, tmp_path):
   out, err = first.communicate(timeout=240)
   assert first.returncode == 0, err[-3000:]
   # the first run was not disturbed: the same params as the reference, each step logged once
-  _, params = checkpoint.load_params(work / "params")
+  _, params = params_io.load_params(work / "params")
   _assert_same(params, reference[0])
   assert [m["step"] for m in helpers.read_metrics(work)] == list(range(1, 17))
   assert lock_file.stat().st_size == 0  # released at exit
@@ -772,3 +805,198 @@ def test_generate_ctrl_c_is_one_line_and_exit_130(assets, run):
   _, err = proc.communicate(timeout=240)
   assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
   assert err.strip().splitlines() == ["error: interrupted"]
+
+
+def test_a_directory_where_the_lock_belongs_is_one_line(assets, tmp_path):
+  work = tmp_path / "work"
+  (work / "trainer.0.lock").mkdir(parents=True)
+  res = helpers.run_train(helpers.train_flags(assets, work))
+  line = _one_line_error(res, 2)
+  assert line == (
+      f"error: cannot open the workdir lock {work / 'trainer.0.lock'} (Is a directory); it "
+      "must be a regular file the trainer can write: remove or fix it"
+  )
+  assert sorted(os.listdir(work)) == ["trainer.0.lock"]
+
+
+# ------------------------------------------------------------------ storage: a full disk
+def _no_space(*_, **__):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_training_names_the_last_good_checkpoint(
+    assets, run, tmp_path, monkeypatch
+):
+  """The export and a checkpoint save each fail in one line naming the kept checkpoint; nothing
+  half-written is left to block the next run, which finishes the job once there is room.
+  """
+  work = _copy(run, tmp_path / "work")
+  shutil.rmtree(os.path.join(work, "params"))
+  steps = os.path.join(work, "checkpoints")
+
+  def half_export(path, *_):
+    os.makedirs(path)
+    open(os.path.join(path, "config.json"), "w").close()
+    _no_space()
+
+  monkeypatch.setattr(checkpoints, "save_params", half_export)
+  with pytest.raises(trainer.StorageError) as e:
+    trainer.train(_config(assets), work)
+  assert str(e.value) == (
+      f"exporting the params of step 4 to {work}/params failed (No space left on "
+      f"device); last good checkpoint: step 4 in {steps}; free space and rerun the same "
+      "command to resume"
+  )
+  assert not os.path.exists(f"{work}/params.partial")
+  monkeypatch.undo()
+  monkeypatch.setattr(checkpoints.TrainCheckpointer, "save", _no_space)
+  with pytest.raises(trainer.StorageError) as e:
+    trainer.train(_config(assets, **{"train.total_steps": 6}), work)
+  assert str(e.value) == (
+      "saving a checkpoint failed (No space left on device); last good checkpoint: step "
+      f"4 in {steps}; free space and rerun the same command to resume"
+  )
+  monkeypatch.undo()
+  assert trainer.train(_config(assets), work)["end_step"] == 4
+  assert trainer._exported_step(os.path.join(work, "params")) == 4
+
+
+def test_a_full_disk_while_converting_is_one_line_both_ways(
+    run, hf, tmp_path, monkeypatch
+):
+  for src, to, writer in (
+      (hf, "orbax", (params_io, "save_params")),
+      (run, "hf", (st.SafetensorsFile, "write")),
+  ):
+    monkeypatch.setattr(*writer, _no_space)
+    dst = str(tmp_path / f"out_{to}")
+    with pytest.raises(checkpoints.StorageError) as e:
+      convert.convert_checkpoint(src, dst, to)
+    assert str(e.value) == (
+        f"writing {dst} failed (No space left on device); nothing was left there and "
+        f"the source {os.path.abspath(src)} is unchanged"
+    )
+    assert sorted(os.listdir(tmp_path)) == []
+    monkeypatch.undo()
+
+
+def test_converters_refuse_to_write_non_finite_weights(tmp_path):
+  cfg = PLTConfig.tiny(loops=1, torch_dtype="bfloat16")
+  params = jax.tree.map(
+      lambda x: np.asarray(x, ml_dtypes.bfloat16),
+      init_params(cfg, jax.random.key(0)),
+  )
+  convert.save_hf(cfg, params, tmp_path / "r1")
+  convert.convert_checkpoint(
+      str(tmp_path / "r1"), str(tmp_path / "r1_orbax"), "orbax"
+  )
+  # a gate bias that overflows the checkpoint's dtype, streamed or in memory
+  for src, to in ((tmp_path / "r1_orbax", "hf"), (tmp_path / "r1", "orbax")):
+    with pytest.raises(ValueError) as e:
+      convert.convert_checkpoint(
+          str(src), str(tmp_path / "out"), to, loops=2, gate_bias=-1e40
+      )
+    assert str(e.value) == (
+        "refusing to write a checkpoint that cannot load: "
+        "layers/self_attn/plt_gate/bias would hold NaN or Inf (bfloat16): "
+        "gate_bias=-1e+40 does not fit bfloat16"
+    )
+    assert not os.path.exists(tmp_path / "out")
+  # all-NaN weights, from HF and from a params directory
+  nan = jax.tree.map(lambda x: np.full_like(x, np.nan), params)
+  convert.save_hf(cfg, nan, tmp_path / "nan_hf")
+  params_io.save_params(
+      tmp_path / "nan_orbax", cfg, jax.tree.map(jnp.asarray, nan)
+  )
+  for src, to in (("nan_hf", "orbax"), ("nan_orbax", "hf")):
+    with pytest.raises(ValueError, match="would hold NaN or Inf") as e:
+      convert.convert_checkpoint(str(tmp_path / src), str(tmp_path / "out"), to)
+    assert "gate_bias" not in str(e.value)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_rerunning_a_finished_run_differently_gives_a_notice(
+    assets, run, tmp_path, capfd
+):
+  work = _copy(run, tmp_path / "work")
+  other = str(tmp_path / "other.txt")
+  with open(other, "w") as f:
+    f.write("def f():\n  return 1\n" * 50)
+  capfd.readouterr()
+  summary = trainer.train(
+      _config(assets, **{"train.total_steps": 2, "data.source": other}), work
+  )
+  assert summary["end_step"] == 4
+  notices = [
+      line for line in capfd.readouterr().err.splitlines() if "notice" in line
+  ]
+  assert notices == [
+      f"notice: {work}/checkpoints holds step 4, past train.total_steps 2: nothing "
+      "is trained, the export and evaluation are of step 4",
+      f"notice: the checkpoints in {work}/checkpoints were trained on data.source "
+      f"{assets['source']!r}; this run goes on with {other!r}",
+  ]
+
+
+def test_a_half_written_orbax_init_directory_names_the_cause(
+    assets, run, tmp_path
+):
+  init = _copy(os.path.join(run, "params"), tmp_path / "init")
+  os.remove(os.path.join(init, "params", "_METADATA"))
+  tuned = {"init.checkpoint": init, "tokenizer.path": assets["tokenizer"]}
+  with pytest.raises(ValueError) as e:
+    trainer.train(_config(assets, **tuned), str(tmp_path / "sft"))
+  assert str(e.value) == (
+      f"checkpoint {init}/params is incomplete: its Orbax index (_METADATA, "
+      "manifest.ocdbt) is missing or unreadable, as after a save or copy cut short; "
+      "use another checkpoint or write this one again"
+  )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 600 KiB tmpfs (room for one tiny training checkpoint, not two); skipped where mounting is
+  not permitted."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+      capture_output=True,
+  )
+  if mounted.returncode != 0:
+    pytest.skip("mounting a tmpfs is not permitted here")
+  yield disk
+  subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_real_full_disk_is_one_line_and_the_run_resumes(
+    assets, run, small_disk
+):
+  """Orbax's asynchronous save fails in its background threads (each logging a traceback) and
+  again at the next save: the script says so once, naming the checkpoint kept.
+  """
+  work = small_disk / "work"
+  args = helpers.train_flags(assets, work)
+  line = _one_line_error(helpers.run_train(args), 1)
+  assert line == (
+      "error: saving a checkpoint failed (No space left on device); last good "
+      f"checkpoint: step 4 in {work}/checkpoints; free space and rerun the same command "
+      "to resume"
+  )
+  res = helpers.run_script(
+      "convert_checkpoint.py",
+      [f"--src={run}", f"--dst={small_disk}/hf", "--to=hf"],
+  )
+  assert _one_line_error(res, 1) == (
+      f"error: writing {small_disk}/hf failed (No space left on device); nothing was "
+      f"left there and the source {run} is unchanged"
+  )
+  assert not [n for n in os.listdir(small_disk) if "hf" in n]
+  # with room again the same command resumes from the kept step; the half-written one is gone
+  subprocess.run(
+      ["mount", "-o", "remount,size=16m", str(small_disk)], check=True
+  )
+  res = helpers.run_train(args)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "resumed from step 4" in res.stdout
+  assert sorted(os.listdir(work / "checkpoints")) == ["12", "16", "8"]

@@ -365,21 +365,11 @@ def _pack(
       shuffle_bins=shuffle,
   )
 
-  def finish(row):
-    seg = row["inputs_segment_ids"].astype(np.int32)
-    real = seg > 0
-    return {
-        "inputs": np.where(real, row["inputs"], pad_id).astype(np.int32),
-        "targets": np.where(real, row["targets"], pad_id).astype(np.int32),
-        "segment_ids": seg,
-        "positions": np.where(real, row["inputs_positions"], 0).astype(
-            np.int32
-        ),
-        "loss_mask": np.where(real, row["loss_mask"], 0).astype(np.float32),
-        "truncated": np.where(real, row["truncated"], 0).astype(np.int32),
-    }
-
-  return packed.map(finish)
+  return packed.map(
+      functools.partial(
+          pipeline.packed_row, pad_id=pad_id, extra=("truncated",)
+      )
+  )
 
 
 def make_train_iterator(

@@ -332,20 +332,29 @@ def _pack(
       ds, length_struct={"inputs": seq_len, "targets": seq_len}
   )
 
-  def finish(row):
-    seg = row["inputs_segment_ids"].astype(np.int32)
-    real = seg > 0
-    return {
-        "inputs": np.where(real, row["inputs"], pad_id).astype(np.int32),
-        "targets": np.where(real, row["targets"], pad_id).astype(np.int32),
-        "segment_ids": seg,
-        "positions": np.where(real, row["inputs_positions"], 0).astype(
-            np.int32
-        ),
-        "loss_mask": real.astype(np.float32),
-    }
+  return packed.map(functools.partial(packed_row, pad_id=pad_id))
 
-  return packed.map(finish)
+
+def packed_row(
+    row: dict, pad_id: int, extra: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+  """A row as grain's packers give it -> a batch row. Outside every segment (padding): ids are
+  `pad_id`, positions and the `extra` integer fields 0, and nothing is scored; inside, the loss
+  mask is the row's own (chat: assistant tokens) or, when it has none, every position.
+  """
+  seg = row["inputs_segment_ids"].astype(np.int32)
+  real = seg > 0
+  mask = np.where(real, row["loss_mask"], 0) if "loss_mask" in row else real
+  out = {
+      "inputs": np.where(real, row["inputs"], pad_id).astype(np.int32),
+      "targets": np.where(real, row["targets"], pad_id).astype(np.int32),
+      "segment_ids": seg,
+      "positions": np.where(real, row["inputs_positions"], 0).astype(np.int32),
+      "loss_mask": mask.astype(np.float32),
+  }
+  for key in extra:
+    out[key] = np.where(real, row[key], 0).astype(np.int32)
+  return out
 
 
 def _json_state(state):

@@ -8,7 +8,7 @@ config that only the loop count (and, for the control, the layer count) changes:
   same tokens      the same data config, seed, batch, sequence length and step count: every
                    variant of a seed sees the same batches in the same order
   the control      R = 1 with the layer count whose training FLOPs per token
-                   (`scaling.flops.train_flops_per_token`) are closest to those of R =
+                   (`model.flops.train_flops_per_token`) are closest to those of R =
                    `control_matches`
 The seed sets both the initialisation and the data order. Each run is evaluated on the built-in
 held-out split: bits per byte (the trainer's), `diagnostics.loop_diagnostics`, and the code
@@ -69,7 +69,7 @@ def matched_layers(
 ) -> tuple[int, float]:
   """(layers, ratio): the R = 1 layer count whose training FLOPs per token come closest to the base
   model's with `loops` loops, and its FLOPs over theirs."""
-  from loopcoder_jax.scaling import flops
+  from loopcoder_jax.model import flops
 
   seq = base.data.seq_len
   target = flops.train_flops_per_token(_model(base, loops, _layers(base)), seq)
@@ -290,10 +290,10 @@ def _same_run(stored: dict, current: dict) -> bool:
 
 
 def _run(v, seed, config, workdir, tok, diag_batches, code_eval, log):
-  from loopcoder_jax import interop
+  from loopcoder_jax import checkpoints
   from loopcoder_jax.eval import diagnostics
   from loopcoder_jax.inference import cache
-  from loopcoder_jax.scaling import flops
+  from loopcoder_jax.model import flops
   from loopcoder_jax.train import trainer
 
   os.makedirs(workdir, exist_ok=True)
@@ -321,7 +321,7 @@ def _run(v, seed, config, workdir, tok, diag_batches, code_eval, log):
       code_eval is not None and "code_eval" not in evaluated
   ):
     with _Timer(timing, stage="eval"):
-      cfg, params, _ = interop.load(workdir)
+      cfg, params, _ = checkpoints.load(workdir)
       if "diagnostics" not in evaluated:
         evaluated["diagnostics"] = diagnostics.loop_diagnostics(
             cfg, params, diag_batches
@@ -461,47 +461,70 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"R = {r} is {_compare(by_r[r], by_r[1])} R = 1 (bits per byte saved per seed: "
             f"{_gains(by_r[r], by_r[1])})."
         )
+  out += _trend(by_r, means)
+  out += _controls(rows, by_r)
+  out += _mechanism(main[-1])
+  out.append(
+      f"Scale: {main[0]['params'] / 1e6:.2f}M parameters trained on "
+      f"{main[0]['tokens'] / 1e6:.2f}M tokens, judged by held-out bits per byte, against the "
+      "paper's 7B parameters, 18T tokens and code benchmarks after instruction tuning. "
+      "What shows here (or does not) is how loops behave early in the training of a tiny "
+      "model, not a test of the paper's result at its scale."
+  )
+  return out
+
+
+def _trend(by_r: dict[int, dict], means: dict[int, float]) -> list[str]:
+  """How the bits per byte move from one loop count to the next (three loop counts or more)."""
   loop_counts = sorted(by_r)
-  if len(loop_counts) >= 3:
-    steps = [
-        _compare(by_r[b], by_r[a]) for a, b in zip(loop_counts, loop_counts[1:])
-    ]
-    best = min(means, key=lambda r: means[r])
-    if all(s == "better than" for s in steps):
-      out.append(
-          "Every extra loop lowered the bits per byte in every seed: the gain grows "
-          "monotonically with the loop count, so the paper's non-monotonic finding does not "
-          "appear at this scale."
+  if len(loop_counts) < 3:
+    return []
+  out: list[str] = []
+  steps = [
+      _compare(by_r[b], by_r[a]) for a, b in zip(loop_counts, loop_counts[1:])
+  ]
+  best = min(means, key=lambda r: means[r])
+  if all(s == "better than" for s in steps):
+    out.append(
+        "Every extra loop lowered the bits per byte in every seed: the gain grows "
+        "monotonically with the loop count, so the paper's non-monotonic finding does not "
+        "appear at this scale."
+    )
+  elif all(s == "worse than" for s in steps):
+    out.append(
+        "Every extra loop raised the bits per byte in every seed: at this scale looping "
+        "does not pay at any loop count, so neither the paper's gain at R = 2 nor its "
+        "non-monotonic shape appears."
+    )
+  elif (
+      best not in (loop_counts[0], loop_counts[-1])
+      and _compare(by_r[best], by_r[loop_counts[0]]) == "better than"
+      and any(
+          _compare(by_r[r], by_r[best]) == "worse than"
+          for r in loop_counts
+          if r > best
       )
-    elif all(s == "worse than" for s in steps):
-      out.append(
-          "Every extra loop raised the bits per byte in every seed: at this scale looping "
-          "does not pay at any loop count, so neither the paper's gain at R = 2 nor its "
-          "non-monotonic shape appears."
-      )
-    elif (
-        best not in (loop_counts[0], loop_counts[-1])
-        and _compare(by_r[best], by_r[loop_counts[0]]) == "better than"
-        and any(
-            _compare(by_r[r], by_r[best]) == "worse than"
-            for r in loop_counts
-            if r > best
+  ):
+    out.append(
+        f"The gain is non-monotonic: R = {best} beats both R = {loop_counts[0]} and a "
+        "larger loop count in every seed, the shape of the paper's finding."
+    )
+  else:
+    out.append(
+        "Neither a monotonic trend nor the paper's peak at an intermediate loop count "
+        "holds in every seed; consecutive loop counts save "
+        + "; ".join(
+            f"R {a}->{b}: {_gains(by_r[b], by_r[a])}"
+            for a, b in zip(loop_counts, loop_counts[1:])
         )
-    ):
-      out.append(
-          f"The gain is non-monotonic: R = {best} beats both R = {loop_counts[0]} and a "
-          "larger loop count in every seed, the shape of the paper's finding."
-      )
-    else:
-      out.append(
-          "Neither a monotonic trend nor the paper's peak at an intermediate loop count "
-          "holds in every seed; consecutive loop counts save "
-          + "; ".join(
-              f"R {a}->{b}: {_gains(by_r[b], by_r[a])}"
-              for a, b in zip(loop_counts, loop_counts[1:])
-          )
-          + " bits per byte per seed (positive: the larger R is better)."
-      )
+        + " bits per byte per seed (positive: the larger R is better)."
+    )
+  return out
+
+
+def _controls(rows, by_r: dict[int, dict]) -> list[str]:
+  """Each looped model against its unlooped control of matched training FLOPs."""
+  out: list[str] = []
   for c in (r for r in rows if r["control"]):
     ref = by_r.get(c["control"])
     if ref is not None:
@@ -519,38 +542,35 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
           f"{_gains(c, by_r[1])}): at this training length, more compute per token does "
           "not pay, whether spent on loops or on layers."
       )
-  deepest = main[-1]
-  d = deepest["diagnostics"]
-  if deepest["loops"] >= 3:
-    er = d["effective_rank"]
-    cos = d["update_cos"][2:]
-    line = (
-        f"Mechanism (R = {deepest['loops']}, means over seeds): the effective rank peaks "
-        f"after loop {int(np.argmax(er)) + 1} ({', '.join(f'{x:.1f}' for x in er)} by loop); "
-        "the update cosine of loops 3 and on is "
-        + ", ".join(f"{x:+.2f}" for x in cos)
-        + (
-            " (negative: later loops partly undo the previous update)"
-            if all(x < 0 for x in cos)
-            else ""
-        )
-        + f"; step sizes {', '.join(f'{x:.2f}' for x in d['step_size'])}"
-    )
-    ratio = d.get("clp_state_ratio")
-    if ratio is not None:
-      line += (
-          "; the previous loop's state outweighs the token's own embedding in the input of "
-          "loops 2 and on by " + ", ".join(f"{x:.1f}x" for x in ratio[1:])
-      )
-    out.append(line + ".")
-  out.append(
-      f"Scale: {main[0]['params'] / 1e6:.2f}M parameters trained on "
-      f"{main[0]['tokens'] / 1e6:.2f}M tokens, judged by held-out bits per byte, against the "
-      "paper's 7B parameters, 18T tokens and code benchmarks after instruction tuning. "
-      "What shows here (or does not) is how loops behave early in the training of a tiny "
-      "model, not a test of the paper's result at its scale."
-  )
   return out
+
+
+def _mechanism(deepest: dict) -> list[str]:
+  """What the diagnostics of the deepest loop count (R >= 3) show about the loops."""
+  d = deepest["diagnostics"]
+  if deepest["loops"] < 3:
+    return []
+  er = d["effective_rank"]
+  cos = d["update_cos"][2:]
+  line = (
+      f"Mechanism (R = {deepest['loops']}, means over seeds): the effective rank peaks "
+      f"after loop {int(np.argmax(er)) + 1} ({', '.join(f'{x:.1f}' for x in er)} by loop); "
+      "the update cosine of loops 3 and on is "
+      + ", ".join(f"{x:+.2f}" for x in cos)
+      + (
+          " (negative: later loops partly undo the previous update)"
+          if all(x < 0 for x in cos)
+          else ""
+      )
+      + f"; step sizes {', '.join(f'{x:.2f}' for x in d['step_size'])}"
+  )
+  ratio = d.get("clp_state_ratio")
+  if ratio is not None:
+    line += (
+        "; the previous loop's state outweighs the token's own embedding in the input of "
+        "loops 2 and on by " + ", ".join(f"{x:.1f}x" for x in ratio[1:])
+    )
+  return [line + "."]
 
 
 def _fmt_flops(x: float) -> str:
@@ -579,10 +599,21 @@ def report_markdown(
     conclusion: Sequence[str],
 ) -> str:
   """docs/loop_study.md from the summarised rows."""
+  has_code = all("code_eval" in r for r in rows)
+  lines = _setup_section(rows, base, study, command, has_code)
+  lines += _results_rows(rows, has_code)
+  lines += _diagnostics_section(rows, study, plots)
+  lines += _closing_sections(rows, has_code, conclusion, sessions, plots)
+  return "\n".join(lines)
+
+
+def _setup_section(
+    rows, base, study, command: str, has_code: bool
+) -> list[str]:
+  """The command, the model, training and control, what is measured, the results table's head."""
   cfg = train_config.model_config_from(base)
   t, d = base.train, base.data
   seeds = study["seeds"]
-  has_code = all("code_eval" in r for r in rows)
   lines = [
       "# When does another loop pay? The R = 1..4 loop study",
       "",
@@ -614,7 +645,7 @@ def report_markdown(
       f"({base.eval.max_tokens:,} tokens; lower is better): mean ± standard deviation over "
       "seeds, each seed's value, and the bits per byte it saves against R = 1 of the same "
       "seed (same initial weights, same batches). Training FLOPs count the whole run "
-      "(`scaling.flops.train_flops_per_token` x tokens); decode cost is "
+      "(`model.flops.train_flops_per_token` x tokens); decode cost is "
       f"`flops.decode_flops_per_token` at context {d.seq_len} and the KV cache of one "
       f"{d.seq_len}-token sequence (float32). Wall time is summed over the variant's runs.",
       "",
@@ -626,6 +657,12 @@ def report_markdown(
       + ("---|" if has_code else "")
       + "---|",
   ]
+  return lines
+
+
+def _results_rows(rows, has_code: bool) -> list[str]:
+  """A row per variant: cost, bits per byte and its gain over R = 1 per seed, pass@1, time."""
+  lines = []
   r1 = next((r for r in rows if r["loops"] == 1 and not r["control"]), None)
   for r in rows:
     mean, sd = _mean_sd(r["bpb"])
@@ -641,6 +678,12 @@ def report_markdown(
         f"{', '.join(f'{x:.4f}' for x in r['bpb'])} | {saved} |{code} "
         f"{r['wall_s'] / 60:.1f} |"
     )
+  return lines
+
+
+def _diagnostics_section(rows, study, plots) -> list[str]:
+  """The quality plot, then the per-loop diagnostics of each variant."""
+  lines: list[str] = []
   lines += [
       "",
       f"![quality against training FLOPs and decode cost]({os.path.basename(plots['quality'])})",
@@ -661,7 +704,12 @@ def report_markdown(
           else " / ".join("-" if math.isnan(x) else f"{x:.3g}" for x in vals)
       )
     lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-  lines += [
+  return lines
+
+
+def _closing_sections(rows, has_code, conclusion, sessions, plots) -> list[str]:
+  """The diagnostics plot, code evaluation, the verdict and the time the study took."""
+  return [
       "",
       f"![per-loop diagnostics by variant]({os.path.basename(plots['loops'])})",
       "",
@@ -691,7 +739,6 @@ def report_markdown(
       "from its last checkpoint.",
       "",
   ]
-  return "\n".join(lines)
 
 
 def write_report(

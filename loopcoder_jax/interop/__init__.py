@@ -1,13 +1,9 @@
-"""Checkpoints in and out: the HF name table, streaming safetensors I/O, HF <-> our params, loading
-for use (`load`), upcycling R = 1 to a PLT (`upcycle`), the PyTorch modeling files.
+"""HF interop: HF <-> Orbax conversion and exports with the PyTorch modeling files, upcycling R = 1
+to a PLT (`upcycle`). Storage itself (the name table, safetensors, `load`) is `loopcoder_jax.checkpoints`.
 """
 
-from loopcoder_jax.interop.convert import (
-    convert_checkpoint,
-    load_hf,
-    save_hf,
-)
-from loopcoder_jax.interop.loader import load
+from loopcoder_jax.checkpoints import load, load_hf
+from loopcoder_jax.interop.convert import convert_checkpoint, save_hf
 from loopcoder_jax.interop.upcycling import upcycle
 
 __all__ = ["convert_checkpoint", "load", "load_hf", "save_hf", "upcycle"]

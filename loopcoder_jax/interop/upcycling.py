@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from loopcoder_jax.interop import hf_names
+from loopcoder_jax.checkpoints import hf_names
 from loopcoder_jax.model.config import PLTConfig
 
 DEFAULT_GATE_BIAS = 2.0
-_GATE = "layers/self_attn/plt_gate/"
+GATE_PREFIX = "layers/self_attn/plt_gate/"  # the params upcycling adds
 
 
 def gate_params(
@@ -35,9 +35,9 @@ def gate_params(
   init = {"kernel": 0.0, "bias": float(gate_bias), "gate_norm/scale": 1.0}
   shapes = hf_names.param_shapes(cfg)
   return {
-      p: np.full(shape, init[p[len(_GATE) :]], dtype)
+      p: np.full(shape, init[p[len(GATE_PREFIX) :]], dtype)
       for p, shape in shapes.items()
-      if p.startswith(_GATE)
+      if p.startswith(GATE_PREFIX)
   }
 
 

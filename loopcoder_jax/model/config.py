@@ -127,6 +127,18 @@ class PLTConfig:
 
   # ---------------------------------------------------------------- validation
   def __post_init__(self):
+    self._normalise()
+    self._check_shapes()
+    self._check_numerics()
+    self._check_loops()
+    self._check_token_ids()
+    if not isinstance(self.runtime, RuntimeConfig):
+      _fail(
+          "runtime",
+          f"must be a RuntimeConfig, got {type(self.runtime).__name__}",
+      )
+
+  def _normalise(self) -> None:
     # Normalise JSON lists to tuples so the config stays hashable (it is a Flax attribute).
     object.__setattr__(self, "plt_window_size", tuple(self.plt_window_size))
     if isinstance(self.eos_token_id, list):
@@ -137,6 +149,9 @@ class PLTConfig:
         self.extra_hf, _FrozenDict
     ):
       object.__setattr__(self, "extra_hf", _FrozenDict(self.extra_hf))
+
+  def _check_shapes(self) -> None:
+    """Sizes positive, heads and head_dim consistent."""
     for name in (
         "vocab_size",
         "hidden_size",
@@ -172,6 +187,9 @@ class PLTConfig:
           f"num_attention_heads={self.num_attention_heads} is not "
           f"divisible by num_key_value_heads={self.num_key_value_heads}",
       )
+
+  def _check_numerics(self) -> None:
+    """Activation, dtype, norm epsilon, RoPE; no biases."""
     if self.hidden_act not in ACTIVATIONS:
       _fail(
           "hidden_act",
@@ -200,6 +218,9 @@ class PLTConfig:
           "attention_bias" if self.attention_bias else "mlp_bias",
           "biases are not part of LoopCoder-V2 and are not supported",
       )
+
+  def _check_loops(self) -> None:
+    """The PLT keys: loop count, window [left, 0], CLP scales."""
     if not isinstance(self.plt_num_loops, int) or self.plt_num_loops < 1:
       _fail(
           "plt_num_loops",
@@ -221,6 +242,8 @@ class PLTConfig:
       value = getattr(self, name)
       if value is not None and not isinstance(value, (int, float)):
         _fail(name, f"must be a number or null, got {value!r}")
+
+  def _check_token_ids(self) -> None:
     for name in ("bos_token_id", "pad_token_id"):
       value = getattr(self, name)
       if value is not None and not (0 <= value < self.vocab_size):
@@ -231,11 +254,6 @@ class PLTConfig:
             "eos_token_id",
             f"{eos} is outside the vocabulary [0, {self.vocab_size})",
         )
-    if not isinstance(self.runtime, RuntimeConfig):
-      _fail(
-          "runtime",
-          f"must be a RuntimeConfig, got {type(self.runtime).__name__}",
-      )
 
   # ---------------------------------------------------------------- derived
   @property
@@ -373,7 +391,9 @@ class PLTConfig:
 
   @classmethod
   def tiny(cls, loops: int = 2, **kw) -> PLTConfig:
-    """A few-thousand-parameter config for CPU tests (fp32)."""
+    """A few-thousand-parameter fp32 config for CPU tests; `kw` overrides any PLTConfig or
+    RuntimeConfig field (the benchmarks build their shapes on it: `cli.model_shape`).
+    """
     runtime_kw = {
         k: kw.pop(k)
         for k in list(kw)

@@ -22,6 +22,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from loopcoder_jax import hardware
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical name -> mesh axis / axes / None. Batch over data and fsdp; weights FSDP-sharded on their
@@ -136,7 +138,7 @@ class Backend:
   platform: str  # "tpu" | "gpu" | "cpu"
   device_kind: str
   num_devices: int
-  chip: str | None  # scaling.flops' key ("v2", "v5e", ...), None if unknown
+  chip: str | None  # hardware.PEAKS' key ("v2", "v5e", ...), None if unknown
 
   @property
   def name(self) -> str:
@@ -162,15 +164,13 @@ class Backend:
 def describe_backend(devices: Sequence[Any] | None = None) -> Backend:
   """The backend of `devices` (default: all of `jax.devices()`), from the first
   device's platform and kind and their number."""
-  from loopcoder_jax.scaling import flops
-
   devices = list(jax.devices() if devices is None else devices)
   first = devices[0]
   return Backend(
       platform=first.platform,
       device_kind=first.device_kind,
       num_devices=len(devices),
-      chip=flops.chip_name(first.device_kind),
+      chip=hardware.chip_name(first.device_kind),
   )
 
 

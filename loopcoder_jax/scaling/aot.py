@@ -5,7 +5,7 @@
 devices is lowered with abstract arguments and compiled by the real TPU compiler. The compiler
 refuses a program that does not fit the chip's HBM: that is reported (`fits=False`, one line), not
 raised. Reported per device: memory from `compiled.memory_analysis()` against the chip's HBM, and
-useful FLOPs per step from `flops.py` (XLA's cost analysis does not multiply scan bodies).
+useful FLOPs per step from `model/flops.py` (XLA's cost analysis does not multiply scan bodies).
 Chips: v5e, v5p, v6e and v2 (`v2:2x2` is a v2-8: 4 chips of two TensorCores, 8 devices of 8 GiB).
 """
 
@@ -26,9 +26,12 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 import numpy as np  # noqa: E402
 
-from loopcoder_jax.model import sharding
+from loopcoder_jax import hardware  # noqa: E402
+from loopcoder_jax.model import (
+    flops,  # noqa: E402
+    sharding,  # noqa: E402
+)
 from loopcoder_jax.model.config import PLTConfig  # noqa: E402
-from loopcoder_jax.scaling import flops  # noqa: E402
 import pallas_kernels  # noqa: E402
 
 _TOPOLOGY = re.compile(r"^(v2|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
@@ -214,7 +217,7 @@ def compile_train(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
       "train",
       step_fn,
       (_with_shardings(abs_state, state_sh), batch),
-      hbm_bytes=int(flops.PEAKS[chip]["hbm_bytes"]),
+      hbm_bytes=int(hardware.PEAKS[chip]["hbm_bytes"]),
       flops_per_device=step_flops / len(devices),
   )
   report.update(
@@ -282,7 +285,7 @@ def compile_serving(
       cache_shardings=c_sh,
       data_sharding=rows,
   )
-  hbm = int(flops.PEAKS[chip]["hbm_bytes"])
+  hbm = int(hardware.PEAKS[chip]["hbm_bytes"])
   cache_bytes = sum(
       math.prod(s.shape) * s.dtype.itemsize
       for s in jax.tree.leaves(inference.cache_shapes(cfg, batch, max_len))

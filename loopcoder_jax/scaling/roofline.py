@@ -12,7 +12,7 @@ Per device and per decode step (`decode.decode_step`, as `decode.make_serving_fn
                embedding gives only its B rows), loop 1's K/V cache over its whole preallocated
                length (attention reads it with a mask) once per pass that attends to it (every pass),
                and each later loop's ring once.
-  time         max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) for each, with `flops.PEAKS`.
+  time         max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) for each, with `hardware.PEAKS`.
 
 The served program (layers scanned) is compiled as well: its memory says whether the step fits.
 Not modelled: collectives (their count in the program is reported), overlap of compute and memory,
@@ -33,8 +33,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from loopcoder_jax import hardware
+from loopcoder_jax.model import flops
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.scaling import aot, flops
+from loopcoder_jax.scaling import aot
 
 # Collective ops in the optimized HLO text (an asynchronous one once, by its -start).
 _COLLECTIVE = re.compile(
@@ -124,7 +126,7 @@ def decode_step(
   from loopcoder_jax.inference import decode
 
   devices, chip = aot.topology_devices(topology)
-  peak = flops.PEAKS[chip]
+  peak = hardware.PEAKS[chip]
   mesh = aot.make_mesh(mesh_cfg or {"tensor": -1}, devices)
   shardings = decode.serving_shardings(cfg, mesh, batch)
   p_sh, c_sh, rows = shardings

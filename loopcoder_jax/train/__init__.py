@@ -1,6 +1,6 @@
 """Training: the ml_collections config and its validation, optimizer, sharded step, checkpoints, the loop."""
 
-from loopcoder_jax.train.checkpoint import (
+from loopcoder_jax.checkpoints import (
     TrainCheckpointer,
     is_params_dir,
     load_params,

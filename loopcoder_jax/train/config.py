@@ -60,7 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
   # checkpoint: start from these weights with a fresh optimizer (an HF directory, a params
   # directory or a finished training workdir; its tokenizer too). A checkpoint of the run's own
   # workdir (a resumed run) wins over it.
-  c.init = ml_collections.ConfigDict(dict(checkpoint=""))
+  # allow_different_tokenizer: fine-tune with a tokenizer.path whose vocabulary differs from the
+  # init checkpoint's (its embeddings then index other tokens): refused unless set
+  c.init = ml_collections.ConfigDict(
+      dict(checkpoint="", allow_different_tokenizer=False)
+  )
   # data_shards: how many data shards the global batch is read from (0 = one per process). A run
   # with the same data_shards sees the same batches whatever the number of processes.
   c.train = ml_collections.ConfigDict(
@@ -239,9 +243,15 @@ def validate(
   `num_devices` (all slices together), `process_count` (its hosts) and `num_slices` (joined over
   DCN, the data axis spanning them, as `aot.make_mesh` lays them out).
   """
-  import jax  # local: keeps config loading free of backend initialisation
-
   cfg = model_config_from(config)
+  _check_steps(config, cfg)
+  _check_batches(config, num_devices, process_count, num_slices)
+  _check_data(config, cfg)
+  return cfg
+
+
+def _check_steps(config, cfg: PLTConfig) -> None:
+  """Step counts, sequence length, optimizer, checkpoint policy."""
   t, d = config.train, config.data
   for key in ("global_batch_size", "total_steps", "grad_accum", "log_every"):
     if not isinstance(t[key], int) or t[key] < 1:
@@ -261,6 +271,13 @@ def validate(
     raise ValueError(
         f"checkpoint.every_steps ({ck.every_steps}) and checkpoint.keep ({ck.keep}) must be >= 1"
     )
+
+
+def _check_batches(config, num_devices, process_count, num_slices) -> None:
+  """The batches split over the mesh's batch shards, the processes and the data shards."""
+  import jax  # local: keeps config loading free of backend initialisation
+
+  t = config.train
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = (
       jax.process_count() if process_count is None else process_count
@@ -302,6 +319,11 @@ def validate(
         f"eval.batch_size {e.batch_size} must be a positive multiple of the {shards} batch "
         f"shards and {process_count} processes"
     )
+
+
+def _check_data(config, cfg: PLTConfig) -> None:
+  """Held-out and sample sizes, the tokenizer, the data format (chat: its settings)."""
+  d, e = config.data, config.eval
   if e.max_tokens < 0 or e.completion_tokens < 0:
     raise ValueError("eval.max_tokens and eval.completion_tokens must be >= 0")
   if config.tokenizer.path and not os.path.exists(config.tokenizer.path):
@@ -335,4 +357,3 @@ def validate(
         f"tokenizer.vocab_size {config.tokenizer.vocab_size} is larger than the model's "
         f"vocab_size {cfg.vocab_size}"
     )
-  return cfg

@@ -56,7 +56,15 @@ class WorkdirLock:
 
   def acquire(self) -> str | None:
     """Takes the lock; returns a line about the stale holder it replaced, if any."""
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except (
+        OSError
+    ) as e:  # a directory or an unreadable file where the lock belongs
+      raise ValueError(
+          f"cannot open the workdir lock {self.path} ({e.strerror}); it must be a "
+          "regular file the trainer can write: remove or fix it"
+      ) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

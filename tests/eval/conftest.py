@@ -4,9 +4,9 @@ import jax
 import pytest
 
 from loopcoder_jax import PLTConfig
+from loopcoder_jax.checkpoints import params_io
 from loopcoder_jax.data import corpus, tokenizer
 from loopcoder_jax.model.transformer import init_params
-from loopcoder_jax.train import checkpoint
 
 
 @pytest.fixture(scope="package")
@@ -25,6 +25,6 @@ def tiny_model(tmp_path_factory):
       max_position_embeddings=1024,
   )
   params = init_params(cfg, jax.random.key(5))
-  checkpoint.save_params(str(root / "params"), cfg, params)
+  params_io.save_params(str(root / "params"), cfg, params)
   tok.save(str(root / "params"))
   return root / "params", cfg, params, tok

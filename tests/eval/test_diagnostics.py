@@ -657,8 +657,8 @@ def test_single_loop_model_and_empty_input():
 
 
 def test_diagnose_cli(tmp_path):
+  from loopcoder_jax.checkpoints import params_io
   from loopcoder_jax.data import tokenizer
-  from loopcoder_jax.train import checkpoint
 
   texts = [
       "def add(a, b):\n    return a + b\n",
@@ -666,7 +666,7 @@ def test_diagnose_cli(tmp_path):
   ] * 40
   tok = tokenizer.train_bpe(texts, 272, str(tmp_path / "params" / "tok"))
   cfg = PLTConfig.tiny(loops=2, vocab_size=tok.vocab_size)
-  checkpoint.save_params(
+  params_io.save_params(
       str(tmp_path / "params"), cfg, init_params(cfg, jax.random.key(0))
   )
   tok.save(str(tmp_path / "params"))

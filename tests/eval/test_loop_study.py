@@ -12,8 +12,8 @@ import pytest
 from loopcoder_jax.data import corpus
 from loopcoder_jax.eval import loop_study
 from loopcoder_jax.eval.loop_study import Variant
+from loopcoder_jax.model import flops
 from loopcoder_jax.model.transformer import init_params
-from loopcoder_jax.scaling import flops
 from loopcoder_jax.train import config as train_config
 from tests.helpers import ROOT, SCRIPTS, TINY, subprocess_env
 

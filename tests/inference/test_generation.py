@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import pytest
 
 from loopcoder_jax import PLTConfig, PLTForCausalLM, interop
+from loopcoder_jax.checkpoints import params_io
 from loopcoder_jax.data import tokenizer
 from loopcoder_jax.inference import decode, generation, sampling
 from loopcoder_jax.interop import convert
 from loopcoder_jax.model import sharding
 from loopcoder_jax.model.transformer import init_params
-from loopcoder_jax.train import checkpoint
 from tests.helpers import SCRIPTS
 
 
@@ -41,7 +41,7 @@ def tiny_checkpoint(tmp_path_factory):
       loops=2, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id
   )
   params = _perturbed(init_params(cfg, jax.random.key(3)))
-  checkpoint.save_params(str(root / "params"), cfg, params)
+  params_io.save_params(str(root / "params"), cfg, params)
   tok.save(str(root / "params"))
   return root, cfg, params, tok
 

@@ -6,22 +6,24 @@ import os
 import subprocess
 import sys
 
-import ml_dtypes
 import numpy as np
 import pytest
-from safetensors import safe_open
 
+from loopcoder_jax.checkpoints import formats, hf_io, hf_names, params_io
+from loopcoder_jax.checkpoints import safetensors_io as st
 from loopcoder_jax.data import tokenizer
-from loopcoder_jax.interop import convert, hf_names
-from loopcoder_jax.interop import safetensors_io as st
-from loopcoder_jax.model import sharding
+from loopcoder_jax.interop import convert
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.model.transformer import abstract_params
-from loopcoder_jax.train import checkpoint
-from tests import helpers
-from tests.helpers import ROOT, SCRIPTS
+from tests.helpers import (
+    BF16,
+    ROOT,
+    SCRIPTS,
+    hf_dir,
+    random_hf_tensors,
+    read_hf,
+    write_hf,
+)
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -29,29 +31,6 @@ CHAT_TEMPLATE = (
 
 
 # ------------------------------------------------------------------------------------- helpers
-def random_hf_tensors(cfg, dtype=BF16, seed=0):
-  rng = np.random.default_rng(seed)
-  return {
-      s.key: (rng.standard_normal(s.hf_shape) * 0.5).astype(dtype)
-      for s in hf_names.plan(cfg)
-  }
-
-
-def write_hf(path, cfg, tensors, shard_bytes=3000, extra_config=None):
-  """An HF directory written with safetensors' own writer (independent of ours), sharded + index."""
-  n_shards = helpers.write_safetensors_dir(path, tensors, shard_bytes)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({**cfg.to_hf_dict(), **(extra_config or {})}, f, indent=2)
-  return n_shards
-
-
-def read_hf(path):
-  files = st.weight_files(path)
-  out = {}
-  for k, fname in files.items():
-    with safe_open(fname, "numpy") as f:
-      out[k] = f.get_tensor(k)
-  return out
 
 
 def train_sentencepiece(path):
@@ -198,11 +177,11 @@ def test_round_trip_config_and_files(trip):
 
 
 def test_orbax_side_matches_load_hf(trip):
-  cfg_hf, p_hf = convert.load_hf(trip["src"])
-  cfg_o, p_o = checkpoint.load_params(trip["orbax"], param_dtype="bfloat16")
+  cfg_hf, p_hf = hf_io.load_hf(trip["src"])
+  cfg_o, p_o = params_io.load_params(trip["orbax"], param_dtype="bfloat16")
   assert cfg_hf.runtime.param_dtype == "bfloat16"
   assert cfg_o.to_hf_dict() == cfg_hf.to_hf_dict()
-  assert checkpoint.stored_dtypes(trip["orbax"]) == {"bfloat16"}
+  assert params_io.stored_dtypes(trip["orbax"]) == {"bfloat16"}
   flat_hf, flat_o = hf_names.flatten(p_hf), hf_names.flatten(p_o)
   assert sorted(flat_hf) == sorted(flat_o)
   for k in flat_hf:
@@ -257,7 +236,7 @@ def test_cli_reports_bad_input(tmp_path):
 
 # ------------------------------------------------------------------------------------- dtypes
 def test_dtype_flag_casts_explicitly(trip, tmp_path):
-  cfg, params = convert.load_hf(trip["src"], dtype="float32")
+  cfg, params = hf_io.load_hf(trip["src"], dtype="float32")
   assert cfg.torch_dtype == "float32" and cfg.runtime.param_dtype == "float32"
   emb = params["embed_tokens"]["embedding"]
   assert emb.dtype == np.float32
@@ -282,15 +261,15 @@ def test_dtype_flag_casts_explicitly(trip, tmp_path):
 
 def test_mixed_orbax_dtypes_need_a_flag(tmp_path):
   cfg = PLTConfig.tiny(loops=1)
-  _, params = convert.load_hf(_hf_dir(tmp_path / "hf", cfg, dtype=np.float32))
+  _, params = hf_io.load_hf(hf_dir(tmp_path / "hf", cfg, dtype=np.float32))
   params["norm"]["scale"] = params["norm"]["scale"].astype(BF16)
-  convert.save_orbax(cfg, params, str(tmp_path / "o"))
+  formats.save_orbax(cfg, params, str(tmp_path / "o"))
   with pytest.raises(ValueError, match="mixed dtypes"):
-    convert.load_orbax(str(tmp_path / "o"))
-  _, p32 = convert.load_orbax(str(tmp_path / "o"), "float32")
+    formats.load_orbax(str(tmp_path / "o"))
+  _, p32 = formats.load_orbax(str(tmp_path / "o"), "float32")
   assert np.asarray(p32["norm"]["scale"]).dtype == np.float32
-  convert.save_orbax(cfg, params, str(tmp_path / "o32"), dtype="float32")
-  assert checkpoint.stored_dtypes(tmp_path / "o32") == {"float32"}
+  formats.save_orbax(cfg, params, str(tmp_path / "o32"), dtype="float32")
+  assert params_io.stored_dtypes(tmp_path / "o32") == {"float32"}
   assert (
       json.load(open(tmp_path / "o32" / "config.json"))["torch_dtype"]
       == "float32"
@@ -298,45 +277,12 @@ def test_mixed_orbax_dtypes_need_a_flag(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- aliases, tied weights
-def _hf_dir(path, cfg, rename=None, dtype=BF16, **kw):
-  tensors = random_hf_tensors(cfg, dtype)
-  for old, new in (rename or {}).items():
-    tensors[new] = tensors.pop(old)
-  write_hf(path, cfg, tensors, **kw)
-  return str(path)
-
-
-@pytest.mark.parametrize(
-    "hidden,alias",
-    [
-        (True, "model.layers.{i}.self_attn.loop_gate_proj."),
-        (False, "model.gate_projections.{i}."),
-    ],
-)
-def test_gate_aliases(tmp_path, hidden, alias):
-  cfg = PLTConfig.tiny(loops=2, plt_gate_use_hidden_states=hidden)
-  suffixes = (
-      ("weight", "bias", "gate_norm.weight") if hidden else ("weight", "bias")
-  )
-  rename = {
-      f"model.layers.{i}.self_attn.plt_gate.{s}": alias.format(i=i) + s
-      for i in range(cfg.num_hidden_layers)
-      for s in suffixes
-  }
-  _, want = convert.load_hf(_hf_dir(tmp_path / "canon", cfg))
-  _, got = convert.load_hf(_hf_dir(tmp_path / "alias", cfg, rename))
-  for k, v in hf_names.flatten(want).items():
-    np.testing.assert_array_equal(hf_names.flatten(got)[k], v)
-  shape = (cfg.num_hidden_layers,) + (
-      (cfg.hidden_size, 4) if hidden else (4, cfg.head_size)
-  )
-  assert want["layers"]["self_attn"]["plt_gate"]["kernel"].shape == shape
 
 
 def test_tied_embeddings_round_trip(tmp_path):
   cfg = PLTConfig.tiny(loops=2, tie_word_embeddings=True, torch_dtype="float16")
-  src = _hf_dir(tmp_path / "hf", cfg, dtype=np.float16)
-  cfg2, params = convert.load_hf(src)
+  src = hf_dir(tmp_path / "hf", cfg, dtype=np.float16)
+  cfg2, params = hf_io.load_hf(src)
   assert "lm_head" not in params
   convert.save_hf(cfg2, params, tmp_path / "out", shard_size=2048)
   back, orig = read_hf(tmp_path / "out"), read_hf(src)
@@ -345,113 +291,12 @@ def test_tied_embeddings_round_trip(tmp_path):
   )
 
 
-# ------------------------------------------------------------------------------------- sharded reading
-@pytest.mark.parametrize(
-    "mesh_cfg", [{"tensor": 8}, {"fsdp": 2, "tensor": 4}, {"data": 8}]
-)
-def test_sharded_read_places_each_block_reading_each_byte_once(
-    tmp_path, mesh_cfg, monkeypatch
-):
-  """Every device holds exactly its block of `load_hf`'s arrays, and the files' bytes are read
-  once in all: no device reads another's block, replicas share one read."""
-  # 8 query and kv heads: tensor=8 splits every projection (a tiny config's 4 / 2 would stay whole)
-  cfg = PLTConfig.tiny(
-      loops=2,
-      num_attention_heads=8,
-      num_key_value_heads=8,
-      torch_dtype="bfloat16",
-  )
-  src = _hf_dir(tmp_path / "hf", cfg)
-  _, want = convert.load_hf(src)
-  mesh = sharding.make_mesh(mesh_cfg)
-  shardings = sharding.param_shardings(abstract_params(cfg), mesh)
-  read_bytes = []
-  real = st.read_block
-
-  def counting(fname, key, block):
-    x = real(fname, key, block)
-    read_bytes.append(x.nbytes)
-    return x
-
-  monkeypatch.setattr(st, "read_block", counting)
-  got_cfg, got = convert.load_hf_sharded(src, shardings)
-  assert got_cfg.runtime.param_dtype == "bfloat16"
-  flat_sh, flat_want = hf_names.flatten(shardings), hf_names.flatten(want)
-  assert sorted(hf_names.flatten(got)) == sorted(flat_want)
-  for path, x in hf_names.flatten(got).items():
-    assert x.sharding == flat_sh[path] and x.dtype == BF16, path
-    assert len(x.addressable_shards) == 8
-    for shard in x.addressable_shards:
-      block = np.asarray(shard.data)
-      assert block.tobytes() == flat_want[path][shard.index].tobytes(), path
-  stored = sum(v.nbytes for v in random_hf_tensors(cfg).values())
-  assert sum(read_bytes) == stored
-
-
-def test_sharded_read_casts_on_request(tmp_path):
-  cfg = PLTConfig.tiny(loops=2, torch_dtype="bfloat16")
-  src = _hf_dir(tmp_path / "hf", cfg)
-  _, want = convert.load_hf(src, "float32")
-  mesh = sharding.make_mesh({"tensor": 8})
-  shardings = sharding.param_shardings(abstract_params(cfg), mesh)
-  got_cfg, got = convert.load_hf_sharded(src, shardings, "float32")
-  assert got_cfg.runtime.param_dtype == got_cfg.torch_dtype == "float32"
-  for path, x in hf_names.flatten(got).items():
-    assert x.dtype == np.float32, path
-    np.testing.assert_array_equal(np.asarray(x), hf_names.flatten(want)[path])
-
-
 # ------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(
-    "edit, match",
-    [
-        (
-            lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
-            r"missing key model\.layers\.1\.mlp\.up_proj\.weight",
-        ),
-        (
-            lambda t: t.update(
-                {
-                    "model.layers.0.self_attn.loop_gate_proj.bias": np.zeros(
-                        4, BF16
-                    )
-                }
-            ),
-            "model.layers.0.self_attn.plt_gate.bias twice",
-        ),
-        (
-            lambda t: t.update(
-                {"model.norm.weight": t["model.norm.weight"].astype(np.float64)}
-            ),
-            "model.norm.weight: unsupported tensor dtype F64",
-        ),
-    ],
-)
-def test_table_and_reader_errors_reach_load_hf(tmp_path, edit, match):
-  cfg = PLTConfig.tiny(loops=2)
-  tensors = random_hf_tensors(cfg)
-  edit(tensors)
-  write_hf(tmp_path / "hf", cfg, tensors)
-  with pytest.raises(ValueError, match=match):
-    convert.load_hf(tmp_path / "hf")
-
-
-def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
-  cfg = PLTConfig.tiny(loops=2)
-  tensors = random_hf_tensors(cfg)
-  tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), BF16)
-  write_hf(tmp_path / "hf", cfg, tensors)
-  with pytest.raises(
-      ValueError,
-      match=r"model\.layers\.0\.self_attn\.k_proj\.weight: checkpoint shape \(8, 32\) "
-      r"does not match the config's \(16, 32\)",
-  ):
-    convert.load_hf(tmp_path / "hf")
 
 
 def test_save_hf_checks_params(tmp_path):
   cfg = PLTConfig.tiny(loops=2)
-  _, params = convert.load_hf(_hf_dir(tmp_path / "hf", cfg))
+  _, params = hf_io.load_hf(hf_dir(tmp_path / "hf", cfg))
   params["norm"]["scale"] = np.zeros(7, BF16)
   with pytest.raises(
       ValueError,
@@ -603,7 +448,7 @@ def test_export_satisfies_the_publishers_vllm_loader(tmp_path, hidden, tied):
   cfg = PLTConfig.tiny(
       loops=2, plt_gate_use_hidden_states=hidden, tie_word_embeddings=tied
   )
-  _, params = convert.load_hf(_hf_dir(tmp_path / "src", cfg))
+  _, params = hf_io.load_hf(hf_dir(tmp_path / "src", cfg))
   convert.save_hf(cfg, params, tmp_path / "hf")
   config = json.load(open(tmp_path / "hf" / "config.json"))
   # its registry serves these names with its PLT model
@@ -640,35 +485,6 @@ def test_export_satisfies_the_publishers_vllm_loader(tmp_path, hidden, tied):
 
 
 # ----------------------------------------------------------------------------- other exporters
-def test_rope_tables_are_ignored(tmp_path):
-  cfg = PLTConfig.tiny(loops=2)
-  tensors = random_hf_tensors(cfg)
-  write_hf(tmp_path / "plain", cfg, tensors)
-  tensors |= {
-      f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)
-      for i in range(cfg.num_hidden_layers)
-  }
-  write_hf(tmp_path / "inv", cfg, tensors)
-  want, got = (
-      hf_names.flatten(convert.load_hf(tmp_path / n)[1])
-      for n in ("plain", "inv")
-  )
-  assert all(got[k].tobytes() == v.tobytes() for k, v in want.items())
-
-
-def test_tied_checkpoint_that_stores_the_head(tmp_path):
-  cfg = PLTConfig.tiny(loops=2, tie_word_embeddings=True)
-  tensors = random_hf_tensors(cfg)
-  emb = tensors["model.embed_tokens.weight"]
-  write_hf(tmp_path / "same", cfg, {**tensors, "lm_head.weight": emb.copy()})
-  _, params = convert.load_hf(tmp_path / "same")
-  assert "lm_head" not in params
-  assert params["embed_tokens"]["embedding"].tobytes() == emb.tobytes()
-  other = emb.copy()
-  other[3, 5] += 1
-  write_hf(tmp_path / "differs", cfg, {**tensors, "lm_head.weight": other})
-  with pytest.raises(ValueError, match="lm_head.weight differs from"):
-    convert.load_hf(tmp_path / "differs")
 
 
 @pytest.fixture(scope="module")
@@ -712,7 +528,7 @@ def test_llama_checkpoint_loads_as_one_loop(llama):
   assert "plt_num_loops" not in json.load(
       open(os.path.join(path, "config.json"))
   )
-  cfg, params = convert.load_hf(path)
+  cfg, params = hf_io.load_hf(path)
   assert (
       cfg.plt_num_loops == 1 and "plt_gate" not in params["layers"]["self_attn"]
   )
@@ -740,16 +556,16 @@ def test_one_loop_exports_are_llama_directories(llama, tmp_path):
 def test_orbax_to_hf_streams_each_param_once(trip, tmp_path, monkeypatch):
   """Orbax -> HF restores the params one at a time, never the tree."""
   restored = []
-  real = checkpoint.iter_params
+  real = params_io.iter_params
 
   def spy(path):
     for p, x in real(path):
       restored.append(p)
       yield p, x
 
-  monkeypatch.setattr(checkpoint, "iter_params", spy)
+  monkeypatch.setattr(params_io, "iter_params", spy)
   monkeypatch.setattr(
-      convert, "load_orbax", None
+      formats, "load_orbax", None
   )  # the whole-tree path is not taken
   convert.convert_checkpoint(trip["orbax"], str(tmp_path / "hf"), "hf")
   assert sorted(restored) == sorted(hf_names.param_shapes(CFG))

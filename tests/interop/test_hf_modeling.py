@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from loopcoder_jax.checkpoints import hf_io, hf_names
 from loopcoder_jax.inference import decode
 from loopcoder_jax.inference.sampling import Greedy, StopRule
-from loopcoder_jax.interop import convert, hf_names
+from loopcoder_jax.interop import convert
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import (
     PLTForCausalLM,
@@ -96,7 +97,7 @@ def build(tmp_path_factory):
       ), info
       assert model.dtype == torch.float32
       # the JAX side runs what load_hf reads from the same files
-      cfg2, params2 = convert.load_hf(path)
+      cfg2, params2 = hf_io.load_hf(path)
       for k, v in hf_names.flatten(params).items():
         np.testing.assert_array_equal(hf_names.flatten(params2)[k], v)
       forward = jax.jit(
@@ -152,7 +153,7 @@ def test_kv_cached_decoder_matches_hf_generate(build):
   """Our KV-cached, loop-batched decoder (loopcoder_jax.inference) against transformers' greedy generate."""
 
   cfg, _, model = build("R2-hidden")
-  params = convert.load_hf(model.name_or_path)[1]
+  params = hf_io.load_hf(model.name_or_path)[1]
   prompts = np.random.default_rng(4).integers(3, cfg.vocab_size, (B, 5))
   new = S - prompts.shape[1]
 
@@ -283,7 +284,7 @@ def test_torch_save_pretrained_converts_back(build, tmp_path):
   """PyTorch -> JAX: a transformers-5 `save_pretrained` directory (rope_parameters, dtype) loads back."""
   cfg, _, model = build("R3-hidden-scaled")
   model.save_pretrained(tmp_path / "pt")
-  cfg2, params = convert.load_hf(tmp_path / "pt")
+  cfg2, params = hf_io.load_hf(tmp_path / "pt")
   assert cfg2.to_hf_dict() == {
       **cfg.to_hf_dict(),
       "transformers_version": transformers.__version__,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from loopcoder_jax import interop
-from loopcoder_jax.interop import convert, hf_names, upcycling
+from loopcoder_jax.checkpoints import formats, hf_io, hf_names
+from loopcoder_jax.interop import convert, upcycling
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import PLTForCausalLM, init_params
 from tests.helpers import ROOT, SCRIPTS
@@ -128,8 +129,8 @@ def test_converter_upcycles_both_ways(source, tmp_path):
   )
   want = upcycling.upcycle(cfg, params, 2, gate_bias=3.0)[1]
   for out in (
-      convert.load_hf(tmp_path / "r2"),
-      convert.load_orbax(str(tmp_path / "o2")),
+      hf_io.load_hf(tmp_path / "r2"),
+      formats.load_orbax(str(tmp_path / "o2")),
   ):
     assert out[0].plt_num_loops == 2
     got = hf_names.flatten(out[1])

@@ -68,7 +68,8 @@ def test_refuses_a_bad_config_with_the_trainers_message(
 @pytest.mark.tpu_compile
 @needs_libtpu
 def test_tiny_train_step_v5e_2x2():
-  from loopcoder_jax.scaling import flops
+  from loopcoder_jax import hardware
+  from loopcoder_jax.model import flops
   from loopcoder_jax.train import config as train_config
 
   config = _tiny_config()
@@ -80,7 +81,7 @@ def test_tiny_train_step_v5e_2x2():
       and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   )
   assert r["fits"] is True
-  assert r["hbm_bytes"] == flops.PEAKS["v5e"]["hbm_bytes"]
+  assert r["hbm_bytes"] == hardware.PEAKS["v5e"]["hbm_bytes"]
   # Params, Adam moments (f32, replicated on a pure data mesh) and the step counter are arguments,
   # donated to the outputs.
   assert r["argument_bytes"] >= 3 * 4 * cfg.num_params()
@@ -183,12 +184,12 @@ def test_whole_prompt_prefill_runs_the_kernels_per_shard():
 @pytest.mark.tpu_compile
 @needs_libtpu
 def test_v2_8_serves_on_eight_cores_of_8_gib():
-  from loopcoder_jax.scaling import flops
+  from loopcoder_jax import hardware
 
   prefill, step = aot.compile_serving(
       _serving_cfg(), "v2:2x2", batch=1, max_len=1024, prefill_len=512
   )
   assert prefill["chip"] == "v2" and prefill["devices"] == 8
   assert prefill["mesh"] == {"data": 1, "fsdp": 1, "tensor": 8}
-  assert prefill["hbm_bytes"] == flops.PEAKS["v2"]["hbm_bytes"] == 8 * 2**30
+  assert prefill["hbm_bytes"] == hardware.PEAKS["v2"]["hbm_bytes"] == 8 * 2**30
   assert prefill["fits"] and step["fits"]

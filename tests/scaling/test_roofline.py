@@ -8,10 +8,10 @@ import pytest
 
 from loopcoder_jax import inference
 from loopcoder_jax.inference import decode
-from loopcoder_jax.model import sharding
+from loopcoder_jax.model import flops, sharding
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import abstract_params
-from loopcoder_jax.scaling import flops, roofline
+from loopcoder_jax.scaling import roofline
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,

@@ -14,8 +14,8 @@ import sys
 import jax
 import pytest
 
+from loopcoder_jax.model import flops
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.scaling import flops
 from tests.helpers import ROOT, SCRIPTS
 
 # About 65 s on 2 loaded cores with a cold compile cache (40 s warm): over the default suite's share.

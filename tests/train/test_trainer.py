@@ -18,8 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from loopcoder_jax.train import checkpoint, trainer
+from loopcoder_jax.checkpoints import params_io
 from loopcoder_jax.train import config as train_config
+from loopcoder_jax.train import setup, trainer
 from tests import helpers
 from tests.helpers import (
     ROOT,
@@ -105,8 +106,8 @@ def test_kill9_and_sigterm_resume_bit_identical(assets, tmp_path):
   assert final.returncode == 0, final.stderr[-3000:]
   assert f"resumed from step {saved}" in final.stdout
 
-  _, p_ref = checkpoint.load_params(tmp_path / "ref" / "params")
-  _, p_res = checkpoint.load_params(work / "params")
+  _, p_ref = params_io.load_params(tmp_path / "ref" / "params")
+  _, p_res = params_io.load_params(work / "params")
   jax.tree.map(
       lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
       p_ref,
@@ -232,7 +233,7 @@ def test_sharded_batches_concatenate_shards():
     def set_state(self, s):
       self.n = s["n"]
 
-  b = trainer.ShardedBatches([It(0), It(1)])
+  b = setup.ShardedBatches([It(0), It(1)])
   first = next(b)
   assert (
       first["x"].shape == (4, 3)

@@ -6,7 +6,7 @@ from hypothesis import strategies as hst
 import numpy as np
 import pytest
 
-from loopcoder_jax.interop import hf_names
+from loopcoder_jax.checkpoints import hf_names
 from loopcoder_jax.model.config import PLTConfig
 
 

@@ -9,7 +9,7 @@ vocabulary) is checked before any weight is read; weights holding NaN or Inf are
 Weights go straight onto their devices: one device by default, or a mesh's shardings by the logical
 axis rules (`model/sharding.py`: heads, kv heads, MLP and vocab on `tensor`, the model dimension on
 `fsdp`), each device receiving only its slices. HF safetensors are read block by block
-(`convert.load_hf_sharded`: host memory about one device's block of one param, never a full copy);
+(`hf_io.load_hf_sharded`: host memory about one device's block of one param, never a full copy);
 an Orbax params directory is restored onto the same shardings.
 """
 
@@ -21,24 +21,23 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from loopcoder_jax.checkpoints import formats, hf_io, params_io
+from loopcoder_jax.checkpoints import safetensors_io as st
 from loopcoder_jax.data import tokenizer as tok_lib
-from loopcoder_jax.interop import convert
-from loopcoder_jax.interop import safetensors_io as st
 from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.train import checkpoint
 
 
 def _locate(path: str) -> tuple[str, str, tuple[str, ...]]:
   """(weights directory, 'orbax' | 'hf', directories that may hold the tokenizer) for `path`."""
   if not os.path.isdir(path):
     raise ValueError(f"checkpoint {path} is not a directory")
-  return convert.resolve_source(path)
+  return formats.resolve_source(path)
 
 
 def _check_finite(path: str, params: Any) -> None:
   """A checkpoint holding NaN or Inf weights would generate nothing useful: ValueError naming it."""
-  bad = checkpoint.nonfinite_paths(params)
+  bad = params_io.nonfinite_paths(params)
   if bad:
     n = len(jax.tree.leaves(params))
     raise ValueError(
@@ -74,7 +73,7 @@ def load(
   ):
     raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
   weights_dir, fmt, tok_dirs = _locate(path)
-  cfg = checkpoint.read_config(weights_dir)
+  cfg = params_io.read_config(weights_dir)
   if loops is not None and loops > 1 and cfg.plt_num_loops == 1:
     raise ValueError(
         f"loops={loops}: the checkpoint has no PLT gate (trained with 1 loop); upcycle it "
@@ -98,9 +97,9 @@ def load(
   else:
     shardings = sharding.param_shardings(target, mesh, rules)
   if fmt == "orbax":
-    cfg, params = convert.load_orbax(weights_dir, dtype, shardings)
+    cfg, params = formats.load_orbax(weights_dir, dtype, shardings)
   else:
-    cfg, params = convert.load_hf_sharded(weights_dir, shardings, dtype)
+    cfg, params = hf_io.load_hf_sharded(weights_dir, shardings, dtype)
   _check_finite(path, params)
   if dtype is not None:
     cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)

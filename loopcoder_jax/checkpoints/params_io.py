@@ -1,12 +1,10 @@
-"""Orbax checkpoints, behind this one module.
+"""The params directory: a model's weights on disk, in Orbax (with `training.py`, the only importers of Orbax).
 
 A *params directory* holds `config.json` (HF keys), `params/` (an Orbax PyTree checkpoint of the
 model params, stored uncompressed) and `checksums.json` (a CRC-32 per param, checked on reading:
 uncompressed chunks have no checksum of their own). `save_params`/`load_params` write and read it; the converter and
 `generate.py` use them; `iter_params` reads it one param at a time (streaming conversion). The
 readers also take one training step (`WORKDIR/checkpoints/<step>`, see `is_step_dir`).
-`TrainCheckpointer` holds the training checkpoints (TrainState, grain iterator
-state, run metadata) in an Orbax CheckpointManager.
 
 Reading fails with one ValueError line: a missing, truncated or corrupted data file, or a config
 whose shapes disagree with the stored arrays (checked from the metadata before any array is read).
@@ -18,7 +16,6 @@ from collections.abc import Iterator
 import inspect
 import json
 import os
-import shutil
 import sys
 from typing import Any
 import zlib
@@ -51,7 +48,7 @@ def is_step_dir(path: str | os.PathLike) -> bool:
   )
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
   """The first line of the innermost cause: the storage error, not the layers above it."""
   while (e.__cause__ or e.__context__) is not None:
     e = e.__cause__ or e.__context__  # type: ignore[assignment]
@@ -70,7 +67,7 @@ def _abandoned_read(u) -> bool:
   )
 
 
-def _quiet_abandoned_reads() -> None:
+def quiet_abandoned_reads() -> None:
   """After a failed restore, Orbax's pending reads finish on its closed event loop (or are
   collected unfinished), each reporting an "unraisable" exception: tens of tracebacks on stderr
   after the one error that matters. From then on those reports (only those) are dropped.
@@ -165,7 +162,7 @@ def _checksums(path: str) -> dict[str, int]:
     return {}
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise ValueError(
-        f"{os.path.join(path, CHECKSUMS)} is unreadable ({_first_line(e)})"
+        f"{os.path.join(path, CHECKSUMS)} is unreadable ({first_line(e)})"
     ) from None
 
 
@@ -194,7 +191,7 @@ def read_config(path: str | os.PathLike, **runtime_kw) -> PLTConfig:
       hf = json.load(f)["model"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(
-        f"{meta} holds no model config ({_first_line(e)})"
+        f"{meta} holds no model config ({first_line(e)})"
     ) from None
   return PLTConfig.from_hf_dict(hf, **runtime_kw)
 
@@ -203,14 +200,23 @@ def _stored(directory: str, subtree: str) -> dict[str, Any]:
   """'a/b/c' -> Orbax array metadata (shape, dtype) of every stored array; reads no array data."""
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      tree = ckptr.metadata(directory).item_metadata.tree
-    if subtree:
+      item = ckptr.metadata(directory).item_metadata
+    tree = None if item is None else item.tree
+    if tree is not None and subtree:
       tree = tree[subtree]
   except Exception as e:  # noqa: BLE001 - any unreadable metadata: one line
-    _quiet_abandoned_reads()
+    quiet_abandoned_reads()
     raise ValueError(
-        f"checkpoint {directory} is unreadable ({_first_line(e)})"
+        f"checkpoint {directory} is unreadable ({first_line(e)})"
     ) from None
+  if (
+      tree is None
+  ):  # its index files are missing: Orbax finds no tree to describe
+    raise ValueError(
+        f"checkpoint {directory} is incomplete: its Orbax index (_METADATA, "
+        "manifest.ocdbt) is missing or unreadable, as after a save or copy cut short; "
+        "use another checkpoint or write this one again"
+    )
   return flat_paths(tree)
 
 
@@ -257,9 +263,9 @@ def iter_params(path: str | os.PathLike) -> Iterator[tuple[str, jax.Array]]:
             ),
         )
     except Exception as e:  # noqa: BLE001 - a missing or damaged data file: one line
-      _quiet_abandoned_reads()
+      quiet_abandoned_reads()
       raise ValueError(
-          f"checkpoint {path} is unreadable ({_first_line(e)})"
+          f"checkpoint {path} is unreadable ({first_line(e)})"
       ) from None
     for k in keys:
       tree = tree[k]
@@ -315,9 +321,9 @@ def load_params(
           ),
       )
   except Exception as e:  # noqa: BLE001 - a missing or damaged data file: one line
-    _quiet_abandoned_reads()
+    quiet_abandoned_reads()
     raise ValueError(
-        f"checkpoint {path} is unreadable ({_first_line(e)})"
+        f"checkpoint {path} is unreadable ({first_line(e)})"
     ) from None
   if subtree:
     return cfg, params[subtree]
@@ -328,173 +334,3 @@ def load_params(
     ):  # a cast restore has other bytes
       _verify(path, name, x, sums)
   return cfg, params
-
-
-# ------------------------------------------------------------------------------------- training
-def _snapshot(iterator):
-  """Freezes an iterator's state at save time (the async save may run after the loop moved on)."""
-  import grain  # local: only training needs grain
-
-  class Snapshot(grain.DatasetIterator):
-
-    def __init__(self, state):
-      super().__init__()
-      self._state = state
-
-    def __next__(self):
-      raise StopIteration
-
-    def get_state(self):
-      return self._state
-
-    def set_state(self, state):
-      self._state = state
-
-  return Snapshot(iterator.get_state())
-
-
-class TrainCheckpointer:
-  """Orbax `CheckpointManager` for training: `state` (TrainState), `data` (grain iterator state, one
-  JSON file per process) and `meta` (JSON: model config, run info) in one step directory.
-
-  Saves are asynchronous, every `every_steps` steps (or forced: preemption, end of run); the latest
-  `keep` are kept, and temporary directories of saves cut short (kill -9) are removed on start.
-  `restore` walks back from the latest step, skipping unreadable (or rejected) ones with a one-line
-  warning, and restores onto the shardings carried by the abstract target (any mesh). The steps it
-  skipped are moved to `<directory>_unusable/`, so the run saves those steps anew.
-  """
-
-  def __init__(
-      self,
-      directory: str | os.PathLike,
-      *,
-      every_steps: int,
-      keep: int,
-      async_save: bool = True,
-      log=print,
-  ):
-    from orbax.checkpoint import checkpoint_managers as cm
-
-    self.directory = os.path.abspath(os.fspath(directory))
-    self._log = log
-    options = ocp.CheckpointManagerOptions(
-        save_decision_policy=cm.FixedIntervalPolicy(every_steps),
-        preservation_policy=cm.LatestN(keep),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
-    )
-    self._mgr = ocp.CheckpointManager(self.directory, options=options)
-
-  def all_steps(self) -> list[int]:
-    return sorted(self._mgr.all_steps())
-
-  def should_save(self, step: int) -> bool:
-    """Whether `save(step, ...)` without `force` would save."""
-    return self._mgr.should_save(step)
-
-  def save(
-      self,
-      step: int,
-      state: Any,
-      data_iterator: Any,
-      meta: dict,
-      *,
-      force: bool = False,
-  ) -> bool:
-    """Starts an (async) save when the policy says so or `force`; True if one was started."""
-    import grain.checkpoint as gck
-
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=gck.CheckpointSave(_snapshot(data_iterator)),
-        meta=ocp.args.JsonSave(meta),
-    )
-    return self._mgr.save(step, args=args, force=force)
-
-  def restore(
-      self,
-      abstract_state: Any,
-      data_iterator: Any,
-      *,
-      check_meta=None,
-      check_state=None,
-  ) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) from the newest usable checkpoint (sets `data_iterator`'s state), or
-    None when the directory holds none. `abstract_state`'s leaves carry the target shardings.
-
-    `check_meta(meta)` runs on each step's metadata before its state is read (a ValueError from it
-    stops the restore); `check_state(state)` returns why a restored state is unusable, or None.
-    """
-    steps = sorted(self._mgr.all_steps(), reverse=True)
-    skipped: list[str] = []  # a line per skipped step, logged with its fate
-    for step in steps:
-      problem, state, meta = self._read(
-          step, abstract_state, data_iterator, check_meta
-      )
-      if problem is None and check_state is not None:
-        problem = check_state(state)
-      if problem is None:
-        aside = self._set_aside(steps[: len(skipped)])
-        for line in skipped:
-          self._log(f"{line}; using step {step}, it is moved to {aside}")
-        return step, state, meta
-      skipped.append(f"checkpoint step {step} in {self.directory} {problem}")
-    for line in skipped:
-      self._log(f"{line}; no usable checkpoint left")
-    if steps:
-      raise ValueError(
-          f"no usable checkpoint in {self.directory} (tried steps {steps})"
-      )
-    return None
-
-  def _read(self, step, abstract_state, data_iterator, check_meta):
-    """(None, state, meta), or (why the step is unreadable, None, None)."""
-    import grain.checkpoint as gck
-
-    try:
-      meta = self._mgr.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-      )["meta"]
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the previous
-      return f"is unreadable ({_first_line(e)})", None, None
-    if check_meta is not None:
-      check_meta(meta)
-    try:
-      out = self._mgr.restore(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              data=gck.CheckpointRestore(data_iterator),
-          ),
-      )
-    except Exception as e:  # noqa: BLE001 - as above
-      _quiet_abandoned_reads()
-      return f"is unreadable ({_first_line(e)})", None, None
-    return None, out["state"], meta
-
-  def _set_aside(self, steps: list[int]) -> str:
-    """Moves skipped steps out of the manager's directory (kept, never deleted); returns where."""
-    aside = f"{self.directory}_unusable"
-    if not steps:
-      return aside
-    if jax.process_index() == 0:
-      os.makedirs(aside, exist_ok=True)
-      for step in steps:
-        dst, n = os.path.join(aside, str(step)), 1
-        while os.path.exists(dst):
-          dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
-        shutil.move(os.path.join(self.directory, str(step)), dst)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      multihost_utils.sync_global_devices("checkpoints set aside")
-    self._mgr.reload()
-    return aside
-
-  def wait_until_finished(self) -> None:
-    self._mgr.wait_until_finished()
-
-  def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from loopcoder_jax import interop
+from loopcoder_jax.checkpoints import hf_names, params_io
 from loopcoder_jax.data import corpus, tokenizer
-from loopcoder_jax.interop import convert, hf_names
+from loopcoder_jax.interop import convert
 from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import (
@@ -19,7 +20,6 @@ from loopcoder_jax.model.transformer import (
     abstract_params,
     init_params,
 )
-from loopcoder_jax.train import checkpoint
 
 
 def _texts():
@@ -34,7 +34,7 @@ def ckpts(tmp_path_factory):
   cfg = PLTConfig.tiny(loops=2, vocab_size=tok.vocab_size)
   params = init_params(cfg, jax.random.key(0))
   work = root / "work"
-  checkpoint.save_params(str(work / "params"), cfg, params)  # no tokenizer
+  params_io.save_params(str(work / "params"), cfg, params)  # no tokenizer
   os.makedirs(work / "checkpoints")
   shutil.copytree(work / "params", root / "params")
   tok.save(str(root / "params"))

@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
+from loopcoder_jax import checkpoints
+from loopcoder_jax.checkpoints import params_io
 from loopcoder_jax.model import sharding as shd
 from loopcoder_jax.model.config import PLTConfig
-from loopcoder_jax.train import checkpoint, optim
+from loopcoder_jax.train import optim
 from loopcoder_jax.train import step as ts
 
 CFG = PLTConfig.tiny(loops=2)
@@ -51,7 +53,7 @@ def _bump(state, k):
 
 
 def _save_steps(directory, state, steps, every=2, keep=2):
-  ck = checkpoint.TrainCheckpointer(directory, every_steps=every, keep=keep)
+  ck = checkpoints.TrainCheckpointer(directory, every_steps=every, keep=keep)
   saved = [
       s for s in steps if ck.save(s, _bump(state, s), _iterator(s), {"step": s})
   ]
@@ -63,7 +65,7 @@ def test_save_every_keep_latest_and_resume_data(tmp_path, setup):
   tx, mesh1, state = setup
   saved = _save_steps(tmp_path, state, range(1, 8))
   assert saved == [2, 4, 6]
-  ck = checkpoint.TrainCheckpointer(tmp_path, every_steps=2, keep=2)
+  ck = checkpoints.TrainCheckpointer(tmp_path, every_steps=2, keep=2)
   assert ck.all_steps() == [4, 6]
   it = _iterator()
   step, restored, meta = ck.restore(_abstract(tx, mesh1), it)
@@ -90,7 +92,7 @@ def test_corrupt_latest_falls_back_with_one_line(tmp_path, setup):
     if os.path.isfile(f):
       open(f, "wb").close()  # truncated to 0 bytes
   lines = []
-  ck = checkpoint.TrainCheckpointer(
+  ck = checkpoints.TrainCheckpointer(
       tmp_path, every_steps=2, keep=3, log=lines.append
   )
   step, restored, _ = ck.restore(_abstract(tx, mesh1), _iterator())
@@ -108,7 +110,7 @@ def test_rejected_state_is_set_aside_and_its_step_saved_anew(tmp_path, setup):
   tx, mesh1, state = setup
   _save_steps(tmp_path, state, [2, 4], keep=3)
   lines = []
-  ck = checkpoint.TrainCheckpointer(
+  ck = checkpoints.TrainCheckpointer(
       tmp_path, every_steps=2, keep=3, log=lines.append
   )
   step, restored, _ = ck.restore(
@@ -125,7 +127,7 @@ def test_rejected_state_is_set_aside_and_its_step_saved_anew(tmp_path, setup):
   # the run passes step 4 again: saved, not refused as existing
   assert ck.save(4, restored, _iterator(), {}, force=True)
   ck.close()
-  assert checkpoint.TrainCheckpointer(
+  assert checkpoints.TrainCheckpointer(
       tmp_path, every_steps=2, keep=3
   ).all_steps() == [2, 4]
 
@@ -133,7 +135,7 @@ def test_rejected_state_is_set_aside_and_its_step_saved_anew(tmp_path, setup):
 def test_check_meta_stops_before_any_state_is_read(tmp_path, setup):
   tx, mesh1, state = setup
   _save_steps(tmp_path, state, [2])
-  ck = checkpoint.TrainCheckpointer(tmp_path, every_steps=2, keep=3)
+  ck = checkpoints.TrainCheckpointer(tmp_path, every_steps=2, keep=3)
 
   def check(meta):
     raise ValueError(f"written by step {meta['step']}")
@@ -146,14 +148,14 @@ def test_check_meta_stops_before_any_state_is_read(tmp_path, setup):
 
 def test_nothing_readable_fails_and_empty_dir_is_fresh(tmp_path, setup):
   tx, mesh1, state = setup
-  ck = checkpoint.TrainCheckpointer(tmp_path / "empty", every_steps=1, keep=1)
+  ck = checkpoints.TrainCheckpointer(tmp_path / "empty", every_steps=1, keep=1)
   assert ck.restore(_abstract(tx, mesh1), _iterator()) is None
   ck.close()
   _save_steps(tmp_path / "bad", state, [2])
   for f in glob.glob(os.path.join(tmp_path, "bad", "2", "state", "*")):
     if os.path.isfile(f):
       os.remove(f)
-  ck = checkpoint.TrainCheckpointer(
+  ck = checkpoints.TrainCheckpointer(
       tmp_path / "bad", every_steps=1, keep=1, log=lambda _: None
   )
   with pytest.raises(ValueError, match="no usable checkpoint"):
@@ -165,7 +167,7 @@ def test_restore_onto_a_different_mesh(tmp_path, setup):
   tx, _, state = setup
   _save_steps(tmp_path, state, [2])
   mesh8 = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  ck = checkpoint.TrainCheckpointer(tmp_path, every_steps=2, keep=2)
+  ck = checkpoints.TrainCheckpointer(tmp_path, every_steps=2, keep=2)
   _, restored, _ = ck.restore(_abstract(tx, mesh8), _iterator())
   ck.close()
   q = restored.params["layers"]["self_attn"]["q_proj"]["kernel"]
@@ -184,55 +186,15 @@ def test_restore_onto_a_different_mesh(tmp_path, setup):
   assert all(m.sharding.is_equivalent_to(q.sharding, q.ndim) for m in mu)
 
 
-def test_params_dir_round_trip(tmp_path, setup):
-  _, _, state = setup
-  checkpoint.save_params(tmp_path / "p", CFG, state.params)
-  assert checkpoint.is_params_dir(tmp_path / "p")
-  cfg, params = checkpoint.load_params(tmp_path / "p")
-  assert cfg == CFG
-  jax.tree.map(
-      lambda a, b: np.testing.assert_array_equal(a, b), params, state.params
-  )
-
-
-def test_a_damaged_weight_in_a_params_dir_is_refused(tmp_path, setup):
-  """Uncompressed chunks have no checksum of their own: one flipped bit of a weight (still finite)
-  is caught by the checksum saved with the params, by both readers."""
-  _, _, state = setup
-  path = tmp_path / "p"
-  checkpoint.save_params(path, CFG, state.params)
-  emb = np.asarray(state.params["embed_tokens"]["embedding"])
-  needle = emb.tobytes()[:64]
-  [(data, at)] = [
-      (f, f.read_bytes().find(needle))
-      for f in (path / "params").rglob("*")
-      if f.is_file() and needle in f.read_bytes()
-  ]
-  raw = bytearray(data.read_bytes())
-  raw[at] ^= 1  # the lowest mantissa bit of the first float32
-  data.write_bytes(bytes(raw))
-  match = "embed_tokens/embedding does not match the checksum saved with it"
-  with pytest.raises(ValueError, match=match):
-    checkpoint.load_params(path)
-  with pytest.raises(ValueError, match=match):
-    dict(checkpoint.iter_params(path))
-  # without the checksums (a directory saved before them) the damage loads silently
-  os.remove(path / checkpoint.CHECKSUMS)
-  _, params = checkpoint.load_params(path)
-  want = emb.copy()
-  want.view(np.uint32).flat[0] ^= 1
-  np.testing.assert_array_equal(params["embed_tokens"]["embedding"], want)
-
-
 def test_params_of_a_training_step(tmp_path, setup):
   _, _, state = setup
-  ck = checkpoint.TrainCheckpointer(tmp_path, every_steps=2, keep=2)
+  ck = checkpoints.TrainCheckpointer(tmp_path, every_steps=2, keep=2)
   ck.save(2, _bump(state, 2), _iterator(), {"model": CFG.to_hf_dict()})
   ck.close()
   step_dir = tmp_path / "2"
-  assert checkpoint.is_step_dir(step_dir)
-  assert checkpoint.stored_dtypes(step_dir) == {"float32"}
-  cfg, params = checkpoint.load_params(step_dir)
+  assert params_io.is_step_dir(step_dir)
+  assert params_io.stored_dtypes(step_dir) == {"float32"}
+  cfg, params = params_io.load_params(step_dir)
   assert cfg == CFG
   jax.tree.map(
       lambda a, b: np.testing.assert_array_equal(a, b),

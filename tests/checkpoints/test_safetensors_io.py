@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 import safetensors.numpy as stn
 
-from loopcoder_jax.interop import safetensors_io as st
+from loopcoder_jax.checkpoints import safetensors_io as st
 from tests import helpers
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
