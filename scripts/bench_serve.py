@@ -80,7 +80,7 @@ def _random_model(workdir):
 
 
 def _servers(slots, loops, mode, model):
-  from loopcoder_jax.inference import serving
+  from loopcoder_jax import serving
 
   # room for the prompt (re-encoded text may take a few more tokens) and the completion
   room = 2 * _PROMPT_TOKENS.value + _MAX_TOKENS.value
@@ -148,7 +148,7 @@ async def _clients(url, n, prompt, max_tokens):
 
 
 def main():
-  from loopcoder_jax.inference import serving
+  from loopcoder_jax import serving
 
   with tempfile.TemporaryDirectory() as tmp:
     model = None if _CHECKPOINT.value else _random_model(tmp)

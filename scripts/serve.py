@@ -82,7 +82,7 @@ _MODEL_NAME = flags.DEFINE_string(
 def main():
   import uvicorn
 
-  from loopcoder_jax.inference import serving
+  from loopcoder_jax import serving
 
   server = serving.build(
       _CHECKPOINT.value,

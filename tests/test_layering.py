@@ -22,6 +22,7 @@ FLOORS = {
     "checkpoints": 2,
     "train": 3,
     "interop": 3,
+    "serving": 3,
     "scaling": 4,
     "eval": 4,
 }

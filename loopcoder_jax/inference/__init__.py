@@ -1,6 +1,6 @@
 """Inference: the PLT KV cache, prefill and batched-loop decoding, samplers, text completion, the
-engine (compiled once per shape bucket) and continuous batching. The HTTP server
-(`inference.server`, `inference.serving`) needs the `serve` extra and is imported on its own.
+engine (compiled once per shape bucket) and continuous batching (the HTTP server over it is the
+`serving` room).
 """
 
 from loopcoder_jax.inference.batching import (

@@ -7,8 +7,8 @@ import httpx
 import openai
 import pytest
 
-from loopcoder_jax import interop
-from loopcoder_jax.inference import batching, engine, server, serving
+from loopcoder_jax import interop, serving
+from loopcoder_jax.inference import batching, engine
 
 MODEL = "tiny-plt"
 
@@ -146,7 +146,7 @@ def _unstarted(serve_model, **kw):
   """An app over a scheduler whose loop never runs: requests stay queued."""
   cfg, params, tok, _ = serve_model
   sched = batching.Scheduler(engine.Engine(cfg, params, tok), **kw)
-  return sched, server.create_app(sched, MODEL)
+  return sched, serving.create_app(sched, MODEL)
 
 
 def test_a_client_leaving_the_queue_leaves_it_at_once(serve_model):

@@ -13,7 +13,8 @@ import socket
 import threading
 from typing import Any
 
-from loopcoder_jax.inference import batching, engine, server
+from loopcoder_jax.inference import batching, engine
+from loopcoder_jax.serving import app as http_app
 
 
 @dataclasses.dataclass
@@ -41,11 +42,12 @@ def build(
   """Load `checkpoint` (onto `mesh_spec`'s mesh when given), compile the slot programs and start
   the scheduler; ValueError for bad settings before any weight is read where it can be.
   """
-  from loopcoder_jax import interop  # the one place serving loads a checkpoint
+  # the one place serving loads a checkpoint
+  from loopcoder_jax import checkpoints
   from loopcoder_jax.model import sharding
 
   mesh = sharding.make_mesh(mesh_spec) if mesh_spec else None
-  cfg, params, tok = interop.load(
+  cfg, params, tok = checkpoints.load(
       checkpoint, dtype, loops=loops, tokenizer=tokenizer, mesh=mesh
   )
   if dtype is None:  # compute (and cache) in the weights' dtype too
@@ -91,7 +93,7 @@ def from_params(
       when_full=when_full,
   )
   sched.start()
-  return Server(server.create_app(sched, model_name), sched, eng)
+  return Server(http_app.create_app(sched, model_name), sched, eng)
 
 
 class Running:
