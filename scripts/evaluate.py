@@ -294,6 +294,11 @@ class _Output:
     return self._keep()
 
   def _keep(self) -> str:
+    if (
+        not self.written
+    ):  # an empty FILE would only stand in the way of the next run
+      os.unlink(self._samples)
+      return f"--output {self.path} was not written: no sample was saved"
     os.replace(self._samples, self.path)
     return (
         f"{self.path} holds the {self.written} samples generated: score them "

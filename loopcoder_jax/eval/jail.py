@@ -9,8 +9,8 @@ protection the request did not waive (the caller then runs nothing: fail closed)
 
 Process tree (each protection names its mechanism; see docs/evaluation.md):
   P  this script as started, in the caller's namespaces and its own session: makes the sample's
-     memory cgroup and moves A into it, writes A's uid/gid maps (as root: two fresh unprivileged
-     uids, 0 and 1 inside), reaps every descendant (child subreaper), then removes the cgroup.
+     memory cgroup and moves A into it, writes A's uid/gid maps (as root: three fresh unprivileged
+     uids, 0, 1 and 2 inside), reaps every descendant (child subreaper), then removes the cgroup.
   A  fork of P: unshare(user, mount, pid, network, IPC, UTS namespaces); sets every
      max_*_namespaces of its user namespace to 0; builds the new root (a read-only, noexec tmpfs
      holding read-only binds of the system and Python directories, a few /dev nodes and
@@ -18,11 +18,12 @@ Process tree (each protection names its mechanism; see docs/evaluation.md):
      and holds B to the wall-clock limit (SIGKILL at the deadline).
   B  pid 1 of the new pid namespace: forks C and T, hands T the tests, waits for T's verdict,
      passes it to A and exits; the kernel then kills every process left in the namespace.
-  C  the candidate (uid 1 where two uids are mapped), T the tests (uid 0): each in a new session
-     with resource limits, an empty capability bounding set, no_new_privs and the seccomp filter,
-     then `python -I -S -B /exchange.py candidate|tests`. They share two pipes (calls, answers)
-     that carry plain data only; the tests' source reaches T on its stdin and T alone holds the
-     verdict pipe, so nothing C does can make a pass but right answers.
+  C  the candidate (uid 1 where three uids are mapped), T the tests (uid 2): each in a new session
+     with resource limits, an empty capability bounding set, no_new_privs and the seccomp filter;
+     C then execs `python -I -S -B /exchange.py`, T (a fork of B, no new interpreter) runs the
+     tests. They share two pipes (calls, answers) that carry plain data only; the tests' source
+     stays in T's memory and T alone holds the verdict pipe, so nothing C does can make a pass
+     but right answers.
 """
 
 import ctypes
@@ -492,6 +493,8 @@ def _protections(request: dict):
   cgroup = None
   try:
     cgroup = memory_cgroup.MemoryCgroup(request["limits"]["memory_mb"] << 20)
+    # announced at once, for the caller to remove should this process be killed
+    print(json.dumps({"cgroup": cgroup.path}), flush=True)
   except memory_cgroup.Unavailable as e:
     missing.append(("memory_cgroup", str(e)))
   why = _seccomp_missing()
@@ -532,9 +535,6 @@ def main() -> int:
     print(json.dumps({"error": str(e)}), flush=True)
     return 0
   request["seccomp"] = "seccomp" not in missing
-  # announced for the caller to remove should this process be killed
-  if cgroup is not None:
-    print(json.dumps({"cgroup": cgroup.path}), flush=True)
   ready_r, ready_w = os.pipe()
   go_r, go_w = os.pipe()
   out_r, out_w = os.pipe()

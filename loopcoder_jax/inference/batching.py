@@ -340,6 +340,8 @@ class Scheduler:
         self._cond.wait_for(
             lambda: len(self._waiting) < self.max_queue or self._stopping
         )
+        if self._stopping:
+          raise RuntimeError("the scheduler has stopped")
       self._waiting.append(live)
       self._cond.notify_all()
     return live
