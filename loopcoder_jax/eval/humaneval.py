@@ -17,13 +17,10 @@ that calls it with plain data and alone gives the verdict.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-import concurrent.futures
 import gzip
 import json
 import math
 import os
-import signal
-import threading
 import time
 
 import jax
@@ -159,41 +156,6 @@ def sandbox_errors(records: Iterable[Mapping]) -> int:
   return sum(sandbox.is_sandbox_error(r["result"]) for r in records)
 
 
-def _check(
-    problem: Mapping, completion: str, limits: sandbox.Limits, cancelled
-) -> dict | None:
-  """`sandbox.check`, retried once when the sandbox could not be built, then a record of that
-  ("sandbox error: <why>", not passed); None once `cancelled` is set."""
-  why = None
-  for _ in range(2):
-    if cancelled.is_set():
-      return None
-    try:
-      return sandbox.check(problem, completion, limits.timeout, limits)
-    except sandbox.SandboxUnavailable as e:
-      why = e
-  return {"passed": False, "result": f"{SANDBOX_ERROR}{why}"}
-
-
-def _kill_running_sandboxes() -> None:
-  """SIGKILLs this process's children that run `sandbox.JAIL`, each the leader of its own
-  process group (the program's process tree dies with it)."""
-  me, jail = os.getpid(), os.fsencode(sandbox.JAIL)
-  for entry in os.listdir("/proc"):
-    if not entry.isdigit():
-      continue
-    try:
-      with open(f"/proc/{entry}/stat", "rb") as f:
-        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-      if ppid != me:
-        continue
-      with open(f"/proc/{entry}/cmdline", "rb") as f:
-        if jail in f.read().split(b"\0"):
-          os.killpg(int(entry), signal.SIGKILL)
-    except (OSError, ValueError, IndexError):
-      continue  # it ended meanwhile
-
-
 def score_samples(
     problems: Sequence[Mapping],
     samples: Sequence[Mapping],
@@ -210,7 +172,7 @@ def score_samples(
   <why>" (not passed; `sandbox_errors` counts them). `on_record(i, record)` is called in this
   thread as sample i's record exists. Anything raised while waiting (Ctrl-C's
   KeyboardInterrupt, or from `on_record`) cancels the queued samples and kills the running
-  sandboxes before it propagates.
+  sandboxes before it propagates (`sandbox.check_all`).
   """
   by_id = {p["task_id"]: p for p in problems}
   unknown = {s["task_id"] for s in samples} - set(by_id)
@@ -218,42 +180,32 @@ def score_samples(
     raise ValueError(
         f"samples for tasks not among the problems: {sorted(unknown)[:3]}"
     )
-  if workers < 1:
-    raise ValueError(f"workers must be >= 1, got {workers}")
-  limits = limits or sandbox.Limits()
-  cancelled = threading.Event()
-  # each replaced as its sample is scored
   records: list[dict] = [{}] * len(samples)
-  pool = concurrent.futures.ThreadPoolExecutor(workers)
   bar = tqdm.tqdm(
       total=len(samples), desc="executing", unit="sample", disable=not progress
   )
-  futures: dict[concurrent.futures.Future, int] = {}
+
+  def record(i: int, result: dict) -> None:
+    records[i] = {
+        "task_id": samples[i]["task_id"],
+        "completion": samples[i]["completion"],
+        "passed": result["passed"],
+        "result": result["result"],
+    }
+    bar.update(1)
+    if on_record is not None:
+      on_record(i, records[i])
+
   try:
-    for i, s in enumerate(samples):
-      job = (by_id[s["task_id"]], s["completion"], limits, cancelled)
-      futures[pool.submit(_check, *job)] = i
-    for future in concurrent.futures.as_completed(futures):
-      i, r = futures[future], future.result()
-      records[i] = {
-          "task_id": samples[i]["task_id"],
-          "completion": samples[i]["completion"],
-          "passed": r["passed"],
-          "result": r["result"],
-      }
-      bar.update(1)
-      if on_record is not None:
-        on_record(i, records[i])
-  except BaseException:
-    cancelled.set()
-    pool.shutdown(wait=False, cancel_futures=True)
-    # a worker may be starting a sandbox as this runs: kill until none is left
-    while any(f.running() for f in futures):
-      _kill_running_sandboxes()
-      concurrent.futures.wait(futures, timeout=0.05)
-    raise
+    sandbox.check_all(
+        [(by_id[s["task_id"]], s["completion"]) for s in samples],
+        workers=workers,
+        limits=limits or sandbox.Limits(),
+        on_result=record,
+        retries=1,
+        record_sandbox_errors=True,
+    )
   finally:
-    pool.shutdown()
     bar.close()
   return records
 

@@ -49,6 +49,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 JAIL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail.py")
@@ -260,45 +261,79 @@ def check_all(
     *,
     workers: int,
     limits: Limits = Limits(),
-    on_done: Callable[[], None] | None = None,
+    on_result: Callable[[int, dict], None] | None = None,
     retries: int = 0,
     record_sandbox_errors: bool = False,
 ) -> list[dict]:
   """`check` of each (problem, completion), `workers` sandboxes at a time; results in job order.
 
-  `on_done()` is called as each one finishes (a progress bar). A job whose sandbox could not be
-  built is tried `retries` more times; then, with `record_sandbox_errors`, its result is
-  `SANDBOX_ERROR + <why>` (not a failure of the sample: count it apart, see `is_sandbox_error`),
-  else the first SandboxUnavailable stops the rest and is raised.
+  `on_result(i, result)` is called in the calling thread as job i's result exists. A job whose
+  sandbox could not be built is tried `retries` more times; then, with `record_sandbox_errors`,
+  its result is `SANDBOX_ERROR + <why>` (not a failure of the sample: count it apart, see
+  `is_sandbox_error`), else that SandboxUnavailable stops the rest and is raised. Whatever is
+  raised while waiting (Ctrl-C's KeyboardInterrupt, or from `on_result`) cancels the queued jobs
+  and kills the running sandboxes before it propagates.
   """
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
   if retries < 0:
     raise ValueError(f"retries must be >= 0, got {retries}")
+  cancelled = threading.Event()
 
-  def one(job):
+  def one(problem: Mapping[str, str], completion: str) -> dict | None:
     for attempt in range(retries + 1):
+      if cancelled.is_set():
+        return None
       try:
-        out = check(*job, timeout=limits.timeout, limits=limits)
-        break
+        return check(problem, completion, limits.timeout, limits)
       except SandboxUnavailable as e:
-        if attempt < retries:
-          continue
-        if not record_sandbox_errors:
-          raise
-        out = {"passed": False, "result": f"{SANDBOX_ERROR}{e}"}
-    if on_done is not None:
-      on_done()
-    return out
+        if attempt == retries:
+          if not record_sandbox_errors:
+            raise
+          return {"passed": False, "result": f"{SANDBOX_ERROR}{e}"}
+    raise AssertionError("unreachable")
 
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    futures = [pool.submit(one, job) for job in jobs]
+  results: list[dict] = [{}] * len(jobs)
+  pool = concurrent.futures.ThreadPoolExecutor(workers)
+  futures = {pool.submit(one, *job): i for i, job in enumerate(jobs)}
+  try:
+    for future in concurrent.futures.as_completed(futures):
+      i, result = futures[future], future.result()
+      assert result is not None  # only cancelled jobs have none
+      results[i] = result
+      if on_result is not None:
+        on_result(i, results[i])
+  except BaseException:
+    cancelled.set()
+    pool.shutdown(wait=False, cancel_futures=True)
+    # a worker may be starting a sandbox as this runs: kill until none is left
+    while any(f.running() for f in futures):
+      _kill_running_jails()
+      concurrent.futures.wait(futures, timeout=0.05)
+    raise
+  finally:
+    pool.shutdown()
+  return results
+
+
+def _kill_running_jails() -> None:
+  """SIGKILLs this process's children that run `JAIL`, each the leader of its own process group
+  (the program's process tree dies with it; its caller then removes its cgroup).
+  """
+  me, jail = os.getpid(), os.fsencode(JAIL)
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
     try:
-      return [f.result() for f in futures]
-    except SandboxUnavailable:
-      for f in futures:
-        f.cancel()
-      raise
+      with open(f"/proc/{entry}/stat", "rb") as f:
+        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+      if ppid != me:
+        continue
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        if jail in f.read().split(b"\0"):
+          os.killpg(int(entry), signal.SIGKILL)
+    except (OSError, ValueError, IndexError):
+      continue  # it ended meanwhile
 
 
 def is_sandbox_error(result: str) -> bool:

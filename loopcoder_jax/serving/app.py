@@ -34,6 +34,27 @@ from loopcoder_jax.inference import batching
 _STOPS_MAX = 4  # as OpenAI
 
 
+async def _submit_waiting(
+    scheduler: batching.Scheduler, request: batching.Request
+):
+  """`scheduler.submit` on a worker thread (it may wait for queue room). A client that leaves
+  meanwhile cannot stop the thread, so its request is cancelled as soon as it is queued.
+  """
+  submitted = asyncio.ensure_future(
+      run_in_threadpool(scheduler.submit, request)
+  )
+  try:
+    return await asyncio.shield(submitted)
+  except asyncio.CancelledError:
+
+    def cancel_queued(f: asyncio.Future) -> None:
+      if not f.cancelled() and f.exception() is None:
+        scheduler.cancel(f.result())
+
+    submitted.add_done_callback(cancel_queued)
+    raise
+
+
 # ------------------------------------------------------------------------------------- requests
 class _Sampling(pydantic.BaseModel):
   model_config = pydantic.ConfigDict(extra="ignore")
@@ -180,7 +201,7 @@ def create_app(
     request.emit = emit
     try:
       if scheduler.when_full == "wait":
-        handle = await run_in_threadpool(scheduler.submit, request)
+        handle = await _submit_waiting(scheduler, request)
       else:
         handle = scheduler.submit(request)
     except batching.QueueFull as e:

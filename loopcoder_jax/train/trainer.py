@@ -147,6 +147,7 @@ def _finish(run: Run, state, exported_step: int | None, summary: dict) -> None:
         chat=run.chat,
         add_bos=d.add_bos,
     )[0]
+    generation.clear_engines()  # its placed copy of the weights is not needed again
     shown = "" if run.chat else e.prompt
     kind = "chat completion" if run.chat else "completion"
     log.info(f"greedy {kind} of {e.prompt!r}:\n{shown}{summary['completion']}")
