@@ -53,6 +53,17 @@ EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float64": 2.0**-52}
 TOL_C = 8.0
 
 
+def perturbed(params, scale=0.05):
+  """Random gates (they start at zero) and less uniform weights, so every path shows in the
+  logits."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  return jax.tree.unflatten(
+      tree,
+      [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
+  )
+
+
 def tolerance(want, *, ops: int, dtype="float32", scale=None) -> float:
   """`TOL_C * eps(dtype) * sqrt(ops) * scale`; scale: max |want| by default."""
   if scale is None:

@@ -6,21 +6,12 @@ import pytest
 from loopcoder_jax import PLTConfig
 from loopcoder_jax.data import tokenizer
 from loopcoder_jax.model.transformer import init_params
+from tests import helpers
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
     "for i in range(10):\n    print(i)\n",
 ] * 50
-
-
-def _perturbed(params, scale=0.05):
-  """Random init has zero-initialised pieces (gates, norms' offsets): shake every leaf."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  return jax.tree.unflatten(
-      tree,
-      [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
-  )
 
 
 @pytest.fixture(scope="session")
@@ -34,4 +25,9 @@ def serve_model(tmp_path_factory):
       eos_token_id=tok.eos_id,
       max_position_embeddings=64,
   )
-  return cfg, _perturbed(init_params(cfg, jax.random.key(3))), tok, str(root)
+  return (
+      cfg,
+      helpers.perturbed(init_params(cfg, jax.random.key(3))),
+      tok,
+      str(root),
+  )

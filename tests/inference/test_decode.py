@@ -34,20 +34,10 @@ def close(got, want, loops, what=""):
   helpers.assert_close(got, want, ops=ops, what=what)
 
 
-def _perturbed(params, scale=0.05):
-  """Random gates (they start at zero) and less uniform weights, so every path shows in the logits."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  return jax.tree.unflatten(
-      tree,
-      [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
-  )
-
-
 @functools.cache
 def _setup(loops):
   cfg = PLTConfig.tiny(loops=loops)
-  params = _perturbed(init_params(cfg, jax.random.key(0)))
+  params = helpers.perturbed(init_params(cfg, jax.random.key(0)))
   tokens = jax.random.randint(
       jax.random.key(1), (len(LENGTHS), SEQ), 0, cfg.vocab_size
   )
@@ -336,7 +326,7 @@ GREEDY_MARGIN = 2.0**-13
 @functools.cache
 def _mesh_setup(loops):
   cfg = PLTConfig.tiny(loops=loops, **MESH_HEADS)
-  params = _perturbed(init_params(cfg, jax.random.key(loops)))
+  params = helpers.perturbed(init_params(cfg, jax.random.key(loops)))
   tokens = jax.random.randint(
       jax.random.key(10 + loops),
       (len(MESH_LENGTHS), max(MESH_LENGTHS)),

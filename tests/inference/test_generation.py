@@ -16,16 +16,8 @@ from loopcoder_jax.inference import decode, generation, sampling
 from loopcoder_jax.interop import convert
 from loopcoder_jax.model import sharding
 from loopcoder_jax.model.transformer import init_params
+from tests import helpers
 from tests.helpers import SCRIPTS
-
-
-def _perturbed(params, scale=0.05):
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  return jax.tree.unflatten(
-      tree,
-      [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
-  )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def tiny_checkpoint(tmp_path_factory):
   cfg = PLTConfig.tiny(
       loops=2, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id
   )
-  params = _perturbed(init_params(cfg, jax.random.key(3)))
+  params = helpers.perturbed(init_params(cfg, jax.random.key(3)))
   params_io.save_params(str(root / "params"), cfg, params)
   tok.save(str(root / "params"))
   return root, cfg, params, tok
