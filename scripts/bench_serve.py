@@ -9,11 +9,13 @@ request, then N clients each stream one completion of `max_tokens` tokens (greed
 request ends at EOS counts the tokens it got). Throughput is completion tokens over the wall time
 from the first request to the last token; TTFT runs from a request to its first token, the
 inter-token latency between two streamed chunks of a request (p50 / p99 over every request).
-Without --checkpoint, a random model of --hidden/--layers/--vocab is used (the tokenizer is a byte
-BPE trained on a few lines). The configs: R1 (the weights run with one loop), PLT-2 (two loops,
-batched: one pass over the weights per token) and serial (two loops, one pass per loop). Prints a
-table and writes JSON (one record per config and N, plus the ratios at each N).
+Without --checkpoint, a random model of the shape flags (--d, --layers, --heads, ...) is used
+(the tokenizer is a byte BPE trained on a few lines). The configs: R1 (the weights run with one
+loop), PLT-2 (two loops, batched: one pass over the weights per token) and serial (two loops, one
+pass per loop). Prints a table and writes JSON (one record per config and N, plus the ratios at
+each N).
 Targets (a TPU's; docs/benchmarks.md): PLT-2 >= 0.87x R1 and >= 1.6x serial at >= 32 clients.
+Exit codes: 0 done; 2 bad input (flags, checkpoint: one `error:` line on stderr).
 """
 
 import asyncio
@@ -42,9 +44,17 @@ _PROMPT_TOKENS = flags.DEFINE_integer(
 _SLOTS = flags.DEFINE_integer(
     "slots", 0, "Server slots (0: as many as clients).", lower_bound=0
 )
-_HIDDEN = flags.DEFINE_integer("hidden", 256, "Random model: hidden size.")
-_LAYERS = flags.DEFINE_integer("layers", 4, "Random model: layers.")
-_VOCAB = flags.DEFINE_integer("vocab", 512, "Random model: vocabulary size.")
+# the random model's shape (without --checkpoint); --vocab is the BPE's target size
+cli.define_model_shape(
+    d=256,
+    ffn=1024,
+    layers=4,
+    heads=4,
+    kv_heads=4,
+    head_dim=64,
+    vocab=512,
+    window=64,
+)
 _OUT = flags.DEFINE_string("out", None, "Write the JSON here too.")
 
 CONFIGS = (
@@ -62,19 +72,16 @@ def _random_model(workdir):
   from loopcoder_jax.model.transformer import init_params
 
   lines = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)]
-  tok = tokenizer.train_bpe(lines, _VOCAB.value, os.path.join(workdir, "tok"))
-  heads = max(1, _HIDDEN.value // 64)
+  tok = tokenizer.train_bpe(
+      lines, flags.FLAGS.vocab, os.path.join(workdir, "tok")
+  )
+  shape = cli.model_shape(flags.FLAGS)
+  shape["vocab_size"] = tok.vocab_size  # what the BPE reached
   cfg = PLTConfig.tiny(
       loops=2,
-      vocab_size=tok.vocab_size,
-      hidden_size=_HIDDEN.value,
-      intermediate_size=4 * _HIDDEN.value,
-      num_hidden_layers=_LAYERS.value,
-      num_attention_heads=heads,
-      num_key_value_heads=heads,
-      head_dim=64,
       max_position_embeddings=1024,
       eos_token_id=tok.eos_id,
+      **shape,
   )
   return cfg, init_params(cfg, jax.random.key(0)), tok
 

@@ -92,6 +92,10 @@ class Engine:
     self.mesh = mesh if mesh is not None and mesh.size > 1 else None
     self.rules, self.prefill_chunk = rules, prefill_chunk
     self.min_prompt_bucket = min_prompt_bucket
+    if self.mesh is None:
+      # one device: params left sharded by a trainer's mesh would make the program span every
+      # device, where JAX cannot order the streaming callbacks
+      params = jax.device_put(params, jax.local_devices()[0])
     self.params = decode.serving_params(params, self.mesh, layout)
     self.layout = params_layout(self.params)
     if self.mesh is not None:

@@ -74,6 +74,7 @@ BAD_FLAG = {
     "bench_attention.py": (["--seq_lens=0"], "--seq_lens=0"),
     "bench_convert.py": (["--params=0"], "--params", "positive"),
     "bench_decode.py": (["--batches=1,x"], "--batches", "'x'"),
+    "bench_serve.py": (["--clients=1,0"], "--clients=1,0", "less than 1"),
     "bench_torch_decode.py": (["--heads=3"], "--heads=3", "--kv_heads=4"),
     "bench_train.py": (["--loops=0"], "--loops=0"),
     "convert_checkpoint.py": (
@@ -89,6 +90,7 @@ BAD_FLAG = {
     ),
     "loop_study.py": (["--loops=1,0"], "--loops=1,0", "less than 1"),
     "roofline.py": (["--batches=1,0"], "--batches", "0 is less than 1"),
+    "serve.py": (["--checkpoint=c", "--slots=0"], "--slots=0", "positive"),
     "train.py": (
         ["--config.train.total_stepz=3"],
         "--config.train.total_stepz",
