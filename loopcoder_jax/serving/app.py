@@ -121,56 +121,123 @@ def create_app(
 ) -> FastAPI:
   """The FastAPI app serving `scheduler`'s model under the name `model`."""
   app = FastAPI(title="loopcoder-jax", docs_url=None, redoc_url=None)
-  tok = scheduler.tokenizer
-  chat_tok = chat_lib.with_template(tok)
-  created = int(time.time())
+  routes = _Routes(scheduler, model, owned_by)
+  app.exception_handler(RequestValidationError)(_invalid)
+  app.exception_handler(ApiError)(_api_error)
+  app.get("/health")(routes.health)
+  app.get("/v1/models")(routes.models)
+  app.post("/v1/completions")(routes.completions)
+  app.post("/v1/chat/completions")(routes.chat_completions)
+  return app
 
-  @app.exception_handler(RequestValidationError)
-  async def _invalid(request: Request, e: RequestValidationError):
-    first = e.errors()[0] if e.errors() else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    if first.get("type") == "json_invalid":
-      message = "the request body is not valid JSON"
-    else:
-      message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}"
-    return JSONResponse(
-        _error_body(message, "invalid_request_error", ".".join(loc) or None),
-        status_code=400,
-    )
 
-  @app.exception_handler(ApiError)
-  async def _api_error(request: Request, e: ApiError):
-    return JSONResponse(
-        _error_body(e.message, e.kind, e.param, e.code), status_code=e.status
-    )
+async def _invalid(request: Request, e: RequestValidationError):
+  first = e.errors()[0] if e.errors() else {}
+  loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+  if first.get("type") == "json_invalid":
+    message = "the request body is not valid JSON"
+  else:
+    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}"
+  return JSONResponse(
+      _error_body(message, "invalid_request_error", ".".join(loc) or None),
+      status_code=400,
+  )
 
-  @app.get("/health")
-  async def health():
-    return {"status": "ok", "busy": scheduler.busy}
 
-  @app.get("/v1/models")
-  async def models():
+async def _api_error(request: Request, e: ApiError):
+  return JSONResponse(
+      _error_body(e.message, e.kind, e.param, e.code), status_code=e.status
+  )
+
+
+def _usage(done: batching.Finished) -> dict:
+  return {
+      "prompt_tokens": done.prompt_tokens,
+      "completion_tokens": done.completion_tokens,
+      "total_tokens": done.prompt_tokens + done.completion_tokens,
+  }
+
+
+def _choice(kind: str, text: str | None, reason: str | None, first=False):
+  """One choice of a response: a chat delta (streaming) or a text completion."""
+  if kind == "chat":
+    delta: dict[str, Any] = {}
+    if first:
+      delta["role"] = "assistant"
+    if text is not None:
+      delta["content"] = text
+    return {"index": 0, "delta": delta, "finish_reason": reason}
+  return {
+      "index": 0,
+      "text": text or "",
+      "logprobs": None,
+      "finish_reason": reason,
+  }
+
+
+class _Routes:
+  """The routes over one scheduler and model name."""
+
+  def __init__(self, scheduler: batching.Scheduler, model: str, owned_by: str):
+    self.scheduler, self.model, self.owned_by = scheduler, model, owned_by
+    self.tok = scheduler.tokenizer
+    self.chat_tok = chat_lib.with_template(self.tok)
+    self.created = int(time.time())
+
+  async def health(self):
+    return {"status": "ok", "busy": self.scheduler.busy}
+
+  async def models(self):
     card = {
-        "id": model,
+        "id": self.model,
         "object": "model",
-        "created": created,
-        "owned_by": owned_by,
-        "max_model_len": scheduler.max_len,
+        "created": self.created,
+        "owned_by": self.owned_by,
+        "max_model_len": self.scheduler.max_len,
     }
     return {"object": "list", "data": [card]}
 
-  def check_model(name: str) -> None:
-    if name != model:
+  async def completions(self, body: CompletionRequest):
+    self._check_model(body.model)
+    if isinstance(body.prompt, str):
+      if not body.prompt:
+        raise ApiError(
+            400, "prompt is empty", "invalid_request_error", "prompt"
+        )
+      ids = self.tok.encode(body.prompt, add_bos=bool(self.tok.add_bos_token))
+    else:
+      ids = list(body.prompt)
+    request = self._request(body, ids, body.max_tokens)
+    return await self._respond(body, request, "text")
+
+  async def chat_completions(self, body: ChatRequest):
+    self._check_model(body.model)
+    messages = [m.model_dump() for m in body.messages]
+    try:
+      text = self.chat_tok.apply_chat_template(messages)
+    except Exception as e:  # noqa: BLE001 - the template's own refusal
+      raise ApiError(
+          400,
+          f"the chat template refused the messages: {e}",
+          "invalid_request_error",
+          "messages",
+      ) from None
+    ids = self.chat_tok.encode(text, add_bos=False)  # templates carry their BOS
+    limit = body.max_completion_tokens or body.max_tokens
+    return await self._respond(body, self._request(body, ids, limit), "chat")
+
+  def _check_model(self, name: str) -> None:
+    if name != self.model:
       raise ApiError(
           404,
-          f"the model {name!r} does not exist; this server serves {model!r}",
+          f"the model {name!r} does not exist; this server serves {self.model!r}",
           "invalid_request_error",
           "model",
           "model_not_found",
       )
 
-  def make_request(body: _Sampling, ids: list[int], max_tokens: int | None):
-    room = scheduler.max_len - len(ids)
+  def _request(self, body: _Sampling, ids: list[int], max_tokens: int | None):
+    room = self.scheduler.max_len - len(ids)
     if max_tokens is None:  # as much as the context leaves
       max_tokens = max(room, 1)
     request = batching.Request(
@@ -184,14 +251,14 @@ def create_app(
         seed=random.getrandbits(32) if body.seed is None else body.seed,
     )
     try:
-      scheduler.check(request)
+      self.scheduler.check(request)
     except ValueError as e:
       param = "max_tokens" if "max_tokens" in str(e) else "prompt"
       raise ApiError(400, str(e), "invalid_request_error", param) from None
     return request
 
-  async def run(request: batching.Request):
-    """Submit; yields the request's events as they come."""
+  async def _submit(self, request: batching.Request):
+    """Submit; the request's handle and the queue its events arrive on."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -200,10 +267,10 @@ def create_app(
 
     request.emit = emit
     try:
-      if scheduler.when_full == "wait":
-        handle = await _submit_waiting(scheduler, request)
+      if self.scheduler.when_full == "wait":
+        handle = await _submit_waiting(self.scheduler, request)
       else:
-        handle = scheduler.submit(request)
+        handle = self.scheduler.submit(request)
     except batching.QueueFull as e:
       raise ApiError(
           429, f"the server is busy: {e}", "rate_limit_error"
@@ -212,7 +279,7 @@ def create_app(
       raise ApiError(503, str(e), "server_error") from None
     return handle, events
 
-  async def events_of(handle, events) -> AsyncIterator[Any]:
+  async def _events(self, handle, events) -> AsyncIterator[Any]:
     try:
       while True:
         e = await events.get()
@@ -220,58 +287,48 @@ def create_app(
         if not isinstance(e, batching.Delta):
           return
     finally:  # done, or the client went away: free the slot now
-      scheduler.cancel(handle)
+      self.scheduler.cancel(handle)
 
-  def usage(done: batching.Finished) -> dict:
-    return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-    }
-
-  async def respond(body: _Sampling, request, kind: str):
-    handle, events = await run(request)
+  async def _respond(self, body: _Sampling, request, kind: str):
+    handle, events = await self._submit(request)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    now = int(time.time())
-    head = {"id": rid, "created": now, "model": model}
-
-    def choice(text: str | None, reason: str | None, first=False) -> dict:
-      if kind == "chat":
-        delta: dict[str, Any] = {}
-        if first:
-          delta["role"] = "assistant"
-        if text is not None:
-          delta["content"] = text
-        return {"index": 0, "delta": delta, "finish_reason": reason}
-      return {
-          "index": 0,
-          "text": text or "",
-          "logprobs": None,
-          "finish_reason": reason,
-      }
-
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    head = {"id": rid, "created": int(time.time()), "model": self.model}
+    events_of = self._events(handle, events)
     if body.stream:
+      return StreamingResponse(
+          self._stream(events_of, head, kind), media_type="text/event-stream"
+      )
+    return await self._whole(events_of, head, kind)
 
-      async def stream():
-        if kind == "chat":
-          first = {**head, "object": obj, "choices": [choice("", None, True)]}
-          yield f"data: {json.dumps(first)}\n\n"
-        async for e in events_of(handle, events):
-          if isinstance(e, batching.Delta):
-            chunk = {**head, "object": obj, "choices": [choice(e.text, None)]}
-          elif isinstance(e, batching.Finished):
-            end = choice(None, e.reason)
-            chunk = {**head, "object": obj, "choices": [end]}
-            chunk["usage"] = usage(e)
-          else:
-            chunk = _error_body(e.message, "server_error")
-          yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+  @staticmethod
+  async def _stream(events_of, head: dict, kind: str):
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    if kind == "chat":
+      first = {
+          **head,
+          "object": obj,
+          "choices": [_choice(kind, "", None, True)],
+      }
+      yield f"data: {json.dumps(first)}\n\n"
+    async for e in events_of:
+      if isinstance(e, batching.Delta):
+        chunk = {
+            **head,
+            "object": obj,
+            "choices": [_choice(kind, e.text, None)],
+        }
+      elif isinstance(e, batching.Finished):
+        end = _choice(kind, None, e.reason)
+        chunk = {**head, "object": obj, "choices": [end], "usage": _usage(e)}
+      else:
+        chunk = _error_body(e.message, "server_error")
+      yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
 
-      return StreamingResponse(stream(), media_type="text/event-stream")
+  @staticmethod
+  async def _whole(events_of, head: dict, kind: str) -> dict:
     pieces, done = [], None
-    async for e in events_of(handle, events):
+    async for e in events_of:
       if isinstance(e, batching.Delta):
         pieces.append(e.text)
       elif isinstance(e, batching.Finished):
@@ -286,39 +343,16 @@ def create_app(
           "message": {"role": "assistant", "content": text},
           "finish_reason": done.reason,
       }
-      obj = "chat.completion"
-    else:
-      out = choice(text, done.reason)
-    return {**head, "object": obj, "choices": [out], "usage": usage(done)}
-
-  @app.post("/v1/completions")
-  async def completions(body: CompletionRequest):
-    check_model(body.model)
-    if isinstance(body.prompt, str):
-      if not body.prompt:
-        raise ApiError(
-            400, "prompt is empty", "invalid_request_error", "prompt"
-        )
-      ids = tok.encode(body.prompt, add_bos=bool(tok.add_bos_token))
-    else:
-      ids = list(body.prompt)
-    return await respond(body, make_request(body, ids, body.max_tokens), "text")
-
-  @app.post("/v1/chat/completions")
-  async def chat_completions(body: ChatRequest):
-    check_model(body.model)
-    messages = [m.model_dump() for m in body.messages]
-    try:
-      text = chat_tok.apply_chat_template(messages)
-    except Exception as e:  # noqa: BLE001 - the template's own refusal
-      raise ApiError(
-          400,
-          f"the chat template refused the messages: {e}",
-          "invalid_request_error",
-          "messages",
-      ) from None
-    ids = chat_tok.encode(text, add_bos=False)  # templates carry their BOS
-    limit = body.max_completion_tokens or body.max_tokens
-    return await respond(body, make_request(body, ids, limit), "chat")
-
-  return app
+      return {
+          **head,
+          "object": "chat.completion",
+          "choices": [out],
+          "usage": _usage(done),
+      }
+    choice = _choice(kind, text, done.reason)
+    return {
+        **head,
+        "object": "text_completion",
+        "choices": [choice],
+        "usage": _usage(done),
+    }
