@@ -303,20 +303,31 @@ def serving_params(params, mesh: Mesh | None, layout=None):
     layout = PER_LAYER if cpu else STACKED
   if mesh is not None and layout is PER_LAYER:
     raise ValueError("a mesh serves the stacked layout only (its shardings)")
+  if mesh is None:
+    # one device: params left sharded by a trainer's mesh would make the program span every
+    # device, where JAX cannot order the streaming callbacks
+    params = jax.device_put(params, jax.local_devices()[0])
   return layout.params(params)
+
+
+def program_shardings(cfg: PLTConfig, mesh: Mesh | None, batch: int, rules):
+  """For a generation program over `batch` rows: the cache sharding (None without a mesh) and
+  the `jax.jit` keywords placing params, rows and the replicated result on `mesh`.
+  """
+  if mesh is None:
+    return None, {}
+  p_sh, cache_sharding, rows = serving_shardings(cfg, mesh, batch, rules)
+  jit_kw = dict(
+      in_shardings=(p_sh, rows, rows, rows, None),
+      out_shardings=sharding.replicated(mesh),
+  )
+  return cache_sharding, jit_kw
 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_program(cfg, sampler, stop, settings, mesh, rules, batch):
   """One jitted `generation_program` per distinct settings (reused across calls)."""
-  jit_kw: dict[str, Any] = {}
-  cache_sharding = None
-  if mesh is not None:
-    p_sh, cache_sharding, rows = serving_shardings(cfg, mesh, batch, rules)
-    jit_kw = dict(
-        in_shardings=(p_sh, rows, rows, rows, None),
-        out_shardings=sharding.replicated(mesh),
-    )
+  cache_sharding, jit_kw = program_shardings(cfg, mesh, batch, rules)
   program = generation_program(
       cfg, sampler, stop, cache_sharding=cache_sharding, **dict(settings)
   )

@@ -92,10 +92,6 @@ class Engine:
     self.mesh = mesh if mesh is not None and mesh.size > 1 else None
     self.rules, self.prefill_chunk = rules, prefill_chunk
     self.min_prompt_bucket = min_prompt_bucket
-    if self.mesh is None:
-      # one device: params left sharded by a trainer's mesh would make the program span every
-      # device, where JAX cannot order the streaming callbacks
-      params = jax.device_put(params, jax.local_devices()[0])
     self.params = decode.serving_params(params, self.mesh, layout)
     self.layout = params_layout(self.params)
     if self.mesh is not None:
@@ -117,15 +113,9 @@ class Engine:
     if key in self.programs:
       return self.programs[key]
     rule = TextStop(steps, self.stop_ids, self._host.check if stops else None)
-    cache_sharding, jit_kw = None, dict[str, Any]()
-    if self.mesh is not None:
-      p_sh, cache_sharding, rows_sh = decode.serving_shardings(
-          self.cfg, self.mesh, rows, self.rules
-      )
-      jit_kw = dict(
-          in_shardings=(p_sh, rows_sh, rows_sh, rows_sh, None),
-          out_shardings=sharding.replicated(self.mesh),
-      )
+    cache_sharding, jit_kw = decode.program_shardings(
+        self.cfg, self.mesh, rows, self.rules
+    )
     program = decode.generation_program(
         self.cfg,
         sampler,
