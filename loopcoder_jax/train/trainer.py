@@ -197,6 +197,8 @@ def _export(params_dir: str, cfg, params, step: int, pi: int, pc: int) -> None:
     if pi == 0:
       shutil.rmtree(partial, ignore_errors=True)
     raise
+  # every process has finished writing before the directory is renamed under them
+  _sync(pc, "export: written")
   if pi == 0:
     if os.path.exists(params_dir):
       os.rename(params_dir, old)

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -62,8 +63,13 @@ def test_two_processes_match_one_process_with_8_devices(assets, tmp_path):  # no
   )
   assert single.returncode == 0, single.stderr[-3000:]
 
+  # Each process writes to files: their tails say where a failed run stopped.
+  # A process that dies leaves its peer blocked in a collective, so both are
+  # polled and the survivor is killed at once. They compile without the shared
+  # persistent cache, so neither can load a program the one-process run wrote.
+  env = {**subprocess_env(4), "JAX_COMPILATION_CACHE_DIR": ""}
   port = _free_port()
-  procs = []
+  procs, logs = [], []
   for i in range(2):
     flags = train_flags(
         assets,
@@ -76,26 +82,38 @@ def test_two_processes_match_one_process_with_8_devices(assets, tmp_path):  # no
             "distributed.process_id": i,
         },
     )
-    procs.append(
-        subprocess.Popen(
-            [sys.executable, TRAIN_SCRIPT] + flags,
-            env=subprocess_env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
+    out, err = tmp_path / f"proc{i}.out", tmp_path / f"proc{i}.err"
+    logs.append((out, err))
+    with open(out, "w") as fo, open(err, "w") as fe:
+      procs.append(
+          subprocess.Popen(
+              [sys.executable, TRAIN_SCRIPT] + flags,
+              env=env,
+              stdout=fo,
+              stderr=fe,
+              cwd=ROOT,
+          )
+      )
+
+  def tails():
+    return "\n".join(
+        f"--- process {i}: {out.read_text()[-1000:]}\n{err.read_text()[-2000:]}"
+        for i, (out, err) in enumerate(logs)
     )
-  outs = []
-  for p in procs:
-    try:
-      outs.append(p.communicate(timeout=300))
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("multi-process training timed out")
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+
+  deadline = time.monotonic() + 300
+  while any(p.poll() is None for p in procs):
+    failed = any(p.returncode not in (None, 0) for p in procs)
+    if failed or time.monotonic() > deadline:
+      for p in procs:
+        p.kill()
+        p.wait()
+      pytest.fail(
+          ("a process failed" if failed else "timed out") + "\n" + tails()
+      )
+    time.sleep(0.5)
+  assert all(p.returncode == 0 for p in procs), tails()
+  outs = [(out.read_text(), err.read_text()) for out, err in logs]
   assert "8 cpu devices, 2 processes" in outs[0][0]
 
   ref, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
