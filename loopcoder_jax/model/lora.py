@@ -2,7 +2,8 @@
 
 A targeted projection `y = x W` (W `[in..., out...]`, `model/layers.py`) becomes
 `y + scale * (x A) B` with `scale = alpha / rank`, A `[n, in, rank]`, B `[n, rank, out]` (the in and
-out axes flattened), B zero-initialised so an untrained adapter changes nothing. n is 1 for shared
+out axes flattened; float32 whatever the base's dtype), B zero-initialised so an untrained adapter
+changes nothing. n is 1 for shared
 adapters (every loop) and R for per-loop adapters, where the rows of loop r use `A[r], B[r]`. Which
 loop a row belongs to is the KV source's `loops` (`model/kv.py`): one loop for a whole pass, or, when
 the R loops of a decode step run as R rows of one pass, loop `loops[s]` for row s.
@@ -55,7 +56,9 @@ class Adapter(nn.Module):
     """`y` (the projection of `x`, `[B, S, out...]`) plus this adapter's update for rows of `loops`."""
     lc = self.cfg.lora
     assert lc is not None
-    pdt = jnp.dtype(self.cfg.runtime.param_dtype)
+    pdt = (
+        jnp.float32
+    )  # the trained masters, whatever the base's dtype (they are small)
     n = self.cfg.plt_num_loops if lc.per_loop else 1
     k_in = math.prod(self.shape[: self.n_in])
     k_out = math.prod(self.shape[self.n_in :])
