@@ -28,6 +28,7 @@ def get_config():
       param_dtype="bfloat16",  # the frozen base; adapters stay float32
       remat_policy="full",
       attention_impl="pallas",
+      loss_chunk=512,  # no [2048, 76800] float32 logits at once (630 MB)
   )
   c.lora.enabled = True
   c.lora.rank = 16
