@@ -147,9 +147,8 @@ def _load_lora(
         f"loops={loops}: {path} holds per-loop LoRA adapters for "
         f"{cfg.plt_num_loops} loops"
     )
-  if (
-      tokenizer is None
-  ):  # the run's own (with its chat template), else the base's
+  if tokenizer is None:
+    # the run's own (with its chat template), else the base's
     tokenizer = next(
         (
             d

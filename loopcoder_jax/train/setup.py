@@ -102,9 +102,8 @@ class Run:
   ckpt: checkpoints.TrainCheckpointer
   meta: dict  # the run metadata every checkpoint carries
   state: Any  # train_step.TrainState, restored or initialised
-  base: Any = (
-      None  # LoRA: the frozen base params (the state's params are the adapters)
-  )
+  # LoRA: the frozen base params (the state's params are the adapters)
+  base: Any = None
 
   @property
   def params_dir(self) -> str:
@@ -171,9 +170,8 @@ def set_up(config, cfg: PLTConfig, workdir: str, log: RunLog) -> Run:
       check_state=nonfinite_state,
   )
   base = None
-  if (
-      cfg.lora is not None
-  ):  # the base stays out of the state: placed once, never updated
+  if cfg.lora is not None:
+    # the base stays out of the state: placed once, never updated
     abstract_base, base_sh = train_step.base_shardings(cfg, mesh, rules)
     base = _place(
         init_params,
