@@ -72,6 +72,8 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"layers/self_attn/plt_gate/gate_norm/scale", ("layers", "norm")),
     (r"layers/mlp/(gate|up)_proj/kernel", ("layers", "embed", "mlp")),
     (r"layers/mlp/down_proj/kernel", ("layers", "mlp", "embed")),
+    # LoRA adapters [L, n, in, r] / [L, n, r, out]: megabytes, replicated
+    (r"layers/(self_attn|mlp)/\w+_lora/[ab]", ("layers", None, None, None)),
 )
 
 BATCH_AXES = ("activation_batch", "activation_length")

@@ -212,11 +212,14 @@ def compile_train(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
       k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=b_sh)
       for k, s in train_step.batch_spec(gb, seq).items()
   }
+  args: tuple = (_with_shardings(abs_state, state_sh), batch)
+  if cfg.lora is not None:  # the frozen base: the LoRA step's third input
+    args += (_with_shardings(*train_step.base_shardings(cfg, mesh, rules)),)
   step_flops = flops.train_flops_per_token(cfg, seq) * gb * seq
   report = compile_report(
       "train",
       step_fn,
-      (_with_shardings(abs_state, state_sh), batch),
+      args,
       hbm_bytes=int(hardware.PEAKS[chip]["hbm_bytes"]),
       flops_per_device=step_flops / len(devices),
   )

@@ -17,7 +17,8 @@ bad value it can see before any data is read or anything is compiled.
 
 Fine-tuning starts from a checkpoint instead (`config.init.checkpoint`): the model config is the
 checkpoint's (`model.preset = ""`; a preset, overrides or loop count that disagree with it are an
-error), only `model.runtime` applies.
+error), only `model.runtime` applies. `lora.enabled` trains low-rank adapters on that checkpoint
+(the base, frozen) instead of its weights: `config.lora` becomes the model config's `LoraConfig`.
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ from ml_collections import config_dict
 
 from loopcoder_jax.data.pipeline import default_data_config
 from loopcoder_jax.model import sharding
-from loopcoder_jax.model.config import PLTConfig, RuntimeConfig
+from loopcoder_jax.model.config import (
+    LORA_TARGETS,
+    LoraConfig,
+    PLTConfig,
+    RuntimeConfig,
+)
 from loopcoder_jax.train import optim
 
 PRESETS = ("tiny", "loopcoder_v2_7b")
 DATA_FORMATS = ("text", "chat")
 # Fields that may differ between an explicit model and the checkpoint it starts from.
-_NOT_ARCHITECTURE = ("runtime", "extra_hf", "torch_dtype")
+_NOT_ARCHITECTURE = ("runtime", "extra_hf", "torch_dtype", "lora")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -74,6 +80,18 @@ def base_config() -> ml_collections.ConfigDict:
           grad_accum=1,
           log_every=10,
           data_shards=0,
+      )
+  )
+  # LoRA (model/lora.py): train adapters on the projections of init.checkpoint, frozen. targets: a
+  # comma-separated subset of q,k,v,o,gate,up,down; per_loop: one adapter per loop (R >= 2).
+  c.lora = ml_collections.ConfigDict(
+      dict(
+          enabled=False,
+          rank=8,
+          alpha=16.0,
+          dropout=0.0,
+          targets=",".join(LORA_TARGETS),
+          per_loop=False,
       )
   )
   c.optim = optim.default_optim_config()
@@ -147,10 +165,49 @@ def init_model_config(path: str, **runtime_kw) -> PLTConfig:
   )
 
 
+def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
+  """`config.lora` as a LoraConfig (None unless enabled); ValueError on a bad value."""
+  c = config.get("lora")
+  if c is None or not c.enabled:
+    return None
+  fields = {f.name for f in dataclasses.fields(LoraConfig)}
+  bad = set(c) - fields - {"enabled"}
+  if bad:
+    raise ValueError(f"lora: unknown fields {sorted(bad)}")
+  init = config.init.checkpoint
+  if not init:
+    raise ValueError(
+        "lora.enabled needs init.checkpoint: the base model the adapters adapt"
+    )
+  if not os.path.isdir(init):
+    raise ValueError(
+        f"lora: the base checkpoint {init} (init.checkpoint) is missing"
+    )
+  return LoraConfig(**{k: c[k] for k in fields if k in c})
+
+
 def model_config_from(config: ml_collections.ConfigDict) -> PLTConfig:
   """The PLTConfig named by `config.model` (preset + overrides + runtime), or by
-  `config.init.checkpoint` when set (then an explicit model must agree with it).
+  `config.init.checkpoint` when set (then an explicit model must agree with it); with `lora` when
+  `config.lora.enabled`.
   """
+  lc = lora_config(config)
+  cfg = _model_config(config)
+  if lc is None:
+    return cfg
+  init = config.init.checkpoint
+  if any(
+      os.path.isfile(os.path.join(d, "lora.json"))
+      for d in (init, os.path.join(init, "params"))
+  ):
+    raise ValueError(
+        f"init.checkpoint {init} holds LoRA adapters, not a base model; start from their "
+        "base, or from a merged export (scripts/convert_checkpoint.py --to=hf)"
+    )
+  return cfg.replace(lora=lc)
+
+
+def _model_config(config: ml_collections.ConfigDict) -> PLTConfig:
   init, m = config.init.checkpoint, config.model
   if not init:
     return _preset_config(m)

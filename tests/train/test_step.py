@@ -228,3 +228,50 @@ def test_targets_outside_the_loss_mask_get_exactly_zero_gradient(loss_chunk):
   )(x_BxSxd)
   g_BxS = np.abs(np.asarray(g_BxSxd)).max(-1)
   assert (g_BxS[off] == 0).all() and (g_BxS[~off] > 0).all()
+
+
+# ------------------------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize("per_loop", [False, True])
+def test_a_lora_step_trains_the_adapters_only(per_loop):
+  """The state is the adapters and their Adam moments; the base is an input the step leaves as it
+  is; the LoRA gradient is the full model's gradient with respect to the adapter leaves.
+  """
+  from loopcoder_jax.model import lora
+  from loopcoder_jax.model.config import LoraConfig
+  from loopcoder_jax.model.transformer import init_params
+
+  lcfg = CFG.replace(lora=LoraConfig(rank=4, per_loop=True, dropout=0.1))
+  mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  tx, sched = optim.make_optimizer({}, 10)
+  init_fn, step_fn, _ = ts.make_train_fns(
+      lcfg, tx, mesh, grad_accum=2, schedule=sched
+  )
+  base = helpers.perturbed(init_params(CFG, jax.random.key(1)))
+  base_copy = jax.tree.map(np.asarray, base)
+  _, base_sh = ts.base_shardings(lcfg, mesh)
+  base = jax.device_put(base, base_sh)
+  state = init_fn(jax.random.key(0))
+  adapter_paths = set(
+      hf_paths(lora.split(init_params(lcfg, jax.random.key(0)))[1])
+  )
+  assert set(hf_paths(state.params)) == adapter_paths
+  mu = optax.tree_utils.tree_get(state.opt_state, "mu")
+  assert set(hf_paths(mu)) == adapter_paths
+  before = jax.tree.map(np.asarray, state.params)
+  for i in range(3):
+    state, m = step_fn(state, ts.global_batch(_batch(i), mesh), base)
+    assert np.isfinite(m["loss"])
+  for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(base_copy)):
+    np.testing.assert_array_equal(np.asarray(x), y)
+  changed = jax.tree.map(
+      lambda a, b: bool(np.any(np.asarray(a) != b)), state.params, before
+  )
+  # the rate is 0 at step 1 (warm-up), step 2 moves B (A's gradient is 0 while B is), step 3 A
+  assert all(jax.tree.leaves(changed)), changed
+
+
+def hf_paths(tree):
+  return [
+      "/".join(str(getattr(k, "key", k)) for k in p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
