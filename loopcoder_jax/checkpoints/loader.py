@@ -15,6 +15,7 @@ an Orbax params directory is restored onto the same shardings.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -54,6 +55,7 @@ def load(
     *,
     mesh: Mesh | None = None,
     rules=sharding.DEFAULT_RULES,
+    quantize: str | None = None,
 ) -> tuple[PLTConfig, Any, tok_lib.Tokenizer]:
   """(cfg, params as jax arrays, tokenizer) of a checkpoint, ready for `PLTForCausalLM(cfg).apply`.
 
@@ -65,9 +67,16 @@ def load(
     a checkpoint trained with R > 1 (the gate params).
   tokenizer: a tokenizer file or directory; None finds it beside the weights (or in a workdir's
     tokenizer/). Its vocabulary must fit the model's.
+  quantize: "int8" makes the linear weights int8 with a float32 scale per output channel
+    (`model.quant`), each float weight freed once quantized; the config's `runtime.quantize` says
+    so. An HF directory is quantized param by param as it is read (device peak: the int8 model plus
+    one float param); an Orbax directory is restored whole first (peak: the float model plus one
+    int8 weight).
   """
   path = os.path.abspath(os.fspath(path))
   st.check_dtype(dtype)
+  if quantize not in (None, "none", "int8"):
+    raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
   if loops is not None and (
       isinstance(loops, bool) or not isinstance(loops, int) or loops < 1
   ):
@@ -96,10 +105,25 @@ def load(
     shardings = jax.tree.map(lambda _: one, target)
   else:
     shardings = sharding.param_shardings(target, mesh, rules)
+  each = None
+  if quantize == "int8":
+    from loopcoder_jax.model import quant  # local: model imports are heavy
+
+    q_sh = None if mesh is None else quant.int8_shardings(cfg, mesh, rules)
+    each = functools.partial(
+        quant.quantize_weight, cfg, shardings=q_sh, consume=True
+    )
+
   if fmt == "orbax":
     cfg, params = formats.load_orbax(weights_dir, dtype, shardings)
+    if each is not None:  # restored whole: quantized one weight at a time
+      cfg, params = quant.quantize_params(
+          cfg, params, mesh, rules, consume=True
+      )
   else:
-    cfg, params = hf_io.load_hf_sharded(weights_dir, shardings, dtype)
+    cfg, params = hf_io.load_hf_sharded(weights_dir, shardings, dtype, each)
+  if each is not None:
+    cfg = cfg.with_runtime(quantize="int8")
   _check_finite(path, params)
   if dtype is not None:
     cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)

@@ -188,6 +188,11 @@ def _runtime_kw(m: ml_collections.ConfigDict) -> dict:
     raise ValueError(
         f"model.runtime: unknown RuntimeConfig fields {sorted(bad)}"
     )
+  if runtime.get("quantize", "none") != "none":
+    raise ValueError(
+        f"model.runtime.quantize={runtime['quantize']!r}: int8 weights are frozen (no "
+        f"gradient reaches them); training needs float weights"
+    )
   return runtime
 
 
