@@ -1,6 +1,6 @@
 """Convert a LoopCoder-V2 / PLT checkpoint between HF safetensors and our Orbax params directory.
 
-    python scripts/convert_checkpoint.py --src=DIR --dst=DIR --to=orbax|hf
+    python scripts/convert_checkpoint.py --src=DIR --dst=DIR --to=orbax|hf|peft
         [--shard_size=5GB] [--dtype=bfloat16|float32|float16] [--overwrite]
         [--loops=R [--gate_bias=2.0]]
 
@@ -14,7 +14,10 @@ count: from an R = 1 or Llama checkpoint this upcycles it into a PLT for continu
 each new gate starting with zero weights and the bias `--gate_bias` (so g = sigmoid(bias)
 everywhere; the rule and its promises are in loopcoder_jax/interop/upcycling.py). --overwrite
 replaces a destination that holds a checkpoint, never another directory; a destination symlink is
-followed. Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
+followed. A LoRA run (workdir, export or step) converts to the merged model (`--to=hf|orbax`; its
+base must be where it was, unchanged) or to its adapters in PEFT's format (`--to=peft`:
+adapter_config.json + adapter_model.safetensors, module names those of the base's HF export);
+per-loop adapters are refused by both (serve the workdir itself). Runs on the host CPU (JAX_PLATFORMS=cpu unless set).
 Exit codes: 0 converted; 2 bad input (flags, a missing, damaged or unsafe source checkpoint, a
 non-empty destination without --overwrite or one that is not a checkpoint, output that would hold
 NaN or Inf, e.g. an upcycling gate bias its dtype cannot hold: one `error:` line on stderr); 1 the
@@ -40,7 +43,11 @@ _DST = flags.DEFINE_string(
     required=True,
 )
 _TO = flags.DEFINE_enum(
-    "to", None, ["orbax", "hf"], "Output format.", required=True
+    "to",
+    None,
+    ["orbax", "hf", "peft"],
+    "Output format (peft: a LoRA run's adapters).",
+    required=True,
 )
 _SHARD_SIZE = flags.DEFINE_string(
     "shard_size",

@@ -389,3 +389,33 @@ def hf_dir(path, cfg, rename=None, dtype=BF16, **kw):
     tensors[new] = tensors.pop(old)
   write_hf(path, cfg, tensors, **kw)
   return str(path)
+
+
+# ------------------------------------------------------------------------------------- LoRA
+def lora_export(root, per_loop=False, loops=2, rank=4, **cfg_kw):
+  """A LoRA run's export made by hand: a perturbed tiny base (params directory `root/base`) and
+  trained-looking adapters (B random) with the base's record (`root/adapters`). Returns
+  `(lora cfg, base params, adapters, base dir, adapters dir)`."""
+  from loopcoder_jax.checkpoints import formats, params_io
+  from loopcoder_jax.model import lora
+  from loopcoder_jax.model.config import LoraConfig, PLTConfig
+  from loopcoder_jax.model.transformer import init_params
+
+  cfg = PLTConfig.tiny(loops=loops, **cfg_kw)
+  base = perturbed(init_params(cfg, jax.random.key(0)))
+  lcfg = cfg.replace(lora=LoraConfig(rank=rank, per_loop=per_loop))
+  _, adapters = lora.split(init_params(lcfg, jax.random.key(1)))
+  # B of the size a trained adapter's update has next to the base's weights
+  adapters = perturbed(adapters, scale=0.05)
+  base_dir, ad_dir = os.path.join(root, "base"), os.path.join(root, "adapters")
+  params_io.save_params(base_dir, cfg, base)
+  params_io.save_params(ad_dir, lcfg, adapters)
+  params_io.write_lora_record(
+      ad_dir,
+      {
+          "lora": lcfg.lora.to_dict(),
+          "base": base_dir,
+          "base_sha256": formats.content_hash(base_dir),
+      },
+  )
+  return lcfg, base, adapters, base_dir, ad_dir

@@ -6,29 +6,39 @@ safetensors through the name table, staged atomic directories, format detection,
 """
 
 from loopcoder_jax.checkpoints.errors import StorageError, storage_problem
-from loopcoder_jax.checkpoints.formats import detect_format, tokenizer_dirs
+from loopcoder_jax.checkpoints.formats import (
+    content_hash,
+    detect_format,
+    tokenizer_dirs,
+)
 from loopcoder_jax.checkpoints.hf_io import load_hf
-from loopcoder_jax.checkpoints.loader import load
+from loopcoder_jax.checkpoints.loader import check_base, load
 from loopcoder_jax.checkpoints.params_io import (
     is_params_dir,
     load_params,
+    lora_record,
     nonfinite_paths,
     read_config,
     save_params,
+    write_lora_record,
 )
 from loopcoder_jax.checkpoints.training import TrainCheckpointer
 
 __all__ = [
     "StorageError",
     "TrainCheckpointer",
+    "check_base",
+    "content_hash",
     "detect_format",
     "is_params_dir",
     "load",
     "load_hf",
     "load_params",
+    "lora_record",
     "nonfinite_paths",
     "read_config",
     "save_params",
     "storage_problem",
     "tokenizer_dirs",
+    "write_lora_record",
 ]

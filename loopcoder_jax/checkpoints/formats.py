@@ -10,6 +10,7 @@ directory links into).
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 from typing import Any
@@ -105,6 +106,30 @@ def resolve_source(path: str) -> tuple[str, str, tuple[str, ...]]:
       "finished training workdir (with a params/ export) or one of its steps "
       "(WORKDIR/checkpoints/<step>), or an HF directory (config.json + safetensors)"
   )
+
+
+def content_hash(path: str) -> str:
+  """sha256 of a checkpoint's weights and config (what a LoRA run records of its base).
+
+  A params directory hashes its config.json and CRC-32 table (one per param: cheap, and content
+  derived); any other source (an HF directory, a training step) hashes every file's bytes.
+  """
+  weights, _, _ = resolve_source(os.path.abspath(path))
+  h = hashlib.sha256()
+  if os.path.isfile(os.path.join(weights, params_io.CHECKSUMS)):
+    files = ["config.json", params_io.CHECKSUMS]
+  else:
+    files = sorted(
+        os.path.relpath(os.path.join(d, n), weights)
+        for d, _, names in os.walk(weights)
+        for n in names
+    )
+  for rel in files:
+    h.update(rel.encode() + b"\0")
+    with open(os.path.join(weights, rel), "rb") as f:
+      for block in iter(lambda: f.read(1 << 24), b""):
+        h.update(block)
+  return h.hexdigest()
 
 
 def tokenizer_dirs(path: str) -> tuple[str, ...]:

@@ -29,6 +29,24 @@ from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
 
 
+def check_base(record: dict, what: str) -> str:
+  """The base checkpoint a LoRA run's `record` names, checked present and unchanged (its content
+  hash): ValueError naming `what` (the adapters' place) otherwise."""
+  base = record["base"]
+  if not os.path.isdir(base):
+    raise ValueError(
+        f"{what} holds LoRA adapters of the base checkpoint {base}, which is missing; "
+        "put the base back at that path"
+    )
+  got = formats.content_hash(base)
+  if got != record["base_sha256"]:
+    raise ValueError(
+        f"the base checkpoint {base} of the LoRA adapters in {what} is not the one they were "
+        f"trained on (content sha256 {got[:12]}..., recorded {record['base_sha256'][:12]}...)"
+    )
+  return base
+
+
 def _locate(path: str) -> tuple[str, str, tuple[str, ...]]:
   """(weights directory, 'orbax' | 'hf', directories that may hold the tokenizer) for `path`."""
   if not os.path.isdir(path):
@@ -83,6 +101,19 @@ def load(
     raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
   weights_dir, fmt, tok_dirs = _locate(path)
   cfg = params_io.read_config(weights_dir)
+  if cfg.lora is not None:
+    return _load_lora(
+        path,
+        weights_dir,
+        cfg,
+        dtype,
+        loops,
+        tokenizer,
+        tok_dirs,
+        mesh,
+        rules,
+        quantize,
+    )
   if loops is not None and loops > 1 and cfg.plt_num_loops == 1:
     raise ValueError(
         f"loops={loops}: the checkpoint has no PLT gate (trained with 1 loop); upcycle it "
@@ -130,3 +161,65 @@ def load(
   if loops is not None:
     cfg = cfg.replace(plt_num_loops=loops)
   return cfg, params, tok
+
+
+def _load_lora(
+    path,
+    weights_dir,
+    cfg,
+    dtype,
+    loops,
+    tokenizer,
+    tok_dirs,
+    mesh,
+    rules,
+    quantize,
+):
+  """A LoRA run's export or step: its base (checked unchanged) plus its adapters. Shared adapters
+  come back merged into the base kernels (a plain model); per-loop ones, and any adapters on an
+  int8 base (`quantize`, or the run's `lora.base_dtype=int8`: the base they were trained under),
+  are applied by the model (`cfg.lora` set, the adapter leaves in the params).
+  """
+  from loopcoder_jax.model import lora  # local: model imports are heavy
+
+  lc = cfg.lora
+  record = params_io.lora_record(weights_dir)
+  assert record is not None and lc is not None
+  base = check_base(record, path)
+  if quantize is None and record.get("base_quantize", "none") != "none":
+    quantize = record["base_quantize"]
+  if lc.per_loop and loops not in (None, cfg.plt_num_loops):
+    raise ValueError(
+        f"loops={loops}: {path} holds per-loop LoRA adapters for "
+        f"{cfg.plt_num_loops} loops"
+    )
+  if (
+      tokenizer is None
+  ):  # the run's own (with its chat template), else the base's
+    tokenizer = next(
+        (
+            d
+            for d in tok_dirs
+            if any(
+                os.path.isfile(os.path.join(d, f))
+                for f in (tok_lib.TOKENIZER_JSON, tok_lib.TOKENIZER_MODEL)
+            )
+        ),
+        None,
+    )
+  base_cfg, params, tok = load(
+      base, dtype, loops, tokenizer, mesh=mesh, rules=rules, quantize=quantize
+  )
+  lcfg = base_cfg.replace(lora=lc)
+  target = params_io.stored_target(lcfg)
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one, target)
+  else:
+    shardings = sharding.param_shardings(target, mesh, rules)
+  _, adapters = formats.load_orbax(weights_dir, dtype, shardings)
+  _check_finite(path, adapters)
+  params = lora.combine(params, adapters)
+  if lc.per_loop or base_cfg.runtime.quantize != "none":
+    return lcfg, params, tok
+  return base_cfg, lora.merge(lcfg, params), tok

@@ -25,12 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from loopcoder_jax.model.config import PLTConfig
+from loopcoder_jax.model.config import LoraConfig, PLTConfig
 
 # Beside a params directory's config.json: a CRC-32 per param (its bytes in C order).
 CHECKSUMS = "checksums.json"
 # A training step directory: the TrainState, with the model config in the run metadata.
 _STEP_STATE, _STEP_META = "state", os.path.join("meta", "metadata")
+# Beside the config.json of a LoRA run's export: its adapters' config and base (`lora_record`).
+LORA_FILE = "lora.json"
 
 
 def is_params_dir(path: str | os.PathLike) -> bool:
@@ -178,22 +180,69 @@ def _source(path: str) -> tuple[str, str]:
   )
 
 
-def read_config(path: str | os.PathLike, **runtime_kw) -> PLTConfig:
-  """The model config of a directory with a config.json, or of a training step (its metadata)."""
-  path = os.path.abspath(os.fspath(path))
-  if not is_step_dir(path):
-    return PLTConfig.from_hf_file(
-        os.path.join(path, "config.json"), **runtime_kw
-    )
+def _step_meta(path: str) -> dict:
   meta = os.path.join(path, _STEP_META)
   try:
     with open(meta) as f:
-      hf = json.load(f)["model"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
+      out = json.load(f)
+    if not isinstance(out.get("model"), dict):
+      raise KeyError("model")
+    return out
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise ValueError(
         f"{meta} holds no model config ({first_line(e)})"
     ) from None
-  return PLTConfig.from_hf_dict(hf, **runtime_kw)
+
+
+def lora_record(path: str | os.PathLike) -> dict | None:
+  """What a LoRA run's export (its `lora.json`) or step (its run metadata) says of its adapters:
+  `{"lora": LoraConfig fields, "base": the base checkpoint's path, "base_sha256": its content hash}`;
+  None for a plain checkpoint."""
+  path = os.path.abspath(os.fspath(path))
+  if is_step_dir(path):
+    return _step_meta(path).get("lora")
+  try:
+    with open(os.path.join(path, LORA_FILE)) as f:
+      record = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    raise ValueError(
+        f"{os.path.join(path, LORA_FILE)} is unreadable ({first_line(e)})"
+    ) from None
+  if not (
+      isinstance(record, dict)
+      and {"lora", "base", "base_sha256"} <= set(record)
+  ):
+    raise ValueError(
+        f"{os.path.join(path, LORA_FILE)} lacks lora, base or base_sha256"
+    )
+  return record
+
+
+def write_lora_record(path: str | os.PathLike, record: dict) -> None:
+  with open(os.path.join(os.fspath(path), LORA_FILE), "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def read_config(path: str | os.PathLike, **runtime_kw) -> PLTConfig:
+  """The model config of a directory with a config.json, or of a training step (its metadata); a
+  LoRA run's (`lora_record`) carries its `LoraConfig`."""
+  path = os.path.abspath(os.fspath(path))
+  if not is_step_dir(path):
+    cfg = PLTConfig.from_hf_file(
+        os.path.join(path, "config.json"), **runtime_kw
+    )
+  else:
+    cfg = PLTConfig.from_hf_dict(_step_meta(path)["model"], **runtime_kw)
+  record = lora_record(path)
+  if record is None:
+    return cfg
+  try:
+    return cfg.replace(lora=LoraConfig(**record["lora"]))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: its LoRA config is invalid ({e})") from None
 
 
 def _stored(directory: str, subtree: str) -> dict[str, Any]:
@@ -274,21 +323,27 @@ def iter_params(path: str | os.PathLike) -> Iterator[tuple[str, jax.Array]]:
     del tree
 
 
+def stored_target(cfg: PLTConfig) -> Any:
+  """The abstract tree a params directory of `cfg` stores: the params, or a LoRA run's adapters."""
+  from loopcoder_jax.model import lora  # local: model imports are heavy
+  from loopcoder_jax.model.transformer import abstract_params
+
+  target = abstract_params(cfg)
+  return target if cfg.lora is None else lora.split(target)[1]
+
+
 def load_params(
     path: str | os.PathLike, shardings: Any = None, **runtime_kw
 ) -> tuple[PLTConfig, Any]:
   """Read a params directory, or the params of a training step. `shardings` (a pytree like params,
   or one Sharding) places the arrays; by default they go to the first local device, whatever mesh
-  they were saved from.
+  they were saved from. A LoRA run's hold its adapters only (`model.lora.split`), and so does what
+  this returns.
   """
   path = os.path.abspath(os.fspath(path))
   directory, subtree = _source(path)
   cfg = read_config(path, **runtime_kw)
-  from loopcoder_jax.model.transformer import (
-      abstract_params,  # local: model imports are heavy
-  )
-
-  target = abstract_params(cfg)
+  target = stored_target(cfg)
   stored = _stored(directory, subtree)
   for name, a in flat_paths(target).items():
     if name not in stored:

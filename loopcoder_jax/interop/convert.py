@@ -8,6 +8,10 @@ leaves nothing under the final name.
 
 Entry points: `save_hf`, `convert_checkpoint` (what `scripts/convert_checkpoint.py` runs; `loops=`
 upcycles on the way, see `upcycling.py`).
+
+A LoRA run (its workdir, export or a step: `checkpoints.lora_record`) converts to the merged model
+(`checkpoints.load` checks its base and folds the shared adapters in) for `hf` and `orbax`, or to
+its adapters in PEFT's format (`peft.py`) for `peft`; per-loop adapters have neither form.
 """
 
 from __future__ import annotations
@@ -21,9 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from loopcoder_jax.checkpoints import errors, formats, hf_io, params_io, staging
+from loopcoder_jax.checkpoints import (
+    errors,
+    formats,
+    hf_io,
+    loader,
+    params_io,
+    staging,
+)
 from loopcoder_jax.checkpoints import safetensors_io as st
-from loopcoder_jax.interop import upcycling
+from loopcoder_jax.interop import peft, upcycling
+from loopcoder_jax.model import lora
 from loopcoder_jax.model.config import PLTConfig
 
 HF_MODELING_DIR = os.path.join(os.path.dirname(__file__), "hf_modeling")
@@ -162,13 +174,14 @@ def convert_checkpoint(
     loops: int | None = None,
     gate_bias: float | None = None,
 ) -> str:
-  """Convert `src` (format detected) to `to` in {'orbax', 'hf'} at `dst`. Returns the source format.
+  """Convert `src` (format detected) to `to` in {'orbax', 'hf', 'peft'} at `dst`. Returns the source
+  format ('lora' for a LoRA run's adapters).
 
   `loops`: write the model with this loop count; from an R = 1 (or Llama) source that upcycles it,
   adding gates with bias `gate_bias` (see `upcycling.py`).
   """
-  if to not in ("orbax", "hf"):
-    raise ValueError(f"--to must be 'orbax' or 'hf', got {to!r}")
+  if to not in ("orbax", "hf", "peft"):
+    raise ValueError(f"--to must be 'orbax', 'hf' or 'peft', got {to!r}")
   st.check_dtype(dtype)
   st.parse_size(shard_size)
   src, dst = os.path.abspath(src), os.path.abspath(dst)
@@ -183,6 +196,14 @@ def convert_checkpoint(
   # fail before reading any weights: unsafe side files, the destination, the loop settings
   tok_dir = next((d for d in tok_dirs if formats.side_files(d)), None)
   staging.check_dst(dst, overwrite)
+  record = params_io.lora_record(weights) if fmt == "orbax" else None
+  if record is not None or to == "peft":
+    _check_lora_args(src, weights, record, to, loops, gate_bias)
+    with _storage_errors(src, dst):
+      _convert_lora(
+          src, weights, record, dst, to, tok_dir, shard_size, dtype, overwrite
+      )
+    return "lora"
   if loops is not None:
     upcycling.plan_loops(params_io.read_config(weights), loops, gate_bias)
   elif gate_bias is not None:
@@ -201,6 +222,65 @@ def convert_checkpoint(
         gate_bias=gate_bias,
     )
   return fmt
+
+
+def _check_lora_args(src, weights, record, to, loops, gate_bias) -> None:
+  if record is None:
+    raise ValueError(
+        f"--to=peft writes a LoRA run's adapters; {src} holds a plain model"
+    )
+  if loops is not None or gate_bias is not None:
+    raise ValueError(
+        f"{src} holds LoRA adapters: --loops and --gate_bias do not apply"
+    )
+  if params_io.read_config(weights).lora.per_loop:  # type: ignore[union-attr]
+    raise ValueError(
+        f"{src} holds per-loop LoRA adapters, which have no --to={to} form (the exported "
+        "model's loops share one weight set); serve the workdir itself with "
+        "scripts/generate.py or scripts/serve.py"
+    )
+  loader.check_base(record, src)
+
+
+def _convert_lora(
+    src, weights, record, dst, to, tok_dir, shard_size, dtype, overwrite
+) -> None:
+  """A LoRA run: its adapters as PEFT's, or the merged model (base + shared adapters)."""
+  if to == "peft":
+    cfg, adapters = formats.load_orbax(weights)
+    peft.save_peft(
+        cfg,
+        adapters,
+        dst,
+        base=record["base"],
+        dtype=dtype,
+        overwrite=overwrite,
+    )
+    return
+  base, base_fmt, _ = formats.resolve_source(record["base"])
+  base_cfg, params = (
+      hf_io.load_hf(base, dtype)
+      if base_fmt == "hf"
+      else formats.load_orbax(base, dtype)
+  )
+  lcfg, adapters = formats.load_orbax(weights, dtype)
+  cfg = base_cfg  # merged: the plain model
+  params = lora.merge(
+      base_cfg.replace(lora=lcfg.lora), lora.combine(params, adapters)
+  )
+  if to == "hf":
+    save_hf(
+        cfg,
+        params,
+        dst,
+        shard_size=shard_size,
+        overwrite=overwrite,
+        tokenizer_dir=tok_dir,
+    )
+  else:
+    formats.save_orbax(
+        cfg, params, dst, overwrite=overwrite, tokenizer_dir=tok_dir
+    )
 
 
 def _convert(

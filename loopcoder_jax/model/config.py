@@ -26,6 +26,8 @@ QUANTIZE_MODES = (
     "int8",
 )  # the linear weights' storage (model/quant.py)
 ROPE_SCALING_TYPES = ("linear", "llama3")
+# LoRA target names -> the projection each adapts (`model/lora.py`).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 # Keys a config.json must give: the 7B defaults would silently stand in for them.
 REQUIRED_HF_KEYS = (
@@ -43,6 +45,8 @@ _HF_META = {
     "model_type": "iquestpltcoder",
 }
 _LLAMA_META = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+# PLTConfig fields that are not config.json keys.
+_NOT_HF = ("extra_hf", "runtime", "lora")
 
 
 def _fail(field: str, msg: str) -> None:
@@ -105,6 +109,55 @@ class RuntimeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the shared layers' projections (`model/lora.py`); not part of config.json.
+
+  Each targeted projection W gets `W + (alpha / rank) * A @ B` (B starts at zero). `per_loop`: loop
+  r has its own A, B (an extra leading axis of size R) instead of one pair shared by all loops.
+  """
+
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0  # on the adapters' input, in training only
+  targets: tuple[str, ...] = LORA_TARGETS
+  per_loop: bool = False
+
+  def __post_init__(self):
+    targets = self.targets
+    if isinstance(targets, str):
+      targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    object.__setattr__(self, "targets", tuple(targets))
+    if not isinstance(self.rank, int) or isinstance(self.rank, bool):
+      raise ValueError(f"lora.rank must be an integer, got {self.rank!r}")
+    if self.rank < 1:
+      raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+    unknown = [t for t in self.targets if t not in LORA_TARGETS]
+    if (
+        unknown
+        or not self.targets
+        or len(set(self.targets)) != len(self.targets)
+    ):
+      raise ValueError(
+          f"lora.targets {list(self.targets)}: "
+          + (f"unknown {unknown}; " if unknown else "")
+          + f"expected distinct names out of {list(LORA_TARGETS)}"
+      )
+    if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+      raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
+    if not isinstance(self.dropout, (int, float)) or not (
+        0 <= self.dropout < 1
+    ):
+      raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def to_dict(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), "targets": list(self.targets)}
+
+
+@dataclasses.dataclass(frozen=True)
 class PLTConfig:
   """LoopCoder-V2 / PLT model config. Field names are the HF `config.json` keys."""
 
@@ -136,6 +189,8 @@ class PLTConfig:
   # HF keys we do not model (kept verbatim so to_hf_dict loses nothing).
   extra_hf: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+  # Adapters on the projections (None: the plain model); like runtime, never in config.json.
+  lora: LoraConfig | None = None
 
   # ---------------------------------------------------------------- validation
   def __post_init__(self):
@@ -149,6 +204,7 @@ class PLTConfig:
           "runtime",
           f"must be a RuntimeConfig, got {type(self.runtime).__name__}",
       )
+    self._check_lora()
 
   def _normalise(self) -> None:
     # Normalise JSON lists to tuples so the config stays hashable (it is a Flax attribute).
@@ -255,6 +311,41 @@ class PLTConfig:
       if value is not None and not isinstance(value, (int, float)):
         _fail(name, f"must be a number or null, got {value!r}")
 
+  def _check_lora(self) -> None:
+    """A rank no wider than the targeted projections; per-loop adapters need loops."""
+    lc = self.lora
+    if lc is None:
+      return
+    if not isinstance(lc, LoraConfig):
+      raise ValueError(f"lora must be a LoraConfig, got {type(lc).__name__}")
+    widths = {t: min(self.lora_widths(t)) for t in lc.targets}
+    target, width = min(widths.items(), key=lambda kv: kv[1])
+    if lc.rank > width:
+      raise ValueError(
+          f"lora.rank {lc.rank} is above the width {width} of the {target} projection "
+          f"({' x '.join(map(str, self.lora_widths(target)))})"
+      )
+    if lc.per_loop and self.plt_num_loops == 1:
+      raise ValueError(
+          "lora.per_loop needs a looped model (plt_num_loops >= 2); this one has 1 loop"
+      )
+
+  def lora_widths(self, target: str) -> tuple[int, int]:
+    """(in, out) features of a LoRA target's projection."""
+    d, i = self.hidden_size, self.intermediate_size
+    q, kv = self.num_attention_heads * self.head_size, (
+        self.num_key_value_heads * self.head_size
+    )
+    return {
+        "q": (d, q),
+        "k": (d, kv),
+        "v": (d, kv),
+        "o": (q, d),
+        "gate": (d, i),
+        "up": (d, i),
+        "down": (i, d),
+    }[target]
+
   def _check_token_ids(self) -> None:
     for name in ("bos_token_id", "pad_token_id"):
       value = getattr(self, name)
@@ -338,7 +429,7 @@ class PLTConfig:
   def from_hf_dict(cls, hf: Mapping[str, Any], **runtime_kw) -> PLTConfig:
     """A config without `plt_num_loops` (a Llama checkpoint) has R = 1."""
     hf = _from_transformers5(hf)
-    known = {f.name for f in dataclasses.fields(cls)} - {"extra_hf", "runtime"}
+    known = {f.name for f in dataclasses.fields(cls)} - set(_NOT_HF)
     kwargs = {k: v for k, v in hf.items() if k in known}
     extra = {
         k: v for k, v in hf.items() if k not in known and k not in _HF_META
@@ -379,7 +470,7 @@ class PLTConfig:
   def to_hf_dict(self) -> dict[str, Any]:
     out: dict[str, Any] = self.hf_meta
     for f in dataclasses.fields(self):
-      if f.name in ("extra_hf", "runtime"):
+      if f.name in _NOT_HF:
         continue
       value = getattr(self, f.name)
       if isinstance(value, tuple):

@@ -15,6 +15,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from loopcoder_jax.model import lora
 from loopcoder_jax.model.config import PLTConfig
 
 _ACT = {
@@ -230,15 +231,20 @@ class PLTAttention(nn.Module):
     self.k_proj = _kernel(cfg, "k_proj", dm, k, d)
     self.v_proj = _kernel(cfg, "v_proj", dm, k, d)
     self.o_proj = _kernel(cfg, "o_proj", h, d, dm, n_in=2)
+    lora.declare(
+        self,
+        {"q": (dm, h, d), "k": (dm, k, d), "v": (dm, k, d), "o": (h, d, dm)},
+    )
     if cfg.plt_num_loops > 1:
       self.plt_gate = PLTGate(cfg)
 
-  def qkv(self, x_BxSxd, cos, sin):
-    """Post-RoPE q `[B,S,H,D]`, k, v `[B,S,K,D]` from the normed layer input."""
+  def qkv(self, x_BxSxd, cos, sin, loops=(0,)):
+    """Post-RoPE q `[B,S,H,D]`, k, v `[B,S,K,D]` from the normed layer input (rows of `loops`)."""
     x = x_BxSxd.astype(dtype_of(self.cfg.runtime.dtype))
-    q = apply_rope(proj(x, self.q_proj()), cos, sin)
-    k = apply_rope(proj(x, self.k_proj()), cos, sin)
-    v = proj(x, self.v_proj())
+    q = lora.adapt(self, "q", x, proj(x, self.q_proj()), loops)
+    k = lora.adapt(self, "k", x, proj(x, self.k_proj()), loops)
+    v = lora.adapt(self, "v", x, proj(x, self.v_proj()), loops)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return (
         checkpoint_name(q, "qkv_proj"),
         checkpoint_name(k, "qkv_proj"),
@@ -248,31 +254,29 @@ class PLTAttention(nn.Module):
   def gate(self, h_in_BxSxd, q_BxSxHxD):
     return self.plt_gate(h_in_BxSxd, q_BxSxHxD)
 
-  def out(self, y_BxSxHxD):
+  def out(self, y_BxSxHxD, loops=(0,)):
     y = checkpoint_name(y_BxSxHxD, "attn_out").astype(
         dtype_of(self.cfg.runtime.dtype)
     )
-    return proj(y, self.o_proj(), n_in=2)
+    return lora.adapt(self, "o", y, proj(y, self.o_proj(), n_in=2), loops)
 
 
 class MLP(nn.Module):
   cfg: PLTConfig
 
   @nn.compact
-  def __call__(self, x_BxSxd):
+  def __call__(self, x_BxSxd, loops=(0,)):
     cfg = self.cfg
+    d, i = cfg.hidden_size, cfg.intermediate_size
     x = x_BxSxd.astype(dtype_of(cfg.runtime.dtype))
-    gate = proj(
-        x, _kernel(cfg, "gate_proj", cfg.hidden_size, cfg.intermediate_size)()
-    )
-    up = proj(
-        x, _kernel(cfg, "up_proj", cfg.hidden_size, cfg.intermediate_size)()
+    gate = proj(x, _kernel(cfg, "gate_proj", d, i)())
+    gate = lora.adapt(self, "gate", x, gate, loops, (d, i))
+    up = lora.adapt(
+        self, "up", x, proj(x, _kernel(cfg, "up_proj", d, i)()), loops, (d, i)
     )
     hidden = checkpoint_name(_ACT[cfg.hidden_act](gate) * up, "mlp_hidden")
-    return proj(
-        hidden,
-        _kernel(cfg, "down_proj", cfg.intermediate_size, cfg.hidden_size)(),
-    )
+    down = proj(hidden, _kernel(cfg, "down_proj", i, d)())
+    return lora.adapt(self, "down", hidden, down, loops, (i, d))
 
 
 class PLTLayer(nn.Module):
@@ -288,20 +292,20 @@ class PLTLayer(nn.Module):
     self.post_attention_layernorm = RMSNorm(cfg.rms_norm_eps, dt, pdt)
     self.mlp = MLP(cfg)
 
-  def project(self, h_in, cos, sin):
-    return self.self_attn.qkv(self.input_layernorm(h_in), cos, sin)
+  def project(self, h_in, cos, sin, loops=(0,)):
+    return self.self_attn.qkv(self.input_layernorm(h_in), cos, sin, loops)
 
-  def finish(self, h_in, y_BxSxHxD):
+  def finish(self, h_in, y_BxSxHxD, loops=(0,)):
     """o_proj + residual, then the MLP block + residual."""
-    h = h_in + self.self_attn.out(y_BxSxHxD).astype(h_in.dtype)
-    return h + self.mlp(self.post_attention_layernorm(h)).astype(h.dtype)
+    h = h_in + self.self_attn.out(y_BxSxHxD, loops).astype(h_in.dtype)
+    return h + self.mlp(self.post_attention_layernorm(h), loops).astype(h.dtype)
 
   def __call__(self, h_BxSxd, rope, kv, xs):
     """One pass of this layer. `kv` is the pass's KV source (`model/kv.py`) and `xs` its inputs for
     this layer; rows of loops >= 2 get the gate. Returns h and the source's per-layer outputs plus
     the gate (`[B, rows, H]` or None)."""
     cos, sin = rope
-    q, k, v = self.project(h_BxSxd, cos, sin)
+    q, k, v = self.project(h_BxSxd, cos, sin, kv.loops)
     # the first row of a loop >= 2 (None: only loop 1 here)
     gated = next((i for i, r in enumerate(kv.loops) if r > 0), None)
     gate = None
@@ -311,7 +315,7 @@ class PLTLayer(nn.Module):
       # scanned params must exist after the first call
       self.self_attn.gate(h_BxSxd, q)
     y, (listed, stacked) = kv.attend(xs, q, k, v, gate)
-    h = self.finish(h_BxSxd, y)
+    h = self.finish(h_BxSxd, y, kv.loops)
     h = nn.with_logical_constraint(
         h, ("activation_batch", "activation_length", "activation_embed")
     )

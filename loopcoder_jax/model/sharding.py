@@ -78,6 +78,8 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"layers/self_attn/[kv]_proj/scale", ("layers", "kv_heads", "head_dim")),
     (r"layers/(self_attn/o|mlp/down)_proj/scale", ("layers", "embed")),
     (r"layers/mlp/(gate|up)_proj/scale", ("layers", "mlp")),
+    # LoRA adapters [L, n, in, r] / [L, n, r, out]: megabytes, replicated
+    (r"layers/(self_attn|mlp)/\w+_lora/[ab]", ("layers", None, None, None)),
 )
 
 BATCH_AXES = ("activation_batch", "activation_length")

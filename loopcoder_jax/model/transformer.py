@@ -22,6 +22,7 @@ Param tree (HF names, our layouts; the converter's table maps them):
   layers/self_attn/plt_gate/{kernel [L, d, H] (query mode: [L, H, D]), bias [L, H],
                              gate_norm/scale [L, d] (hidden mode)}      -- only when R > 1
   layers/mlp/{gate_proj, up_proj [L, d, I], down_proj [L, I, d]}/kernel
+  layers/{self_attn,mlp}/<proj>_lora/{a [L, n, in, r], b [L, n, r, out]}  -- LoRA (`model/lora.py`)
 With `runtime.quantize="int8"` (model/quant.py) each projection and the untied head hold `kernel`
 int8 and `scale` float32 over the kernel's output axes (q_proj/scale [L, H, D], lm_head/scale [V]).
 """
@@ -98,7 +99,7 @@ class PLTForCausalLM(nn.Module):
     scanned = nn.scan(
         remat(PLTLayer, cfg, prevent_cse=False),
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, 0),
         length=cfg.num_hidden_layers,
     )
@@ -160,7 +161,12 @@ class PLTForCausalLM(nn.Module):
       )
       if listed is not None:
         xs_i = {**listed[i], **xs_i}
-      h, (lo, so) = layer.apply({"params": p_i}, h, rope, kv, xs_i)
+      rngs = (
+          {"dropout": self.make_rng("dropout")}
+          if self.has_rng("dropout")
+          else {}
+      )
+      h, (lo, so) = layer.apply({"params": p_i}, h, rope, kv, xs_i, rngs=rngs)
       listed_out.append(lo)
       stacked_out.append(so)
     return h, (
@@ -227,12 +233,14 @@ class PLTForCausalLM(nn.Module):
       p_r = model.clp_state(h_r)
       return p_r, (h_r, p_r, outs)
 
-    if cfg.runtime.scan_layers and kv.later_loops_alike:
-      # One compiled body for loops 2..R: the source treats them all alike (no per-loop state).
+    per_loop_lora = cfg.lora is not None and cfg.lora.per_loop
+    if cfg.runtime.scan_layers and kv.later_loops_alike and not per_loop_lora:
+      # One compiled body for loops 2..R: the source treats them all alike (no per-loop state,
+      # no per-loop adapters).
       scan = nn.scan(
           lambda model, p_prev, _: later_loop(model, p_prev, 1),
           variable_broadcast="params",
-          split_rngs={"params": False},
+          split_rngs={"params": False, "dropout": True},
           length=n - 1,
       )
       _, ys = scan(self, p, None)

@@ -17,7 +17,8 @@ bad value it can see before any data is read or anything is compiled.
 
 Fine-tuning starts from a checkpoint instead (`config.init.checkpoint`): the model config is the
 checkpoint's (`model.preset = ""`; a preset, overrides or loop count that disagree with it are an
-error), only `model.runtime` applies.
+error), only `model.runtime` applies. `lora.enabled` trains low-rank adapters on that checkpoint
+(the base, frozen) instead of its weights: `config.lora` becomes the model config's `LoraConfig`.
 """
 
 from __future__ import annotations
@@ -30,13 +31,20 @@ from ml_collections import config_dict
 
 from loopcoder_jax.data.pipeline import default_data_config
 from loopcoder_jax.model import sharding
-from loopcoder_jax.model.config import PLTConfig, RuntimeConfig
+from loopcoder_jax.model.config import (
+    LORA_TARGETS,
+    LoraConfig,
+    PLTConfig,
+    RuntimeConfig,
+)
 from loopcoder_jax.train import optim
 
 PRESETS = ("tiny", "loopcoder_v2_7b")
 DATA_FORMATS = ("text", "chat")
 # Fields that may differ between an explicit model and the checkpoint it starts from.
-_NOT_ARCHITECTURE = ("runtime", "extra_hf", "torch_dtype")
+# lora.base_dtype: the frozen base as loaded, or its linear weights in int8 (model/quant.py)
+LORA_BASE_DTYPES = ("float", "int8")
+_NOT_ARCHITECTURE = ("runtime", "extra_hf", "torch_dtype", "lora")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -74,6 +82,21 @@ def base_config() -> ml_collections.ConfigDict:
           grad_accum=1,
           log_every=10,
           data_shards=0,
+      )
+  )
+  # LoRA (model/lora.py): train adapters on the projections of init.checkpoint, frozen. targets: a
+  # comma-separated subset of q,k,v,o,gate,up,down; per_loop: one adapter per loop (R >= 2).
+  # base_dtype: "float" (the base as loaded) or "int8" (its linear weights int8 with a float scale
+  # per output channel, model/quant.py: about half the memory; the model's runtime.quantize).
+  c.lora = ml_collections.ConfigDict(
+      dict(
+          enabled=False,
+          rank=8,
+          alpha=16.0,
+          dropout=0.0,
+          targets=",".join(LORA_TARGETS),
+          per_loop=False,
+          base_dtype="float",
       )
   )
   c.optim = optim.default_optim_config()
@@ -147,10 +170,55 @@ def init_model_config(path: str, **runtime_kw) -> PLTConfig:
   )
 
 
+def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
+  """`config.lora` as a LoraConfig (None unless enabled); ValueError on a bad value."""
+  c = config.get("lora")
+  if c is None or not c.enabled:
+    return None
+  fields = {f.name for f in dataclasses.fields(LoraConfig)}
+  bad = set(c) - fields - {"enabled", "base_dtype"}
+  if bad:
+    raise ValueError(f"lora: unknown fields {sorted(bad)}")
+  if c.get("base_dtype", "float") not in LORA_BASE_DTYPES:
+    raise ValueError(
+        f"lora.base_dtype {c.base_dtype!r}: expected one of {list(LORA_BASE_DTYPES)}"
+    )
+  init = config.init.checkpoint
+  if not init:
+    raise ValueError(
+        "lora.enabled needs init.checkpoint: the base model the adapters adapt"
+    )
+  if not os.path.isdir(init):
+    raise ValueError(
+        f"lora: the base checkpoint {init} (init.checkpoint) is missing"
+    )
+  return LoraConfig(**{k: c[k] for k in fields if k in c})
+
+
 def model_config_from(config: ml_collections.ConfigDict) -> PLTConfig:
   """The PLTConfig named by `config.model` (preset + overrides + runtime), or by
-  `config.init.checkpoint` when set (then an explicit model must agree with it).
+  `config.init.checkpoint` when set (then an explicit model must agree with it); with `lora` when
+  `config.lora.enabled`.
   """
+  lc = lora_config(config)
+  cfg = _model_config(config)
+  if lc is None:
+    return cfg
+  init = config.init.checkpoint
+  if any(
+      os.path.isfile(os.path.join(d, "lora.json"))
+      for d in (init, os.path.join(init, "params"))
+  ):
+    raise ValueError(
+        f"init.checkpoint {init} holds LoRA adapters, not a base model; start from their "
+        "base, or from a merged export (scripts/convert_checkpoint.py --to=hf)"
+    )
+  if config.lora.get("base_dtype", "float") == "int8":
+    cfg = cfg.with_runtime(quantize="int8")
+  return cfg.replace(lora=lc)
+
+
+def _model_config(config: ml_collections.ConfigDict) -> PLTConfig:
   init, m = config.init.checkpoint, config.model
   if not init:
     return _preset_config(m)
@@ -191,7 +259,8 @@ def _runtime_kw(m: ml_collections.ConfigDict) -> dict:
   if runtime.get("quantize", "none") != "none":
     raise ValueError(
         f"model.runtime.quantize={runtime['quantize']!r}: int8 weights are frozen (no "
-        f"gradient reaches them); training needs float weights"
+        f"gradient reaches them); train LoRA adapters on an int8 base with "
+        f"lora.base_dtype='int8'"
     )
   return runtime
 

@@ -4,7 +4,9 @@ Every check that can fail does so here, in this order and before anything is com
 source, the tokenizer (trained and cached in the workdir on first use) and its vocabulary, the data
 iterator and held-out batches (chat data validated in full), the mesh, the checkpoints' run
 metadata. Fine-tuning (`init.checkpoint`) takes the weights, model config and tokenizer from
-`checkpoints.load`; a resumed run reads only its own checkpoints.
+`checkpoints.load`; a resumed run reads only its own checkpoints. A LoRA run (`cfg.lora`) loads
+its base from `init.checkpoint` every time (its checkpoints hold the adapters only), after checking
+that the base's content hash is the one its checkpoints recorded.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from loopcoder_jax import checkpoints
-from loopcoder_jax.model import sharding
+from loopcoder_jax.model import lora, sharding
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.train import optim
 from loopcoder_jax.train import step as train_step
@@ -100,10 +102,17 @@ class Run:
   ckpt: checkpoints.TrainCheckpointer
   meta: dict  # the run metadata every checkpoint carries
   state: Any  # train_step.TrainState, restored or initialised
+  base: Any = (
+      None  # LoRA: the frozen base params (the state's params are the adapters)
+  )
 
   @property
   def params_dir(self) -> str:
     return os.path.join(self.workdir, "params")
+
+  def model_params(self, params):
+    """The params the model applies: the state's, or a LoRA run's base with its adapters."""
+    return params if self.base is None else lora.combine(self.base, params)
 
 
 def set_up(config, cfg: PLTConfig, workdir: str, log: RunLog) -> Run:
@@ -115,6 +124,7 @@ def set_up(config, cfg: PLTConfig, workdir: str, log: RunLog) -> Run:
       f"V={cfg.vocab_size}, {cfg.num_params() / 1e6:.2f}M params; {jax.device_count()} "
       f"{jax.devices()[0].platform} devices, {pc} processes"
   )
+  lora_ref = _lora_ref(config, cfg, log)
   tok, init_params = _tokenizer(config, cfg, workdir, log)
   batches, eval_batches, eval_bytes = _data(config, tok, log)
   chat = config.data.format == "chat"
@@ -123,7 +133,13 @@ def set_up(config, cfg: PLTConfig, workdir: str, log: RunLog) -> Run:
   t = config.train
   tx, schedule = optim.make_optimizer(config.optim, t.total_steps)
   init_fn, step_fn, state_sh = train_step.make_train_fns(
-      cfg, tx, mesh, rules, grad_accum=t.grad_accum, schedule=schedule
+      cfg,
+      tx,
+      mesh,
+      rules,
+      grad_accum=t.grad_accum,
+      schedule=schedule,
+      seed=config.seed,
   )
   heldout = HeldOut(
       eval_batches,
@@ -139,7 +155,7 @@ def set_up(config, cfg: PLTConfig, workdir: str, log: RunLog) -> Run:
       abstract,
       state_sh,
   )
-  meta = _run_meta(config, cfg, tok)
+  meta = _run_meta(config, cfg, tok, lora_ref)
   ckpt = checkpoints.TrainCheckpointer(
       os.path.join(workdir, "checkpoints"),
       every_steps=config.checkpoint.every_steps,
@@ -154,6 +170,22 @@ def set_up(config, cfg: PLTConfig, workdir: str, log: RunLog) -> Run:
       check_meta=functools.partial(_check_meta, meta, ckpt.directory),
       check_state=nonfinite_state,
   )
+  base = None
+  if (
+      cfg.lora is not None
+  ):  # the base stays out of the state: placed once, never updated
+    abstract_base, base_sh = train_step.base_shardings(cfg, mesh, rules)
+    base = _place(
+        init_params,
+        jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_base,
+            base_sh,
+        ),
+    )
+    init_params = None
+    jitted_step = step_fn
+    step_fn = lambda state, batch: jitted_step(state, batch, base)  # noqa: E731
   if restored is None and init_params is not None:
     fresh = jax.jit(
         lambda p: train_step.TrainState(
@@ -169,7 +201,16 @@ def set_up(config, cfg: PLTConfig, workdir: str, log: RunLog) -> Run:
     )
   elif restored is None:
     state = init_fn(jax.random.key(config.seed))
-    log.info(f"initialised a fresh model (seed {config.seed})")
+    if cfg.lora is None:
+      log.info(f"initialised a fresh model (seed {config.seed})")
+    else:
+      n, nbytes = lora.count(state.params)
+      log.info(
+          f"LoRA on {config.init.checkpoint} (frozen): rank {cfg.lora.rank}, "
+          f"{'per-loop' if cfg.lora.per_loop else 'shared'} adapters on "
+          f"{','.join(cfg.lora.targets)}: {n / 1e6:.3f}M params, {nbytes / 2**20:.2f} MiB "
+          f"(seed {config.seed})"
+      )
   else:
     step0, state, old_meta = restored
     log.info(f"resumed from step {step0}")
@@ -191,7 +232,27 @@ def set_up(config, cfg: PLTConfig, workdir: str, log: RunLog) -> Run:
       ckpt,
       meta,
       state,
+      base,
   )
+
+
+def _lora_ref(config, cfg: PLTConfig, log: RunLog) -> dict | None:
+  """A LoRA run's record of its adapters and base (path and content hash), which its checkpoints
+  and export carry; None for other runs."""
+  if cfg.lora is None:
+    return None
+  base = os.path.abspath(config.init.checkpoint)
+  t0 = time.time()
+  digest = checkpoints.content_hash(base)
+  log.info(
+      f"base {base}: content sha256 {digest[:12]}... ({time.time() - t0:.1f}s)"
+  )
+  return {
+      "lora": cfg.lora.to_dict(),
+      "base": base,
+      "base_sha256": digest,
+      "base_quantize": cfg.runtime.quantize,
+  }
 
 
 def _tokenizer(config, cfg: PLTConfig, workdir: str, log: RunLog):
@@ -213,6 +274,8 @@ def _tokenizer(config, cfg: PLTConfig, workdir: str, log: RunLog):
   fresh_init = init and not _has_checkpoints(
       os.path.join(workdir, "checkpoints")
   )
+  # a LoRA run needs its base whether it starts or resumes
+  load_init = fresh_init or (init and cfg.lora is not None)
   if config.tokenizer.path:
     tok = tok_lib.load_tokenizer(config.tokenizer.path)
     if fresh_init:
@@ -244,10 +307,14 @@ def _tokenizer(config, cfg: PLTConfig, workdir: str, log: RunLog):
           workdir, config.tokenizer.vocab_size, texts
       )
   tok_lib.check_vocab(tok, cfg.vocab_size)
-  if fresh_init:
+  if load_init:
     t0 = time.time()
     _, init_params, _ = checkpoints.load(
-        init, tokenizer=config.tokenizer.path or None
+        init,
+        tokenizer=config.tokenizer.path or None,
+        quantize=None
+        if cfg.runtime.quantize == "none"
+        else cfg.runtime.quantize,
     )
     log.info(f"loaded {init} ({time.time() - t0:.1f}s)")
   if chat:
@@ -336,9 +403,10 @@ def _data(config, tok, log):
   return batches, eval_batches, eval_bytes
 
 
-def _run_meta(config, cfg: PLTConfig, tok) -> dict:
-  """The run metadata a checkpoint carries; a resumed run's must match (`_check_meta`)."""
-  return {
+def _run_meta(config, cfg: PLTConfig, tok, lora_ref=None) -> dict:
+  """The run metadata a checkpoint carries; a resumed run's must match (`_check_meta`). A LoRA
+  run's names its base (`lora`: `_lora_ref`)."""
+  meta = {
       "model": cfg.to_hf_dict(),
       "data_shards": config.train.data_shards or jax.process_count(),
       "global_batch_size": config.train.global_batch_size,
@@ -347,6 +415,9 @@ def _run_meta(config, cfg: PLTConfig, tok) -> dict:
       "tokenizer_sha256": _vocab_fingerprint(tok),
       "data_source": str(config.data.source),
   }
+  if lora_ref is not None:
+    meta["lora"] = lora_ref
+  return meta
 
 
 def _notice_changes(config, meta, old, step: int, directory: str, log) -> None:
@@ -393,8 +464,30 @@ def _vocab_fingerprint(tok) -> str:
 
 
 def _check_meta(meta: dict, directory: str, old: dict) -> None:
-  """A checkpoint written by a run with another model, batch shape or tokenizer: ValueError."""
+  """A checkpoint written by a run with another model, batch shape, tokenizer, adapters or base:
+  ValueError."""
+  old_lora, new_lora = old.get("lora"), meta.get("lora")
+  if (
+      old_lora
+      and new_lora
+      and old_lora["base_sha256"] != new_lora["base_sha256"]
+  ):
+    raise ValueError(
+        f"the LoRA checkpoints in {directory} adapt a base with content sha256 "
+        f"{old_lora['base_sha256'][:12]}... ({old_lora['base']}), but init.checkpoint "
+        f"{new_lora['base']} is {new_lora['base_sha256'][:12]}...: not the base they were "
+        "trained on"
+    )
   diffs = []
+  if (old_lora or {}).get("lora") != (new_lora or {}).get("lora"):
+    diffs.append(
+        f"lora ({(old_lora or {}).get('lora')} -> {(new_lora or {}).get('lora')})"
+    )
+  # the base the adapters were trained under: as loaded, or int8 (lora.base_dtype)
+  old_q = (old_lora or {}).get("base_quantize", "none")
+  new_q = (new_lora or {}).get("base_quantize", "none")
+  if old_lora and new_lora and old_q != new_q:
+    diffs.append(f"lora.base_dtype (base quantize {old_q} -> {new_q})")
   old_model, model = old.get("model") or {}, meta["model"]
   changed = sorted(
       k for k in set(old_model) | set(model) if old_model.get(k) != model.get(k)

@@ -110,7 +110,9 @@ def train_and_evaluate(
       "workdir": workdir,
       "start_step": int(run.state.step),
   }
-  run.heldout.before(run.state.params, int(run.state.step), summary, log)
+  run.heldout.before(
+      run.model_params(run.state.params), int(run.state.step), summary, log
+  )
   state = train_steps(run, summary)
   if state is not None:
     _finish(run, state, exported_step, summary)
@@ -127,9 +129,19 @@ def _finish(run: Run, state, exported_step: int | None, summary: dict) -> None:
     with storage_guard(
         run.ckpt, f"exporting the params of step {step} to {run.params_dir}"
     ):
-      _export(run.params_dir, run.cfg, state.params, step, pi, pc)
-    log.info(f"params of step {step} exported to {run.params_dir}")
-  run.heldout.after(state.params, step, summary, log)
+      _export(
+          run.params_dir,
+          run.cfg,
+          state.params,
+          step,
+          pi,
+          pc,
+          run.meta.get("lora"),
+      )
+    what = "params" if run.base is None else "LoRA adapters"
+    log.info(f"{what} of step {step} exported to {run.params_dir}")
+  params = run.model_params(state.params)
+  run.heldout.after(params, step, summary, log)
   for key in ("loss_after", "bpb_after"):
     if key in summary and not math.isfinite(summary[key]):
       raise TrainingDiverged(
@@ -140,7 +152,7 @@ def _finish(run: Run, state, exported_step: int | None, summary: dict) -> None:
   if e.completion_tokens > 0 and pc == 1:
     summary["completion"] = generation.complete(
         run.cfg,
-        state.params,
+        params,
         run.tok,
         [e.prompt],
         max_new_tokens=e.completion_tokens,
@@ -178,8 +190,12 @@ def _exported_step(params_dir: str) -> int | None:
     return None
 
 
-def _export(params_dir: str, cfg, params, step: int, pi: int, pc: int) -> None:
-  """Writes the params directory beside the old one, then swaps it in (never half-written)."""
+def _export(
+    params_dir: str, cfg, params, step: int, pi: int, pc: int, lora_ref=None
+) -> None:
+  """Writes the params directory beside the old one, then swaps it in (never half-written). A LoRA
+  run's holds its adapters and `lora.json` (their config, the base's path and content hash).
+  """
   partial, old = params_dir + ".partial", params_dir + ".old"
   if pi == 0:  # left by an export cut short: the old export is put back first
     shutil.rmtree(partial, ignore_errors=True)
@@ -192,6 +208,8 @@ def _export(params_dir: str, cfg, params, step: int, pi: int, pc: int) -> None:
     if pi == 0:
       with open(os.path.join(partial, EXPORT_STEP_FILE), "w") as f:
         json.dump({"step": step}, f)
+      if lora_ref is not None:
+        checkpoints.write_lora_record(partial, lora_ref)
   except BaseException:
     # a failed export leaves nothing behind; the previous one stays in place
     if pi == 0:

@@ -185,3 +185,55 @@ def test_more_loops_need_a_gate(ckpts, tmp_path):
       match=r"loops=2: the checkpoint has no PLT gate \(trained with 1 loop\)",
   ):
     interop.load(tmp_path, loops=2)
+
+
+# ------------------------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize("per_loop", [False, True])
+def test_a_lora_export_loads_as_base_plus_adapters(ckpts, tmp_path, per_loop):
+  from loopcoder_jax.model import lora
+  from loopcoder_jax.model.transformer import PLTForCausalLM
+  from tests import helpers
+
+  lcfg, base, adapters, _, ad_dir = helpers.lora_export(
+      str(tmp_path), per_loop, vocab_size=ckpts["tok"].vocab_size
+  )
+  cfg, params, tok = interop.load(ad_dir, tokenizer=ckpts["params_dir"])
+  assert tok.vocab_size == ckpts["tok"].vocab_size
+  tokens = jnp.arange(10, dtype=jnp.int32)[None] % lcfg.vocab_size
+  want = PLTForCausalLM(lcfg).apply(
+      {"params": lora.combine(base, adapters)}, tokens
+  )
+  got = PLTForCausalLM(cfg).apply({"params": params}, tokens)
+  if per_loop:  # applied as trained: the same program
+    assert cfg.lora == lcfg.lora
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  else:  # merged into the base kernels: a plain model, a rounding per projection apart
+    assert cfg.lora is None
+    assert sorted(hf_names.flatten(params)) == sorted(hf_names.flatten(base))
+    helpers.assert_close(
+        got, want, ops=helpers.forward_ops(lcfg, 10), what="merged"
+    )
+
+
+def test_a_lora_export_without_its_base_is_refused(ckpts, tmp_path):
+  from tests import helpers
+
+  lcfg, base, _, base_dir, ad_dir = helpers.lora_export(
+      str(tmp_path), vocab_size=ckpts["tok"].vocab_size
+  )
+  # another model under the base's path
+  shutil.rmtree(base_dir)
+  params_io.save_params(
+      base_dir, lcfg.replace(lora=None), helpers.perturbed(base)
+  )
+  with pytest.raises(
+      ValueError, match="is not the one they were trained on"
+  ) as e:
+    interop.load(ad_dir, tokenizer=ckpts["params_dir"])
+  assert "\n" not in str(e.value)
+  shutil.rmtree(base_dir)
+  with pytest.raises(
+      ValueError, match=f"base checkpoint {base_dir}, which is missing"
+  ) as e:
+    interop.load(ad_dir, tokenizer=ckpts["params_dir"])
+  assert "\n" not in str(e.value)

@@ -333,3 +333,34 @@ def test_generate_cli_int8(tiny_checkpoint):
   )
   assert run.returncode == 0, run.stderr
   assert run.stdout == "def add(" + text + "\n"
+
+
+def test_generate_cli_on_a_lora_export(tiny_checkpoint, tmp_path):
+  """generate.py takes a LoRA run's export: its base (found through lora.json) with the adapters
+  merged in."""
+  from loopcoder_jax.model import lora
+
+  root, cfg, _, tok = tiny_checkpoint
+  lcfg, base, adapters, _, ad_dir = helpers.lora_export(
+      str(tmp_path), vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id
+  )
+  run = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(SCRIPTS, "generate.py"),
+          f"--checkpoint={ad_dir}",
+          f"--tokenizer={root / 'tokenizer'}",
+          "--prompt=def add(",
+          "--max_new_tokens=5",
+      ],
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      timeout=300,
+  )
+  assert run.returncode == 0, run.stderr
+  merged = lora.merge(lcfg, lora.combine(base, adapters))
+  expected = generation.complete(
+      lcfg.replace(lora=None), merged, tok, ["def add("], max_new_tokens=5
+  )[0]
+  assert run.stdout == "def add(" + expected + "\n"

@@ -21,6 +21,7 @@ from tests.helpers import (
     hf_dir,
     random_hf_tensors,
     read_hf,
+    subprocess_env,
     write_hf,
 )
 
@@ -572,4 +573,126 @@ def test_orbax_to_hf_streams_each_param_once(trip, tmp_path, monkeypatch):
   back = read_hf(tmp_path / "hf")
   assert all(
       back[k].tobytes() == v.tobytes() for k, v in trip["tensors"].items()
+  )
+
+
+# ------------------------------------------------------------------------------------- LoRA
+def _lora_logits(lcfg, base, adapters, tokens):
+  import jax
+
+  from loopcoder_jax.model import lora
+  from loopcoder_jax.model.transformer import PLTForCausalLM
+
+  return np.asarray(
+      jax.jit(lambda p, t: PLTForCausalLM(lcfg).apply({"params": p}, t))(
+          lora.combine(base, adapters), tokens
+      )
+  )
+
+
+def _torch_logits(model, tokens):
+  import torch
+
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.numpy()
+
+
+def test_lora_exports_merged_hf_and_peft_adapters(tmp_path):
+  import torch
+  import transformers
+
+  from loopcoder_jax.interop import peft
+  from tests import helpers
+
+  lcfg, base, adapters, base_dir, ad_dir = helpers.lora_export(str(tmp_path))
+  tokens = np.random.default_rng(0).integers(0, lcfg.vocab_size, (2, 10))
+  want = _lora_logits(lcfg, base, adapters, tokens)
+  ops = helpers.forward_ops(lcfg, 10)
+  # --to=hf: the merged model, in transformers
+  assert (
+      convert.convert_checkpoint(ad_dir, str(tmp_path / "hf"), "hf") == "lora"
+  )
+  merged = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "hf"), trust_remote_code=True
+  )
+  helpers.assert_close(
+      _torch_logits(merged, tokens), want, ops=ops, what="merged hf"
+  )
+  # --to=peft: adapters named after the modules of the base's HF export
+  convert.convert_checkpoint(base_dir, str(tmp_path / "base_hf"), "hf")
+  convert.convert_checkpoint(ad_dir, str(tmp_path / "peft"), "peft")
+  with open(tmp_path / "peft" / peft.CONFIG_FILE) as f:
+    config = json.load(f)
+  assert config["peft_type"] == "LORA" and config["r"] == lcfg.lora.rank
+  assert config["lora_alpha"] == lcfg.lora.alpha
+  assert config["base_model_name_or_path"] == base_dir
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "base_hf"), trust_remote_code=True
+  )
+  modules = dict(model.named_modules())
+  assert set(config["target_modules"]) == {
+      "q_proj",
+      "k_proj",
+      "v_proj",
+      "o_proj",
+      "gate_proj",
+      "up_proj",
+      "down_proj",
+  }
+  from safetensors.numpy import load_file
+
+  tensors = load_file(str(tmp_path / "peft" / peft.WEIGHTS_FILE))
+  assert len(tensors) == 2 * 7 * lcfg.num_hidden_layers
+  # what PEFT does: W += (alpha / r) * B @ A on each named module
+  scale = config["lora_alpha"] / config["r"]
+  for key in tensors:
+    if not key.endswith(".lora_A.weight"):
+      continue
+    name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    assert name in modules and name.split(".")[-1] in config["target_modules"]
+    a, b = tensors[key], tensors[key.replace("lora_A", "lora_B")]
+    weight = modules[name].weight
+    assert a.shape == (config["r"], weight.shape[1])
+    assert b.shape == (weight.shape[0], config["r"])
+    with torch.no_grad():
+      weight += torch.tensor(scale * (b @ a))
+  helpers.assert_close(
+      _torch_logits(model, tokens), want, ops=ops, what="peft applied"
+  )
+
+
+def test_lora_exports_refuse_per_loop_adapters_and_plain_models(tmp_path):
+  from tests import helpers
+
+  *_, base_dir, ad_dir = helpers.lora_export(str(tmp_path), per_loop=True)
+  for to in ("hf", "peft"):
+    with pytest.raises(
+        ValueError, match="per-loop LoRA adapters, which have no"
+    ) as e:
+      convert.convert_checkpoint(ad_dir, str(tmp_path / to), to)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / to)
+  with pytest.raises(
+      ValueError, match="--to=peft writes a LoRA run's adapters"
+  ):
+    convert.convert_checkpoint(base_dir, str(tmp_path / "p"), "peft")
+  out = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(SCRIPTS, "convert_checkpoint.py"),
+          f"--src={ad_dir}",
+          f"--dst={tmp_path / 'cli'}",
+          "--to=peft",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=subprocess_env(),
+  )
+  assert out.returncode == 2, out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert (
+      len(lines) == 1
+      and lines[0].startswith("error:")
+      and "per-loop" in lines[0]
   )

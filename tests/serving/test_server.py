@@ -170,3 +170,38 @@ def test_a_full_queue_answers_429(serve_model):
       r = httpx.post(run.url + "/completions", json=body, timeout=30)
       assert r.status_code == 429
       assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_a_lora_export_with_per_loop_adapters_serves(serve_model, tmp_path):
+  """The server loads a LoRA run's export (per-loop adapters: applied, loop by loop) and answers
+  as the engine over base + adapters does."""
+  from loopcoder_jax.model import lora
+  from tests import helpers
+
+  cfg, _, tok, tok_dir = serve_model
+  lcfg, base, adapters, _, ad_dir = helpers.lora_export(
+      str(tmp_path),
+      per_loop=True,
+      vocab_size=cfg.vocab_size,
+      eos_token_id=cfg.eos_token_id,
+      max_position_embeddings=cfg.max_position_embeddings,
+  )
+  built = serving.build(
+      ad_dir,
+      model_name=MODEL,
+      slots=2,
+      prefill_chunk=8,
+      max_queue=4,
+      tokenizer=tok_dir,
+  )
+  try:
+    assert built.engine.cfg.lora == lcfg.lora
+    with serving.Running(built.app) as run:
+      client = openai.OpenAI(base_url=run.url, api_key="none", max_retries=0)
+      got = client.completions.create(
+          model=MODEL, prompt="def add(", max_tokens=6, temperature=0
+      )
+  finally:
+    built.scheduler.stop()
+  eng = engine.Engine(lcfg, lora.combine(base, adapters), tok, prefill_chunk=8)
+  assert got.choices[0].text == eng.complete(["def add("], max_new_tokens=6)[0]

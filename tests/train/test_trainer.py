@@ -435,3 +435,226 @@ def test_sft_configs_take_the_checkpoints_model(chat_assets, name):
   c.init.checkpoint = ""
   with pytest.raises(ValueError, match="model.preset is empty"):
     train_config.validate(c)
+
+
+# ------------------------------------------------------------------------------------- LoRA
+def _lora_config(chat_assets, base, **extra):
+  return _sft_config(
+      chat_assets,
+      **{
+          "init.checkpoint": str(base),
+          "model.preset": "",
+          "model.overrides": {},
+          "lora.enabled": True,
+          "lora.rank": 4,
+          "checkpoint.every_steps": 2,
+          **extra,
+      },
+  )
+
+
+@pytest.fixture
+def lora_base(chat_assets, tmp_path):
+  """A copy of the tiny HF checkpoint the test may move or change."""
+  import shutil
+
+  return shutil.copytree(chat_assets["hf"], tmp_path / "base")
+
+
+def _state_arrays(step_dir):
+  """Path -> shape of every array a training step stores (from the metadata)."""
+  stored = params_io._stored(str(step_dir / "state"), "")
+  return {p: tuple(m.shape) for p, m in stored.items()}
+
+
+@pytest.mark.slow
+def test_lora_run_holds_adapters_only_and_resumes_bit_exact(
+    chat_assets, lora_base, tmp_path
+):
+  from loopcoder_jax import checkpoints
+  from loopcoder_jax.model import lora
+  from loopcoder_jax.model.transformer import PLTForCausalLM
+
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  trainer.train(
+      _lora_config(chat_assets, lora_base, **{"train.total_steps": 4}),
+      str(straight),
+  )
+  trainer.train(
+      _lora_config(chat_assets, lora_base, **{"train.total_steps": 2}),
+      str(resumed),
+  )
+  summary = trainer.train(
+      _lora_config(chat_assets, lora_base, **{"train.total_steps": 4}),
+      str(resumed),
+  )
+  assert summary["start_step"] == 2
+  # the checkpoints and the export hold the adapters (and their Adam moments) only
+  stored = _state_arrays(straight / "checkpoints" / "4")
+  assert "params/layers/self_attn/q_proj_lora/a" in stored
+  assert all("_lora/" in p for p, shape in stored.items() if shape), stored
+  record = params_io.lora_record(str(straight / "params"))
+  assert record["base"] == str(lora_base)
+  assert record["base_sha256"] == checkpoints.content_hash(str(lora_base))
+  # bit-exact resume: the same adapters after 4 steps, run straight or 2 + 2
+  _, a_straight = params_io.load_params(str(straight / "params"))
+  _, a_resumed = params_io.load_params(str(resumed / "params"))
+  for x, y in zip(jax.tree.leaves(a_straight), jax.tree.leaves(a_resumed)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # the loader takes the workdir: base + adapters, merged (shared adapters), and they trained
+  cfg, merged, _ = checkpoints.load(str(straight))
+  assert cfg.lora is None
+  base_cfg, base, _ = checkpoints.load(str(lora_base))
+  lcfg = base_cfg.replace(
+      lora=params_io.read_config(str(straight / "params")).lora
+  )
+  tokens = np.arange(12, dtype=np.int32).reshape(1, 12) % cfg.vocab_size
+  applied = PLTForCausalLM(lcfg).apply(
+      {"params": lora.combine(base, a_straight)}, tokens
+  )
+  got = PLTForCausalLM(cfg).apply({"params": merged}, tokens)
+  helpers.assert_close(
+      got, applied, ops=helpers.forward_ops(cfg, 12), what="merged load"
+  )
+  plain = PLTForCausalLM(base_cfg).apply({"params": base}, tokens)
+  assert np.max(np.abs(np.asarray(got) - np.asarray(plain))) > 1e-4
+
+
+@pytest.mark.slow
+def test_lora_workdir_with_a_missing_or_changed_base_is_refused(
+    chat_assets, lora_base, tmp_path
+):
+  from loopcoder_jax import checkpoints
+
+  work = tmp_path / "w"
+  c = _lora_config(chat_assets, lora_base, **{"train.total_steps": 2})
+  trainer.train(c, str(work))
+  adapters = str(work / "params")
+  assert checkpoints.lora_record(adapters)["base"] == str(lora_base)
+  # a changed base: other weights under the same path
+  st = next(lora_base.glob("*.safetensors"))
+  data = bytearray(st.read_bytes())
+  data[-4:] = b"\x00\x00\x80\x3f"
+  st.write_bytes(bytes(data))
+  for call in (
+      lambda: trainer.train(c, str(work)),
+      lambda: checkpoints.load(str(work)),
+  ):
+    with pytest.raises(
+        ValueError,
+        match="not the base they were trained on|"
+        "not the one they were trained on",
+    ) as e:
+      call()
+    assert "\n" not in str(e.value)
+  # a missing base
+  lora_base.rename(tmp_path / "moved")
+  with pytest.raises(
+      ValueError, match="lora: the base checkpoint .* is missing"
+  ):
+    trainer.train(c, str(work))
+  with pytest.raises(ValueError, match="which is missing") as e:
+    checkpoints.load(str(work))
+  assert "\n" not in str(e.value)
+  assert sorted(os.listdir(work / "checkpoints")) == ["2"]
+
+
+@pytest.mark.slow
+def test_lora_on_an_int8_base(chat_assets, lora_base, tmp_path):
+  """`lora.base_dtype=int8`: the frozen base's linear weights int8 under float32 adapters. The run
+  trains the adapters, records the int8 base (the loader serves the workdir on it, adapters applied
+  unmerged: what they were trained under), and a resume on a float base is refused in one line.
+  """
+  from loopcoder_jax import checkpoints
+  from loopcoder_jax.model import lora, quant
+  from loopcoder_jax.model.transformer import PLTForCausalLM
+
+  work = tmp_path / "w"
+  c = _lora_config(
+      chat_assets,
+      lora_base,
+      **{"train.total_steps": 2, "lora.base_dtype": "int8"},
+  )
+  assert train_config.validate(c).runtime.quantize == "int8"
+  trainer.train(c, str(work))
+  record = params_io.lora_record(str(work / "params"))
+  assert record["base_quantize"] == "int8"
+  cfg, params, _ = checkpoints.load(str(work))
+  assert cfg.runtime.quantize == "int8" and cfg.lora is not None
+  assert params["layers"]["mlp"]["up_proj"]["kernel"].dtype == np.int8
+  _, adapters = lora.split(params)
+  assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(adapters))
+  # the base under the adapters is the int8 model of the float base
+  base_cfg, base, _ = checkpoints.load(str(lora_base))
+  qcfg, qbase = quant.quantize_params(base_cfg, base)
+  tokens = np.arange(12, dtype=np.int32).reshape(1, 12) % cfg.vocab_size
+  want = PLTForCausalLM(qcfg.replace(lora=cfg.lora)).apply(
+      {"params": lora.combine(qbase, adapters)}, tokens
+  )
+  got = PLTForCausalLM(cfg).apply({"params": params}, tokens)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  c.lora.base_dtype = "float"
+  c.train.total_steps = 4
+  with pytest.raises(ValueError, match="lora.base_dtype") as e:
+    trainer.train(c, str(work))
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"lora.rank": 0}, r"lora.rank must be >= 1, got 0"),
+        (
+            {"lora.rank": 17},
+            r"lora.rank 17 is above the width 16 of the k projection",
+        ),
+        ({"lora.targets": "q,mlp"}, r"lora.targets .*unknown \['mlp'\]"),
+        ({"init.checkpoint": ""}, "lora.enabled needs init.checkpoint"),
+        (
+            {"lora.base_dtype": "int4"},
+            r"lora.base_dtype 'int4': expected one of",
+        ),
+    ],
+)
+def test_bad_lora_inputs_fail_in_one_line(chat_assets, tmp_path, extra, match):
+  c = _lora_config(chat_assets, chat_assets["hf"], **extra)
+  with pytest.raises(ValueError, match=match) as e:
+    trainer.train(c, str(tmp_path))
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_per_loop_lora_on_one_loop_fails_in_one_line(chat_assets, tmp_path):
+  from loopcoder_jax.interop import save_hf
+  from loopcoder_jax.model.config import PLTConfig
+  from loopcoder_jax.model.transformer import init_params
+
+  cfg = PLTConfig.tiny(loops=1, **helpers.TINY)
+  save_hf(cfg, init_params(cfg, jax.random.key(0)), tmp_path / "r1")
+  c = _lora_config(chat_assets, tmp_path / "r1", **{"lora.per_loop": True})
+  with pytest.raises(
+      ValueError, match="lora.per_loop needs a looped model"
+  ) as e:
+    train_config.validate(c)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["lora_tiny", "lora_loopcoder_v2_7b"])
+def test_lora_configs_adapt_the_checkpoints_model(chat_assets, name):
+  c = train_config.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+  c.init.checkpoint = chat_assets["hf"]
+  c.data.source = c.data.source or chat_assets["train"]
+  c.data.seq_len = 64
+  c.lora.rank = 4
+  c.train.grad_accum = 1
+  cfg = train_config.validate(c, num_devices=1, process_count=1)
+  assert cfg.lora is not None and cfg.lora.targets == (
+      "q",
+      "k",
+      "v",
+      "o",
+      "gate",
+      "up",
+      "down",
+  )
+  assert cfg.hidden_size == chat_assets["cfg"].hidden_size
