@@ -1,6 +1,7 @@
 """Decode latency and KV-cache size: R=1 vs PLT R=2 (batched loops) vs serial R=2, same weights.
 
     python scripts/bench_decode.py [--batches=1,8,32] [--contexts=512,4096] [--steps=10]
+        [--dtype=float32|bfloat16] [--quantize=int8]
 
 Model (defaults): d=1024, I=4096, L=4, H=16, K=4, D=64, V=8192, window 64, f32: 15M params (60 MB) per
 layer, 310 MB in all. A decode step multiplies each weight with B*R rows, i.e. R*B/2 flops per weight
@@ -13,8 +14,12 @@ accelerator layout). Timing: the cache is filled to `context - steps - 2` tokens
 change the cost: every step reads the whole preallocated cache), then `steps` rounds of one jitted
 decode step (donated cache) per variant, interleaved so that load changes on a shared machine hit all
 variants alike. Latency = median step time; ratios = median of the per-round ratios, and (`_min`) the
-ratio of the fastest steps, the figure closest to an unloaded machine. Cache bytes are measured from
-the cache pytree; the vanilla figure is what `R*L*S` K/V entries take (twice R=1's K/V).
+ratio of the fastest steps, the figure closest to an unloaded machine. `--dtype`: the weights' and
+the compute dtype (default f32: this AVX2 CPU has no native bf16). `--quantize=int8` adds a variant
+timed in the same rounds, PLT2_int8: PLT2 on the same weights made int8 (`model.quant`, a float32
+scale per output channel; compute in `--dtype`), and the ratio PLT2_int8 / PLT2. Cache bytes are
+measured from the cache pytree; the vanilla figure is what `R*L*S` K/V entries take (twice R=1's
+K/V).
 Prints a table and, as the last line, one JSON object.
 Exit codes: 0 done; 2 bad flags (one `error:` line on stderr, before anything is compiled).
 """
@@ -31,6 +36,7 @@ import jax.numpy as jnp
 
 from loopcoder_jax import cli, inference
 from loopcoder_jax.inference import decode
+from loopcoder_jax.model import quant
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.transformer import (
     init_params,
@@ -77,12 +83,28 @@ _FLAGS = (
         "generation.complete uses on CPU (default); stacked: [L, ...] arrays scanned over, the "
         "accelerator layout (on CPU 1.2-2.6x slower: XLA:CPU copies each layer's slices).",
     ),
+    flags.DEFINE_enum(
+        "dtype",
+        "float32",
+        ["float32", "bfloat16"],
+        "Weights and compute dtype.",
+    ),
+    flags.DEFINE_enum(
+        "quantize",
+        None,
+        ["int8"],
+        "int8: also time PLT2 on the int8 weights (PLT2_int8).",
+    ),
 )
 
 
 def bench_cfg(args, loops):
   return PLTConfig.tiny(
-      loops, max_position_embeddings=65536, **cli.model_shape(args)
+      loops,
+      max_position_embeddings=65536,
+      dtype=args.dtype,
+      param_dtype=args.dtype,
+      **cli.model_shape(args),
   )
 
 
@@ -162,12 +184,27 @@ def run(args):
 
   cfg2 = bench_cfg(args, 2)
   params = init_params(cfg2, jax.random.key(0))
+  variants = list(VARIANTS)
+  if args.quantize:
+    cfg_q, params_q = quant.quantize_params(cfg2, params)
+    variants.append(("PLT2_int8", 2, "batched"))
   if args.layout == "per_layer":
     params = unstack_layers(params)
+    if args.quantize:
+      params_q = unstack_layers(params_q)
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   rows, out = [], {
       "device": jax.devices()[0].device_kind,
       "weight_bytes": weight_bytes,
+      **(
+          {
+              "int8_weight_bytes": sum(
+                  x.size * x.dtype.itemsize for x in jax.tree.leaves(params_q)
+              )
+          }
+          if args.quantize
+          else {}
+      ),
       "config": {
           k: v
           for k, v in vars(args).items()
@@ -184,15 +221,21 @@ def run(args):
       f"{'PLT2 tok/s':>10} {'ser2 tok/s':>10} | {'PLT2/R1':>7} {'PLT2/ser2':>9} {'(min)':>11} {'mm 2B/B':>7} | "
       f"{'R1 cache MiB':>12} "
       f"{'PLT2 MiB':>9} {'vanilla2 MiB':>12} {'PLT2/R1 bytes':>13}"
+      + (f" | {'int8 ms':>9} {'int8/PLT2':>9}" if args.quantize else "")
   )
   for batch in batches:
     for ctx in contexts:
       res = {"batch": batch, "context": ctx}
       runners = {
           name: make_runner(
-              bench_cfg(args, loops), params, batch, ctx, args.steps, mode
+              cfg_q if name == "PLT2_int8" else bench_cfg(args, loops),
+              params_q if name == "PLT2_int8" else params,
+              batch,
+              ctx,
+              args.steps,
+              mode,
           )
-          for name, loops, mode in VARIANTS
+          for name, loops, mode in variants
       }
       gemms = {
           "gemm_B": make_gemm_runner(params, batch),
@@ -234,6 +277,13 @@ def run(args):
       res["plt2_over_r1_cache"] = (
           res["PLT2"]["cache_bytes"] / res["R1"]["cache_bytes"]
       )
+      int8 = ""
+      if args.quantize:
+        res["plt2_int8_over_plt2_latency"] = ratio("PLT2_int8", "PLT2")
+        int8 = (
+            f" | {res['PLT2_int8']['ms_per_token']:>9.2f} "
+            f"{res['plt2_int8_over_plt2_latency']:>9.3f}"
+        )
       out["results"].append(res)
       rows.append(
           f"{batch:>5} {ctx:>5} | {res['R1']['ms_per_token']:>8.2f} {res['PLT2']['ms_per_token']:>8.2f} "
@@ -244,6 +294,7 @@ def run(args):
           f"{res['layer_matmuls']['ratio_2B_over_B']:>7.3f} | "
           f"{res['R1']['cache_bytes'] / 2**20:>12.1f} {res['PLT2']['cache_bytes'] / 2**20:>9.1f} "
           f"{res['vanilla2_cache_bytes'] / 2**20:>12.1f} {res['plt2_over_r1_cache']:>13.4f}"
+          + int8
       )
       print(rows[-1] if len(rows) > 1 else hdr + "\n" + rows[-1], flush=True)
   print(hdr)

@@ -2,17 +2,19 @@
 
     python scripts/generate.py --checkpoint=DIR --prompt="def fib(n):" [--chat]
         [--max_new_tokens=128 --temperature=0 --top_k=0 --top_p=1 --seed=0 --loops=R
-         --mode=batched|serial --prefill_chunk=0 --dtype=bfloat16 --tokenizer=PATH
-         --mesh=tensor=8]
+         --mode=batched|serial --prefill_chunk=0 --dtype=bfloat16 --quantize=int8
+         --tokenizer=PATH --mesh=tensor=8]
 
 DIR is a params directory (config.json + Orbax params/), a finished training workdir or one of its
 steps (WORKDIR/checkpoints/<step>), or an HF directory (config.json + safetensors); the tokenizer
 is read from there (or --tokenizer).
 Temperature 0 is greedy. Several --prompt flags make a batch (printed when done); a single prompt
 streams token by token. Weights and compute keep the checkpoint's dtype (bf16 for the released
-7B) unless --dtype says otherwise. --mesh shards the model over the devices (axes data, fsdp,
-tensor; e.g. tensor=8 on a TPU v5e-8 or v2-8, fsdp=2,tensor=4): each device loads only its slices
-and prefill and decoding run on the mesh; without it, everything is on one device.
+7B) unless --dtype says otherwise; --quantize=int8 makes the linear weights int8 (a float scale
+per output channel, dequantised in the matmul; docs/serving.md). --mesh shards the model over the
+devices (axes data, fsdp, tensor; e.g. tensor=8 on a TPU v5e-8 or v2-8, fsdp=2,tensor=4): each
+device loads only its slices and prefill and decoding run on the mesh; without it, everything is on
+one device.
 Exit codes: 0 done; 2 bad input (flags, a damaged checkpoint or one with NaN/Inf weights,
 tokenizer, prompt: one `error:` line on stderr); 130 Ctrl-C (one line, no traceback).
 """
@@ -68,6 +70,13 @@ _MESH = cli.define_mesh(
     "Shard over a device mesh, e.g. tensor=8 or fsdp=2,tensor=4 (-1: the rest of the devices; "
     "default: one device).",
 )
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    None,
+    ["int8"],
+    "int8: the linear weights as int8 with a float scale per output channel "
+    "(about half the bf16 bytes; docs/serving.md).",
+)
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer",
     None,
@@ -98,6 +107,7 @@ def _generate():
       loops=_LOOPS.value or None,
       tokenizer=_TOKENIZER.value,
       mesh=mesh,
+      quantize=_QUANTIZE.value,
   )
   if _DTYPE.value is None:  # compute (and cache) in the weights' dtype too
     cfg = cfg.with_runtime(dtype=cfg.runtime.param_dtype)

@@ -1,7 +1,8 @@
 """Decode roofline on TPU: estimated step time of R = 1, PLT-R (batched loops) and serial R.
 
     python scripts/roofline.py [--config=configs/loopcoder_v2_7b.py:2] [--topology=v5e:2x4]
-        [--mesh=tensor=-1] [--batches=1,8,32] [--contexts=4096,32768] [--config.<key>=<value> ...]
+        [--mesh=tensor=-1] [--batches=1,8,32] [--contexts=4096,32768] [--quantize=int8]
+        [--config.<key>=<value> ...]
 
 Needs libtpu (`pip install 'jax[tpu]'`), no TPU. For each batch x context (cache length) and each
 variant, the decode step is compiled for the slice as `generate.py --mesh` serves it (params by the
@@ -10,7 +11,9 @@ its layer loop unrolled so that XLA's cost analysis counts every layer. Per devi
 accessed (XLA's counts, and the floor no implementation avoids: weights once per pass over the
 layers, the KV cache once per pass that reads it), estimated step time = max(FLOPs / peak FLOP/s,
 bytes / HBM bandwidth) with `hardware.PEAKS`, whether the served step fits, and the ratios PLT/R1 and
-PLT/serial. Method: `loopcoder_jax/scaling/roofline.py`. Compile-only: nothing is timed.
+PLT/serial. --quantize=int8: the linear weights int8 with a float32 scale per output channel, as
+`generate.py --quantize=int8` serves them (they stream at one byte each). Method:
+`loopcoder_jax/scaling/roofline.py`. Compile-only: nothing is timed.
 Prints a table and, as the last line, one JSON object.
 Exit codes: 0 done (a step that does not fit is reported, not an error); 2 bad input (flags,
 config, topology, no libtpu: one `error:` line on stderr).
@@ -38,6 +41,9 @@ _BATCHES = cli.define_int_list("batches", [1, 8, 32], "Decode batches.")
 _CONTEXTS = cli.define_int_list(
     "contexts", [4096, 32768], "Contexts (KV cache lengths)."
 )
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize", None, ["int8"], "int8: int8 linear weights (model/quant.py)."
+)
 
 
 def _ms(row, est):
@@ -51,6 +57,8 @@ def main():
   aot.parse_topology(_TOPOLOGY.value)
   cfg = train_config.model_config_from(flags.FLAGS.config)
   cfg = cfg.with_runtime(param_dtype=cfg.runtime.dtype)
+  if _QUANTIZE.value:
+    cfg = cfg.with_runtime(quantize=_QUANTIZE.value)
   roofline.variants(cfg)  # R >= 2, before anything is compiled
   gib = 2**30
   print(
@@ -92,6 +100,7 @@ def main():
           {
               "config": flags.FLAGS.config.name,
               "topology": _TOPOLOGY.value,
+              "quantize": _QUANTIZE.value,
               "points": points,
           },
           default=str,

@@ -2,7 +2,8 @@
 
     python scripts/serve.py --checkpoint=DIR [--port=8000] [--host=127.0.0.1] [--mesh=tensor=8]
         [--slots=8 --max_len=0 --prefill_chunk=64 --max_queue=64 --when_full=reject|wait
-         --mode=batched|serial --loops=R --dtype=bfloat16 --tokenizer=PATH --model_name=NAME]
+         --mode=batched|serial --loops=R --dtype=bfloat16 --quantize=int8 --tokenizer=PATH
+         --model_name=NAME]
 
 Routes: /v1/completions, /v1/chat/completions (stream: true for server-sent events), /v1/models,
 /health; docs/serving.md shows how to query them (curl, the openai client) and what each limit
@@ -69,6 +70,13 @@ _DTYPE = flags.DEFINE_enum(
     ["float32", "bfloat16"],
     "Param and compute dtype (default: the checkpoint's).",
 )
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    None,
+    ["int8"],
+    "int8: the linear weights as int8 with a float scale per output channel "
+    "(about half the bf16 bytes; docs/serving.md).",
+)
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer",
     None,
@@ -98,6 +106,7 @@ def main():
       loops=_LOOPS.value or None,
       dtype=_DTYPE.value,
       tokenizer=_TOKENIZER.value,
+      quantize=_QUANTIZE.value,
   )
   try:
     uvicorn.run(server.app, host=_HOST.value, port=_PORT.value)

@@ -9,7 +9,7 @@ one layer of one param at a time. dtypes are kept exactly unless an output `dtyp
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 import dataclasses
 import functools
 import os
@@ -141,7 +141,10 @@ def load_hf(
 
 
 def load_hf_sharded(
-    path: str | os.PathLike, shardings: Any, dtype: str | None = None
+    path: str | os.PathLike,
+    shardings: Any,
+    dtype: str | None = None,
+    each: Callable[[str, jax.Array], dict[str, jax.Array]] | None = None,
 ) -> tuple[PLTConfig, dict]:
   """Read an HF directory straight onto `shardings` (a params-like tree of `jax.sharding.Sharding`s):
   `(cfg, params as global jax.Arrays)`.
@@ -149,7 +152,9 @@ def load_hf_sharded(
   Each device receives only its block of each param: the block is read from the safetensors files
   (one layer's HF tensor region at a time, through the table's transpose and reshape), placed on
   the devices that hold it (replicas read it once) and released. Host memory holds about one
-  device's block of one param. dtype as in `load_hf`.
+  device's block of one param. dtype as in `load_hf`. `each(path, param)`: what to keep of each
+  param as soon as it is placed, flat paths to arrays (the int8 loader quantizes it there, so the
+  float model is never whole in device memory).
   """
   src = open_hf(path, dtype)
   by_path: dict[str, list[hf_names.Slot]] = {}
@@ -159,9 +164,10 @@ def load_hf_sharded(
   missing = sorted(set(by_path) - set(flat_sh))
   if missing:
     raise ValueError(f"shardings lack param(s) {missing}")
-  flat = {
-      p: _sharded_param(src, slots, flat_sh[p]) for p, slots in by_path.items()
-  }
+  flat: dict[str, jax.Array] = {}
+  for p, slots in by_path.items():
+    x = _sharded_param(src, slots, flat_sh[p])
+    flat.update({p: x} if each is None else each(p, x))
   return src.cfg, hf_names.unflatten(flat)
 
 

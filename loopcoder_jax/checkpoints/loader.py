@@ -15,6 +15,7 @@ an Orbax params directory is restored onto the same shardings.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -72,6 +73,7 @@ def load(
     *,
     mesh: Mesh | None = None,
     rules=sharding.DEFAULT_RULES,
+    quantize: str | None = None,
 ) -> tuple[PLTConfig, Any, tok_lib.Tokenizer]:
   """(cfg, params as jax arrays, tokenizer) of a checkpoint, ready for `PLTForCausalLM(cfg).apply`.
 
@@ -83,9 +85,16 @@ def load(
     a checkpoint trained with R > 1 (the gate params).
   tokenizer: a tokenizer file or directory; None finds it beside the weights (or in a workdir's
     tokenizer/). Its vocabulary must fit the model's.
+  quantize: "int8" makes the linear weights int8 with a float32 scale per output channel
+    (`model.quant`), each float weight freed once quantized; the config's `runtime.quantize` says
+    so. An HF directory is quantized param by param as it is read (device peak: the int8 model plus
+    one float param); an Orbax directory is restored whole first (peak: the float model plus one
+    int8 weight).
   """
   path = os.path.abspath(os.fspath(path))
   st.check_dtype(dtype)
+  if quantize not in (None, "none", "int8"):
+    raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
   if loops is not None and (
       isinstance(loops, bool) or not isinstance(loops, int) or loops < 1
   ):
@@ -94,7 +103,16 @@ def load(
   cfg = params_io.read_config(weights_dir)
   if cfg.lora is not None:
     return _load_lora(
-        path, weights_dir, cfg, dtype, loops, tokenizer, tok_dirs, mesh, rules
+        path,
+        weights_dir,
+        cfg,
+        dtype,
+        loops,
+        tokenizer,
+        tok_dirs,
+        mesh,
+        rules,
+        quantize,
     )
   if loops is not None and loops > 1 and cfg.plt_num_loops == 1:
     raise ValueError(
@@ -118,10 +136,25 @@ def load(
     shardings = jax.tree.map(lambda _: one, target)
   else:
     shardings = sharding.param_shardings(target, mesh, rules)
+  each = None
+  if quantize == "int8":
+    from loopcoder_jax.model import quant  # local: model imports are heavy
+
+    q_sh = None if mesh is None else quant.int8_shardings(cfg, mesh, rules)
+    each = functools.partial(
+        quant.quantize_weight, cfg, shardings=q_sh, consume=True
+    )
+
   if fmt == "orbax":
     cfg, params = formats.load_orbax(weights_dir, dtype, shardings)
+    if each is not None:  # restored whole: quantized one weight at a time
+      cfg, params = quant.quantize_params(
+          cfg, params, mesh, rules, consume=True
+      )
   else:
-    cfg, params = hf_io.load_hf_sharded(weights_dir, shardings, dtype)
+    cfg, params = hf_io.load_hf_sharded(weights_dir, shardings, dtype, each)
+  if each is not None:
+    cfg = cfg.with_runtime(quantize="int8")
   _check_finite(path, params)
   if dtype is not None:
     cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)
@@ -131,17 +164,30 @@ def load(
 
 
 def _load_lora(
-    path, weights_dir, cfg, dtype, loops, tokenizer, tok_dirs, mesh, rules
+    path,
+    weights_dir,
+    cfg,
+    dtype,
+    loops,
+    tokenizer,
+    tok_dirs,
+    mesh,
+    rules,
+    quantize,
 ):
   """A LoRA run's export or step: its base (checked unchanged) plus its adapters. Shared adapters
-  come back merged into the base kernels (a plain model); per-loop ones are applied by the model
-  (`cfg.lora` set, the adapter leaves in the params)."""
+  come back merged into the base kernels (a plain model); per-loop ones, and any adapters on an
+  int8 base (`quantize`, or the run's `lora.base_dtype=int8`: the base they were trained under),
+  are applied by the model (`cfg.lora` set, the adapter leaves in the params).
+  """
   from loopcoder_jax.model import lora  # local: model imports are heavy
 
   lc = cfg.lora
   record = params_io.lora_record(weights_dir)
   assert record is not None and lc is not None
   base = check_base(record, path)
+  if quantize is None and record.get("base_quantize", "none") != "none":
+    quantize = record["base_quantize"]
   if lc.per_loop and loops not in (None, cfg.plt_num_loops):
     raise ValueError(
         f"loops={loops}: {path} holds per-loop LoRA adapters for "
@@ -161,7 +207,7 @@ def _load_lora(
         None,
     )
   base_cfg, params, tok = load(
-      base, dtype, loops, tokenizer, mesh=mesh, rules=rules
+      base, dtype, loops, tokenizer, mesh=mesh, rules=rules, quantize=quantize
   )
   lcfg = base_cfg.replace(lora=lc)
   target = params_io.stored_target(lcfg)
@@ -173,6 +219,6 @@ def _load_lora(
   _, adapters = formats.load_orbax(weights_dir, dtype, shardings)
   _check_finite(path, adapters)
   params = lora.combine(params, adapters)
-  if lc.per_loop:
+  if lc.per_loop or base_cfg.runtime.quantize != "none":
     return lcfg, params, tok
   return base_cfg, lora.merge(lcfg, params), tok

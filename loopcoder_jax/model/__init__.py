@@ -1,5 +1,6 @@
 """The PLT model: config, Flax module, attention, loss, and how its arrays map onto a mesh."""
 
+from loopcoder_jax.model import quant
 from loopcoder_jax.model.config import PLTConfig, RuntimeConfig
 from loopcoder_jax.model.kv import SequenceKV
 from loopcoder_jax.model.loss import cross_entropy_sum
@@ -31,6 +32,7 @@ __all__ = [
     "init_params",
     "make_mesh",
     "param_shardings",
+    "quant",
     "stack_layers",
     "unstack_layers",
 ]

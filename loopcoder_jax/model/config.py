@@ -21,6 +21,10 @@ ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "save_attn_out", "save_qkv_proj")
 ATTENTION_IMPLS = ("reference", "pallas", "xla")
+QUANTIZE_MODES = (
+    "none",
+    "int8",
+)  # the linear weights' storage (model/quant.py)
 ROPE_SCALING_TYPES = ("linear", "llama3")
 # LoRA target names -> the projection each adapts (`model/lora.py`).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -62,6 +66,9 @@ class RuntimeConfig:
   local_block_size: int = 0
   # Sequence positions per step of the fused output projection + cross-entropy (0: plain logits path).
   loss_chunk: int = 0
+  # "int8": the linear weights are int8 with a float32 scale per output channel (model/quant.py;
+  # made from float weights by `quant.quantize_params`, frozen).
+  quantize: str = "none"
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
@@ -83,6 +90,11 @@ class RuntimeConfig:
       _fail(
           "runtime.attention_impl",
           f"unknown implementation {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}",
+      )
+    if self.quantize not in QUANTIZE_MODES:
+      _fail(
+          "runtime.quantize",
+          f"unknown mode {self.quantize!r}; expected one of {QUANTIZE_MODES}",
       )
     if self.loss_chunk < 0:
       _fail("runtime.loss_chunk", f"must be >= 0, got {self.loss_chunk}")

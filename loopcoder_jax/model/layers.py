@@ -8,7 +8,7 @@ RoPE, softmax and the gate compute in float32 (docs/plt-spec.md section 3).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -98,15 +98,46 @@ def apply_rope(x_BxSxNxD, cos_BxSxD, sin_BxSxD):
   return out.astype(x_BxSxNxD.dtype)
 
 
+class Int8Kernel(NamedTuple):
+  """A weight-only int8 projection weight (`model/quant.py`): w ~= values * scale.
+
+  values: int8 `[in..., out...]`; scale: float32 `[out...]`, one per output channel.
+  """
+
+  values: jax.Array
+  scale: jax.Array
+
+  def dequantize(self, dtype) -> jax.Array:
+    return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def linear_param(module: nn.Module, shape, n_in: int, param_dtype, quantize):
+  """A projection weight `[in..., out...]` of `module`: the float `kernel`, or (quantize="int8")
+  `kernel` int8 and `scale` float32 `[out...]` as an `Int8Kernel`. An int8 model is made by
+  `quant.quantize_params`; its init (zeros) only gives the tree's shapes."""
+  if quantize == "int8":
+    values = module.param("kernel", nn.initializers.zeros, shape, jnp.int8)
+    scale = module.param(
+        "scale", nn.initializers.zeros, shape[n_in:], jnp.float32
+    )
+    return Int8Kernel(values, scale)
+  return module.param("kernel", init_normal, shape, param_dtype)
+
+
 class Kernel(nn.Module):
-  """The `kernel` param of a bias-free projection (`[in..., out...]`); callers apply it with `proj`."""
+  """The weight of a bias-free projection (`[in..., out...]`, `n_in` input axes); callers apply it
+  with `proj`."""
 
   shape: tuple[int, ...]
   param_dtype: Any = jnp.float32
+  n_in: int = 1
+  quantize: str = "none"
 
   @nn.compact
   def __call__(self):
-    return self.param("kernel", init_normal, self.shape, self.param_dtype)
+    return linear_param(
+        self, self.shape, self.n_in, self.param_dtype, self.quantize
+    )
 
 
 _FEW_ROWS = 8
@@ -117,8 +148,13 @@ def proj(x, kernel, n_in: int = 1, out_dtype=None):
 
   The tokens are flattened to one matrix axis: the same numbers as the einsum, but XLA:CPU runs the
   N-D form's backward (the weight gradient over B*S) up to twice as slowly. `out_dtype`: the
-  accumulation/result dtype (float32 for logits).
+  accumulation/result dtype (float32 for logits). An `Int8Kernel` is dequantised inside the matmul:
+  its int8 values cast to x's dtype (exact: |q| <= 127) and the per-channel scale applied to the
+  float32 accumulator, y = (x @ q) * scale, so no float copy of the weight is kept.
   """
+  scale = None
+  if isinstance(kernel, Int8Kernel):
+    kernel, scale = kernel.values, kernel.scale
   lead, k_in, k_out = (
       x.shape[: x.ndim - n_in],
       math.prod(kernel.shape[:n_in]),
@@ -126,18 +162,27 @@ def proj(x, kernel, n_in: int = 1, out_dtype=None):
   )
   rows = math.prod(lead)
   x2, w2 = x.reshape(rows, k_in), kernel.astype(x.dtype).reshape(k_in, -1)
+  acc = out_dtype if scale is None else jnp.float32
   # decoding: (w^T x^T)^T, which XLA:CPU streams the weight through faster
   if rows <= _FEW_ROWS:
     y = jax.lax.dot_general(
-        w2, x2, (((0,), (1,)), ((), ())), preferred_element_type=out_dtype
+        w2, x2, (((0,), (1,)), ((), ())), preferred_element_type=acc
     ).T
   else:
-    y = jnp.dot(x2, w2, preferred_element_type=out_dtype)
+    y = jnp.dot(x2, w2, preferred_element_type=acc)
+  if scale is not None:
+    y = (y * scale.reshape(-1)).astype(out_dtype or x.dtype)
   return y.reshape(*lead, *k_out)
 
 
-def _kernel(cfg, name, *shape):
-  return Kernel(shape, dtype_of(cfg.runtime.param_dtype), name=name)
+def _kernel(cfg, name, *shape, n_in: int = 1):
+  return Kernel(
+      shape,
+      dtype_of(cfg.runtime.param_dtype),
+      n_in,
+      cfg.runtime.quantize,
+      name=name,
+  )
 
 
 class PLTGate(nn.Module):
@@ -185,7 +230,7 @@ class PLTAttention(nn.Module):
     self.q_proj = _kernel(cfg, "q_proj", dm, h, d)
     self.k_proj = _kernel(cfg, "k_proj", dm, k, d)
     self.v_proj = _kernel(cfg, "v_proj", dm, k, d)
-    self.o_proj = _kernel(cfg, "o_proj", h, d, dm)
+    self.o_proj = _kernel(cfg, "o_proj", h, d, dm, n_in=2)
     lora.declare(
         self,
         {"q": (dm, h, d), "k": (dm, k, d), "v": (dm, k, d), "o": (h, d, dm)},
@@ -282,14 +327,16 @@ class LMHead(nn.Module):
 
   vocab_size: int
   param_dtype: Any = jnp.float32
+  quantize: str = "none"
 
   @nn.compact
   def __call__(self, x_BxSxd):
-    w = self.param(
-        "kernel",
-        init_normal,
+    w = linear_param(
+        self,
         (x_BxSxd.shape[-1], self.vocab_size),
+        1,
         self.param_dtype,
+        self.quantize,
     )
     return proj(x_BxSxd, w, out_dtype=jnp.float32)
 

@@ -72,6 +72,12 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"layers/self_attn/plt_gate/gate_norm/scale", ("layers", "norm")),
     (r"layers/mlp/(gate|up)_proj/kernel", ("layers", "embed", "mlp")),
     (r"layers/mlp/down_proj/kernel", ("layers", "mlp", "embed")),
+    # int8 weights (model/quant.py): the kernel keeps its axes, the scale those of its outputs
+    (r"lm_head/scale", ("vocab",)),
+    (r"layers/self_attn/q_proj/scale", ("layers", "heads", "head_dim")),
+    (r"layers/self_attn/[kv]_proj/scale", ("layers", "kv_heads", "head_dim")),
+    (r"layers/(self_attn/o|mlp/down)_proj/scale", ("layers", "embed")),
+    (r"layers/mlp/(gate|up)_proj/scale", ("layers", "mlp")),
     # LoRA adapters [L, n, in, r] / [L, n, r, out]: megabytes, replicated
     (r"layers/(self_attn|mlp)/\w+_lora/[ab]", ("layers", None, None, None)),
 )

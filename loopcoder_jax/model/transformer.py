@@ -23,6 +23,8 @@ Param tree (HF names, our layouts; the converter's table maps them):
                              gate_norm/scale [L, d] (hidden mode)}      -- only when R > 1
   layers/mlp/{gate_proj, up_proj [L, d, I], down_proj [L, I, d]}/kernel
   layers/{self_attn,mlp}/<proj>_lora/{a [L, n, in, r], b [L, n, r, out]}  -- LoRA (`model/lora.py`)
+With `runtime.quantize="int8"` (model/quant.py) each projection and the untied head hold `kernel`
+int8 and `scale` float32 over the kernel's output axes (q_proj/scale [L, H, D], lm_head/scale [V]).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.kv import SequenceKV
 from loopcoder_jax.model.layers import (
+    Int8Kernel,
     LMHead,
     PLTLayer,
     RMSNorm,
@@ -103,7 +106,7 @@ class PLTForCausalLM(nn.Module):
     self.layers = scanned(cfg)
     self.norm = RMSNorm(cfg.rms_norm_eps, dt, pdt)
     if not cfg.tie_word_embeddings:
-      self.lm_head = LMHead(cfg.vocab_size, pdt)
+      self.lm_head = LMHead(cfg.vocab_size, pdt, cfg.runtime.quantize)
 
   # -- the pieces of the schedule -----------------------------------------------------------
   def embed(self, tokens_BxS):
@@ -293,10 +296,16 @@ def _default_positions(tokens_BxS, segment_ids):
 
 
 def head_weight(cfg: PLTConfig, params):
-  """The output projection `[d, V]` (the transposed embedding when tied)."""
+  """The output projection `[d, V]` (the transposed embedding when tied; an int8 head dequantised
+  to the param dtype)."""
   if cfg.tie_word_embeddings:
     return params["embed_tokens"]["embedding"].T
-  return params["lm_head"]["kernel"]
+  head = params["lm_head"]
+  if "scale" in head:
+    return Int8Kernel(head["kernel"], head["scale"]).dequantize(
+        dtype_of(cfg.runtime.param_dtype)
+    )
+  return head["kernel"]
 
 
 def is_per_layer(layers) -> bool:

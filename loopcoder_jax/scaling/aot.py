@@ -65,7 +65,7 @@ def topology_devices(
     topology: str, num_slices: int = 1
 ) -> tuple[list[jax.Device], str]:
   """Compile-only devices of `num_slices` slices of `topology`, and the chip name."""
-  chip, _ = parse_topology(topology)
+  chip, dims = parse_topology(topology)
   if num_slices < 1:
     raise ValueError(f"num_slices must be >= 1, got {num_slices}")
   try:
@@ -76,7 +76,10 @@ def topology_devices(
     ) from None
   from jax.experimental import topologies
 
-  kw = {"num_slices": num_slices} if num_slices > 1 else {}
+  kw: dict[str, Any] = {"num_slices": num_slices} if num_slices > 1 else {}
+  if chip in ("v5e", "v6e") and math.prod(dims) < 4:
+    # a single-chip (Colab) runtime: one host of 1 or 2 chips, not libtpu's default 2x2 host
+    kw["chips_per_host_bounds"] = (*dims, 1)
   return list(topologies.get_topology_desc(topology, "tpu", **kw).devices), chip
 
 

@@ -38,9 +38,11 @@ def build(
     loops: int | None = None,
     dtype: str | None = None,
     tokenizer: str | None = None,
+    quantize: str | None = None,
 ) -> Server:
   """Load `checkpoint` (onto `mesh_spec`'s mesh when given), compile the slot programs and start
   the scheduler; ValueError for bad settings before any weight is read where it can be.
+  quantize="int8": serve int8 linear weights (`checkpoints.load`).
   """
   # the one place serving loads a checkpoint
   from loopcoder_jax import checkpoints
@@ -48,7 +50,12 @@ def build(
 
   mesh = sharding.make_mesh(mesh_spec) if mesh_spec else None
   cfg, params, tok = checkpoints.load(
-      checkpoint, dtype, loops=loops, tokenizer=tokenizer, mesh=mesh
+      checkpoint,
+      dtype,
+      loops=loops,
+      tokenizer=tokenizer,
+      mesh=mesh,
+      quantize=quantize,
   )
   if dtype is None:  # compute (and cache) in the weights' dtype too
     cfg = cfg.with_runtime(dtype=cfg.runtime.param_dtype)

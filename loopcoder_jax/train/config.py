@@ -42,6 +42,8 @@ from loopcoder_jax.train import optim
 PRESETS = ("tiny", "loopcoder_v2_7b")
 DATA_FORMATS = ("text", "chat")
 # Fields that may differ between an explicit model and the checkpoint it starts from.
+# lora.base_dtype: the frozen base as loaded, or its linear weights in int8 (model/quant.py)
+LORA_BASE_DTYPES = ("float", "int8")
 _NOT_ARCHITECTURE = ("runtime", "extra_hf", "torch_dtype", "lora")
 
 
@@ -84,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
   )
   # LoRA (model/lora.py): train adapters on the projections of init.checkpoint, frozen. targets: a
   # comma-separated subset of q,k,v,o,gate,up,down; per_loop: one adapter per loop (R >= 2).
+  # base_dtype: "float" (the base as loaded) or "int8" (its linear weights int8 with a float scale
+  # per output channel, model/quant.py: about half the memory; the model's runtime.quantize).
   c.lora = ml_collections.ConfigDict(
       dict(
           enabled=False,
@@ -92,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
           dropout=0.0,
           targets=",".join(LORA_TARGETS),
           per_loop=False,
+          base_dtype="float",
       )
   )
   c.optim = optim.default_optim_config()
@@ -171,9 +176,13 @@ def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
   if c is None or not c.enabled:
     return None
   fields = {f.name for f in dataclasses.fields(LoraConfig)}
-  bad = set(c) - fields - {"enabled"}
+  bad = set(c) - fields - {"enabled", "base_dtype"}
   if bad:
     raise ValueError(f"lora: unknown fields {sorted(bad)}")
+  if c.get("base_dtype", "float") not in LORA_BASE_DTYPES:
+    raise ValueError(
+        f"lora.base_dtype {c.base_dtype!r}: expected one of {list(LORA_BASE_DTYPES)}"
+    )
   init = config.init.checkpoint
   if not init:
     raise ValueError(
@@ -204,6 +213,8 @@ def model_config_from(config: ml_collections.ConfigDict) -> PLTConfig:
         f"init.checkpoint {init} holds LoRA adapters, not a base model; start from their "
         "base, or from a merged export (scripts/convert_checkpoint.py --to=hf)"
     )
+  if config.lora.get("base_dtype", "float") == "int8":
+    cfg = cfg.with_runtime(quantize="int8")
   return cfg.replace(lora=lc)
 
 
@@ -244,6 +255,12 @@ def _runtime_kw(m: ml_collections.ConfigDict) -> dict:
   if bad:
     raise ValueError(
         f"model.runtime: unknown RuntimeConfig fields {sorted(bad)}"
+    )
+  if runtime.get("quantize", "none") != "none":
+    raise ValueError(
+        f"model.runtime.quantize={runtime['quantize']!r}: int8 weights are frozen (no "
+        f"gradient reaches them); train LoRA adapters on an int8 base with "
+        f"lora.base_dtype='int8'"
     )
   return runtime
 

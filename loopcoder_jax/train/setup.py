@@ -245,7 +245,12 @@ def _lora_ref(config, cfg: PLTConfig, log: RunLog) -> dict | None:
   log.info(
       f"base {base}: content sha256 {digest[:12]}... ({time.time() - t0:.1f}s)"
   )
-  return {"lora": cfg.lora.to_dict(), "base": base, "base_sha256": digest}
+  return {
+      "lora": cfg.lora.to_dict(),
+      "base": base,
+      "base_sha256": digest,
+      "base_quantize": cfg.runtime.quantize,
+  }
 
 
 def _tokenizer(config, cfg: PLTConfig, workdir: str, log: RunLog):
@@ -303,7 +308,11 @@ def _tokenizer(config, cfg: PLTConfig, workdir: str, log: RunLog):
   if load_init:
     t0 = time.time()
     _, init_params, _ = checkpoints.load(
-        init, tokenizer=config.tokenizer.path or None
+        init,
+        tokenizer=config.tokenizer.path or None,
+        quantize=None
+        if cfg.runtime.quantize == "none"
+        else cfg.runtime.quantize,
     )
     log.info(f"loaded {init} ({time.time() - t0:.1f}s)")
   if chat:
@@ -472,6 +481,11 @@ def _check_meta(meta: dict, directory: str, old: dict) -> None:
     diffs.append(
         f"lora ({(old_lora or {}).get('lora')} -> {(new_lora or {}).get('lora')})"
     )
+  # the base the adapters were trained under: as loaded, or int8 (lora.base_dtype)
+  old_q = (old_lora or {}).get("base_quantize", "none")
+  new_q = (new_lora or {}).get("base_quantize", "none")
+  if old_lora and new_lora and old_q != new_q:
+    diffs.append(f"lora.base_dtype (base quantize {old_q} -> {new_q})")
   old_model, model = old.get("model") or {}, meta["model"]
   changed = sorted(
       k for k in set(old_model) | set(model) if old_model.get(k) != model.get(k)

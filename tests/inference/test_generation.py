@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from loopcoder_jax import PLTConfig, PLTForCausalLM, interop
@@ -276,6 +277,62 @@ def test_truncate_cuts_before_the_earliest_stop():
   assert generation.truncate(text, stops) == "    return 1"
   assert generation.truncate("    return 1\n", stops) == "    return 1\n"
   assert generation.truncate("x", []) == "x"
+
+
+def test_int8_weights_serve_on_one_device_and_a_mesh(tiny_checkpoint, tmp_path):
+  """`load(quantize="int8")` of an Orbax directory (restored, then quantized) and of an HF one
+  (quantized param by param as read) give the same int8 weights; on one device and onto a mesh
+  they decode the int8 model's own greedy continuation (its full forward's argmax: the cache, the
+  per-layer CPU layout and the few-rows matmul all take the int8 weights)."""
+  root, cfg, params, tok = tiny_checkpoint
+  qcfg, qparams, _ = interop.load(str(root / "params"), quantize="int8")
+  assert qcfg.runtime.quantize == "int8"
+  assert qparams["lm_head"]["kernel"].dtype == jnp.int8
+  convert.save_hf(cfg, params, str(tmp_path / "hf"))
+  hcfg, hparams, _ = interop.load(
+      str(tmp_path / "hf"), quantize="int8", tokenizer=str(root / "tokenizer")
+  )
+  assert hcfg.runtime == qcfg.runtime
+  jax.tree.map(np.testing.assert_array_equal, hparams, qparams)
+  ids = tok.encode("def add(", add_bos=tok.add_bos_token)
+  [text] = generation.complete(
+      qcfg, qparams, tok, ["def add("], max_new_tokens=5
+  )
+  assert text == tok.decode(
+      greedy_by_full_forward(qcfg, qparams, ids, 5)[len(ids) :]
+  )
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+  mcfg, mparams, _ = interop.load(
+      str(root / "params"), quantize="int8", mesh=mesh
+  )
+  assert generation.complete(
+      mcfg, mparams, tok, ["def add("], max_new_tokens=5, mesh=mesh
+  ) == [text]
+
+
+@pytest.mark.slow
+def test_generate_cli_int8(tiny_checkpoint):
+  root, _, _, tok = tiny_checkpoint
+  qcfg, qparams, _ = interop.load(str(root / "params"), quantize="int8")
+  [text] = generation.complete(
+      qcfg, qparams, tok, ["def add("], max_new_tokens=5
+  )
+  run = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(SCRIPTS, "generate.py"),
+          f"--checkpoint={root / 'params'}",
+          "--prompt=def add(",
+          "--max_new_tokens=5",
+          "--quantize=int8",
+      ],
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      timeout=300,
+  )
+  assert run.returncode == 0, run.stderr
+  assert run.stdout == "def add(" + text + "\n"
 
 
 def test_generate_cli_on_a_lora_export(tiny_checkpoint, tmp_path):

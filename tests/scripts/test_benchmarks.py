@@ -144,13 +144,17 @@ def test_bench_train():
     assert r["flops_per_token"] == flops.train_flops_per_token(cfg, 16)
 
 
-@pytest.mark.parametrize("layout", [None, "stacked"])
-def test_bench_decode(layout):
+@pytest.mark.parametrize(
+    "layout, extra",
+    [(None, []), ("stacked", ["--quantize=int8", "--dtype=bfloat16"])],
+)
+def test_bench_decode(layout, extra):
   out = summary(
       run_script(
           "bench_decode.py",
           *TINY_DECODE,
           *([f"--layout={layout}"] if layout else []),
+          *extra,
       )
   )
   assert out["config"]["steps"] == 2 and "batches" not in out["config"]
@@ -168,6 +172,15 @@ def test_bench_decode(layout):
         res[name]["tokens_per_s"]
     ), res[name]
     assert res[name]["min_ms_per_token"] <= res[name]["ms_per_token"]
+  if extra:  # int8 weights: the linear weights at one byte each (bf16: two)
+    assert out["config"]["dtype"] == "bfloat16"
+    assert positive(res["PLT2_int8"]["ms_per_token"])
+    assert positive(res["plt2_int8_over_plt2_latency"])
+    assert (
+        out["weight_bytes"] / 2 < out["int8_weight_bytes"] < out["weight_bytes"]
+    )
+  else:
+    assert "PLT2_int8" not in res and "int8_weight_bytes" not in out
   # PLT keeps one shared-loop K/V cache plus the local carry: more than R=1, less than a vanilla R=2 cache.
   assert res["PLT2"]["cache_bytes"] == res["serial2"]["cache_bytes"]
   assert (

@@ -149,6 +149,7 @@ def test_shipped_configs(spec, loops, r3_file):
         ({"model.overrides.num_key_value_heads": 3}, "num_key_value_heads"),
         ({"model.overrides.depth": 3}, r"unknown PLTConfig fields \['depth'\]"),
         ({"model.runtime.colour": 1}, "unknown RuntimeConfig fields"),
+        ({"model.runtime.quantize": "int8"}, "int8 weights are frozen"),
         ({"optim.peak_lr": -1.0}, "optim.peak_lr"),
         ({"train.total_steps": 0}, "train.total_steps"),
         ({"checkpoint.keep": 0}, "checkpoint.keep"),

@@ -559,6 +559,47 @@ def test_lora_workdir_with_a_missing_or_changed_base_is_refused(
   assert sorted(os.listdir(work / "checkpoints")) == ["2"]
 
 
+@pytest.mark.slow
+def test_lora_on_an_int8_base(chat_assets, lora_base, tmp_path):
+  """`lora.base_dtype=int8`: the frozen base's linear weights int8 under float32 adapters. The run
+  trains the adapters, records the int8 base (the loader serves the workdir on it, adapters applied
+  unmerged: what they were trained under), and a resume on a float base is refused in one line.
+  """
+  from loopcoder_jax import checkpoints
+  from loopcoder_jax.model import lora, quant
+  from loopcoder_jax.model.transformer import PLTForCausalLM
+
+  work = tmp_path / "w"
+  c = _lora_config(
+      chat_assets,
+      lora_base,
+      **{"train.total_steps": 2, "lora.base_dtype": "int8"},
+  )
+  assert train_config.validate(c).runtime.quantize == "int8"
+  trainer.train(c, str(work))
+  record = params_io.lora_record(str(work / "params"))
+  assert record["base_quantize"] == "int8"
+  cfg, params, _ = checkpoints.load(str(work))
+  assert cfg.runtime.quantize == "int8" and cfg.lora is not None
+  assert params["layers"]["mlp"]["up_proj"]["kernel"].dtype == np.int8
+  _, adapters = lora.split(params)
+  assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(adapters))
+  # the base under the adapters is the int8 model of the float base
+  base_cfg, base, _ = checkpoints.load(str(lora_base))
+  qcfg, qbase = quant.quantize_params(base_cfg, base)
+  tokens = np.arange(12, dtype=np.int32).reshape(1, 12) % cfg.vocab_size
+  want = PLTForCausalLM(qcfg.replace(lora=cfg.lora)).apply(
+      {"params": lora.combine(qbase, adapters)}, tokens
+  )
+  got = PLTForCausalLM(cfg).apply({"params": params}, tokens)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  c.lora.base_dtype = "float"
+  c.train.total_steps = 4
+  with pytest.raises(ValueError, match="lora.base_dtype") as e:
+    trainer.train(c, str(work))
+  assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
@@ -569,6 +610,10 @@ def test_lora_workdir_with_a_missing_or_changed_base_is_refused(
         ),
         ({"lora.targets": "q,mlp"}, r"lora.targets .*unknown \['mlp'\]"),
         ({"init.checkpoint": ""}, "lora.enabled needs init.checkpoint"),
+        (
+            {"lora.base_dtype": "int4"},
+            r"lora.base_dtype 'int4': expected one of",
+        ),
     ],
 )
 def test_bad_lora_inputs_fail_in_one_line(chat_assets, tmp_path, extra, match):
