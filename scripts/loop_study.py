@@ -1,13 +1,20 @@
-"""The loop study: R = 1..4 and an R = 1 control at matched training FLOPs, trained alike.
+"""The loop studies: when does another loop pay? Two tasks.
 
-    python scripts/loop_study.py [--config=configs/loop_study.py] [--config.<key>=<value>]
-        [--study_dir=runs/loop_study] [--loops=1,2,3,4] [--seeds=0,1] [--control_matches=2]
-        [--report=STUDY_DIR/loop_study.md] [--code_eval_problems=0]
+    python scripts/loop_study.py --task=trace [--config=configs/trace_study.py[:PRESET]]
+        [--config.<key>=<value>] [--study_dir=runs/trace_study] [--report=STUDY_DIR/loop_study.md]
 
-Trains one run per (variant, seed) in STUDY_DIR/<variant>-s<seed> (a training workdir), evaluates
-held-out bits per byte and the loop diagnostics, and writes the report (REPORT, with its plots
-beside it; the committed one is `--report=docs/loop_study.md`). Rerunning the same command resumes: finished runs are skipped, an interrupted one continues
-from its last checkpoint. See loopcoder_jax/eval/loop_study.py.
+    python scripts/loop_study.py [--task=stdlib] [--config=configs/loop_study.py]
+        [--config.<key>=<value>] [--study_dir=runs/loop_study] [--loops=1,2,3,4] [--seeds=0,1]
+        [--control_matches=2] [--report=STUDY_DIR/loop_study.md] [--code_eval_problems=0]
+
+trace (loopcoder_jax/eval/trace_study.py): the depth-bound code-tracing task; R = 1..4, the
+unlooped L x R controls and serial looping without cross-loop parallelism, a learning-rate sweep
+per variant and seeds at the best rate; accuracy per k. PRESET: cpu (default), quick, accel, test.
+stdlib (loopcoder_jax/eval/loop_study.py): held-out bits per byte on the built-in corpus; one run
+per (variant, seed) in STUDY_DIR/<variant>-s<seed> (a training workdir).
+Each task writes its own section of REPORT (other sections are kept), plots beside it; the
+committed report is `--report=docs/loop_study.md`. Rerunning the same command resumes: finished
+runs are skipped, an interrupted one continues from its last saved state.
 Exit codes: 0 done; 2 bad input (flags, config, report path: one `error:` line on stderr, before
 any training); 1 a run diverged or was stopped by SIGTERM (rerun to resume), or the sandbox the
 code evaluation needs cannot run on this machine (said before any training).
@@ -24,11 +31,15 @@ from loopcoder_jax import cli
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cli.define_config_flag(os.path.join(_ROOT, "configs", "loop_study.py"))
+_TASK = flags.DEFINE_enum(
+    "task", "stdlib", ["stdlib", "trace"], "Which study: see the docstring."
+)
 _STUDY_DIR = flags.DEFINE_string(
     "study_dir",
-    os.path.join(_ROOT, "runs", "loop_study"),
-    "Directory of the study's runs.",
+    None,
+    "Directory of the study's runs (default: runs/loop_study, runs/trace_study for trace).",
 )
+_STDLIB_ONLY = ("loops", "seeds", "control_matches", "code_eval_problems")
 _LOOPS = cli.define_int_list("loops", [1, 2, 3, 4], "Loop counts to train.")
 _SEEDS = cli.define_int_list(
     "seeds", [0, 1], "Seeds (init and data order).", lower_bound=0
@@ -97,10 +108,17 @@ def _code_eval(problems: int):
   return run
 
 
+def _study_dir() -> str:
+  if _STUDY_DIR.value is not None:
+    return _STUDY_DIR.value
+  name = "trace_study" if _TASK.value == "trace" else "loop_study"
+  return os.path.join(_ROOT, "runs", name)
+
+
 def _report_path() -> str:
   """--report, checked before any training: a file in an existing directory (or the study's)."""
   if _REPORT.value is None:
-    return os.path.join(_STUDY_DIR.value, "loop_study.md")
+    return os.path.join(_study_dir(), "loop_study.md")
   path = _REPORT.value
   if path and os.path.isdir(path):
     raise ValueError(f"--report={path} is a directory; name the report's file")
@@ -110,19 +128,76 @@ def _report_path() -> str:
   return path
 
 
+def _trace_config():
+  """--config when given (it must be a trace study config), else configs/trace_study.py."""
+  from loopcoder_jax.train.config import load_config
+
+  given = [f"--{n}" for n in _STDLIB_ONLY if flags.FLAGS[n].present]
+  if given:
+    raise ValueError(
+        f"{', '.join(given)} belong to --task=stdlib; the trace study reads "
+        "--config.study.* (configs/trace_study.py)"
+    )
+  if not flags.FLAGS["config"].present:
+    return load_config(os.path.join(_ROOT, "configs", "trace_study.py"))
+  config = flags.FLAGS.config
+  if config.get("task") != "trace":
+    raise ValueError(
+        f"--config={flags.FLAGS['config'].config_filename} is not a trace study config "
+        "(configs/trace_study.py[:PRESET])"
+    )
+  return config
+
+
+def _run_trace(report: str) -> None:
+  from loopcoder_jax.eval import trace_report, trace_study
+  from loopcoder_jax.train.config import load_config
+
+  config = _trace_config()
+  study_dir = os.path.abspath(_study_dir())
+  results = trace_study.run_study(config, study_dir)
+  if report:
+    presets = {
+        p: load_config(os.path.join(_ROOT, "configs", f"trace_study.py:{p}"))
+        for p in ("cpu", "quick", "accel")
+    }
+    paths = trace_report.write_report(
+        study_dir, results, report, command=_command(), presets=presets
+    )
+    print("wrote " + ", ".join(paths))
+  rows = trace_report.summarize(results)
+  print(
+      json.dumps(
+          [
+              {k: r[k] for k in ("name", "loops", "layers", "lr", "mean")}
+              for r in rows
+          ]
+      )
+  )
+
+
+def _command() -> str:
+  return " ".join(
+      ["python scripts/loop_study.py", *map(shlex.quote, sys.argv[1:])]
+  )
+
+
 def main():
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  report = _report_path()
+  if _TASK.value == "trace":
+    _run_trace(report)
+    return
   from loopcoder_jax.eval import loop_study, sandbox
   from loopcoder_jax.train import trainer
 
   config = flags.FLAGS.config
-  report = _report_path()
   code_eval = _code_eval(_CODE_EVAL.value) if _CODE_EVAL.value else None
   try:
     results = loop_study.run_study(
         config,
-        _STUDY_DIR.value,
+        _study_dir(),
         loops=_LOOPS.value,
         seeds=_SEEDS.value,
         control_matches=_CONTROL.value,
@@ -137,15 +212,12 @@ def main():
   ) as e:
     raise cli.Failure(str(e)) from e
   if report:
-    command = " ".join(
-        ["python scripts/loop_study.py", *map(shlex.quote, sys.argv[1:])]
-    )
     paths = loop_study.write_report(
-        os.path.abspath(_STUDY_DIR.value),
+        os.path.abspath(_study_dir()),
         results,
         report,
         base=config,
-        command=command,
+        command=_command(),
     )
     print("wrote " + ", ".join(paths))
   rows = loop_study.summarize(results)

@@ -266,6 +266,15 @@ def check_shapes(cfg: PLTConfig, shapes: dict[str, tuple[int, ...]]) -> None:
       )
 
 
+def check_exportable(cfg: PLTConfig) -> None:
+  """An HF directory's modeling files run cross-loop parallelism only: refuse a model without it."""
+  if not cfg.plt_cross_loop:
+    raise ValueError(
+        "plt_cross_loop=False (serial looping) has no HF export: the HF modeling files run "
+        "cross-loop parallelism only"
+    )
+
+
 def check_params(cfg: PLTConfig, params) -> dict[str, Any]:
   """The flat params, once every path and shape matches the config's model."""
   flat = hf_names.flatten(params)

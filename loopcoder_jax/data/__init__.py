@@ -1,8 +1,9 @@
 """Text in, token batches out: the built-in corpus, tokenizers and the grain packing pipeline;
-chat data (chat.py) and the built-in demonstrations (demos.py) for supervised fine-tuning.
+chat data (chat.py) and the built-in demonstrations (demos.py) for supervised fine-tuning; the
+generated code-tracing task of the loop study (trace.py).
 """
 
-from loopcoder_jax.data import chat
+from loopcoder_jax.data import chat, trace
 from loopcoder_jax.data.corpus import stdlib_files
 from loopcoder_jax.data.demos import demo_conversations
 from loopcoder_jax.data.pipeline import (
@@ -35,5 +36,6 @@ __all__ = [
     "make_eval_batches",
     "make_train_iterator",
     "stdlib_files",
+    "trace",
     "train_bpe",
 ]

@@ -1,5 +1,6 @@
-"""Evaluating checkpoints: loop-count diagnostics (plots in `eval.plots`, the R = 1..4 study in
-`eval.loop_study`), HumanEval pass@k in a sandbox, held-out perplexity."""
+"""Evaluating checkpoints: loop-count diagnostics (plots in `eval.plots`, the R = 1..4 studies in
+`eval.loop_study` on held-out text and `eval.trace_study` / `eval.trace_report` on code tracing,
+imported on use), HumanEval pass@k in a sandbox, held-out perplexity."""
 
 from loopcoder_jax.eval.diagnostics import (
     MapsKV,

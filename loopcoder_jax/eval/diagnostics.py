@@ -10,7 +10,8 @@ document boundary (`segment_ids`). Per loop r = 1..R, h(0) = E (loop 1's input):
   clp_mismatch[r]   Omega(r) = mean ||h(r-1)_t - h(r-1)_{t-1}|| over adjacent real pairs of one
                     document, r >= 2 (the CLP offset cost)
   clp_state_ratio[r] mean ||b P(r-1)_{t-1}|| / ||a E_t|| over the same pairs, r >= 2 (how much the
-                    carried state outweighs the token's own embedding in loop r's input)
+                    carried state outweighs the token's own embedding in loop r's input; P(r-1)_t
+                    without cross-loop parallelism)
   mean_gate[r], gate_std[r]  per head: mean and standard deviation over tokens of the weight on the
                     global branch; per loop: their mean over layers and heads (r >= 2)
   logit lens (p(r) = softmax(head(N(h(r))))): median_rank[r] of the true next token,
@@ -203,7 +204,9 @@ def _loop_stats(
             model.apply(v, h, method=PLTForCausalLM.clp_state)
         ).astype(jnp.float32)
     )(hs[: r - 1])
-    ratio = norm(cfg.hidden_scale * p[:, :, :-1]) / jnp.maximum(
+    # serial looping (no CLP) carries P(r-1) of the same position
+    carried = p[:, :, :-1] if cfg.plt_cross_loop else p[:, :, 1:]
+    ratio = norm(cfg.hidden_scale * carried) / jnp.maximum(
         norm(cfg.emb_scale * e[:, 1:]), 1e-12
     )
     out["clp_state_ratio"] = jnp.concatenate(

@@ -229,3 +229,67 @@ def study_plots(
   axes[0].legend(fontsize=8)
   paths["loops"] = _save(fig, f"{prefix}_loops.png")
   return paths
+
+
+def trace_plots(
+    rows: Sequence[Mapping[str, Any]], prefix: str
+) -> dict[str, str]:
+  """The code-tracing study's figures, `<prefix>_accuracy.png` and `<prefix>_loops.png`.
+
+  `rows`: one per variant with `name`, `mean`, `sd` (accuracy per k over seeds), `acc` (per seed
+  and k), `train_flops` and `lens` (per loop r and k, the head applied to loop r's state).
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+  paths = {}
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for row, color, marker in zip(rows, _colors(), itertools.cycle("osD^v")):
+    mean, sd = np.asarray(row["mean"]), np.asarray(row["sd"])
+    ks = np.arange(1, mean.size + 1)
+    ax.plot(ks, mean, f"{marker}-", color=color, mfc="none", label=row["name"])
+    ax.fill_between(ks, mean - sd, mean + sd, color=color, alpha=0.15)
+  ax.set_xlabel("k (chained assignments the answer needs)")
+  ax.set_ylabel("held-out exact-match accuracy")
+  ax.set_ylim(0, 1.02)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title("accuracy by k (mean ± sd over seeds)", fontsize=9)
+  paths["accuracy"] = _save(fig, f"{prefix}_accuracy.png")
+
+  looped = [r for r in rows if len(r["lens"]) > 1]
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+  for row, color in zip(rows, _colors()):
+    acc = np.asarray(row["acc"], float).mean(1)  # per seed, over k
+    axes[0].scatter(
+        np.full(acc.shape, row["train_flops"]),
+        acc,
+        color=color,
+        s=14,
+        alpha=0.6,
+    )
+    axes[0].annotate(
+        row["name"],
+        (row["train_flops"], acc.mean()),
+        textcoords="offset points",
+        xytext=(6, 4),
+        fontsize=8,
+    )
+  axes[0].set_xscale("log")
+  axes[0].set_xlabel("training FLOPs (whole run)")
+  axes[0].set_ylabel("accuracy, mean over k (one point per seed)")
+  axes[0].grid(alpha=0.3, which="both")
+  axes[0].set_title("accuracy against training compute", fontsize=9)
+  for row, color in zip(looped, _colors()):
+    lens = np.asarray(row["lens"], float).mean(1)
+    axes[1].plot(
+        _loops(lens), lens, "o-", color=color, mfc="none", label=row["name"]
+    )
+  axes[1].set_xlabel("loop r (head applied to loop r's state)")
+  axes[1].set_ylabel("accuracy, mean over k")
+  axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+  axes[1].grid(alpha=0.3)
+  if looped:
+    axes[1].legend(fontsize=8)
+  axes[1].set_title("where the answer appears, loop by loop", fontsize=9)
+  paths["loops"] = _save(fig, f"{prefix}_loops.png")
+  return paths

@@ -11,7 +11,8 @@ beyond a row's length may hold garbage from padding; every mask stops at the que
 
 Decode modes (same numbers, different cost):
   "batched": the R loops of the new token are R rows of ONE pass over the L layers (PLT);
-  "serial":  one pass over the weights per loop, loops one after another (vanilla looped profile).
+  "serial":  one pass over the weights per loop, loops one after another (vanilla looped profile);
+             the only mode of a model without cross-loop parallelism (`plt_cross_loop=False`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from loopcoder_jax.model import sharding
 from loopcoder_jax.model.config import PLTConfig
 from loopcoder_jax.model.kv import SequenceKV, stack_records
 from loopcoder_jax.model.transformer import (
+    NO_CLP_ROWS,
     PLTForCausalLM,
     abstract_params,
 )
@@ -49,9 +51,11 @@ from loopcoder_jax.model.transformer import (
 MODES = ("batched", "serial")
 
 
-def _check_mode(mode):
+def _check_mode(mode, cfg: PLTConfig):
   if mode not in MODES:
     raise ValueError(f"decode mode must be one of {MODES}, got {mode!r}")
+  if mode == "batched" and cfg.plt_num_loops > 1 and not cfg.plt_cross_loop:
+    raise ValueError(NO_CLP_ROWS)
 
 
 def extend(
@@ -91,7 +95,7 @@ def decode_step(
   Rows where `active_B` (bool `[B]`) is False keep their length, ring and carry (a free slot of
   continuous batching); their loop-1 K/V land at their length, beyond what any mask shows.
   """
-  _check_mode(mode)
+  _check_mode(mode, cfg)
   check_layout(cache, params)
   kv = CacheKV.start(cfg, cache, 1, loops_as_rows=mode == "batched")
   logits, aux = PLTForCausalLM(cfg).apply(
@@ -196,7 +200,7 @@ def generate(
   budget. Returns (ids `[B, max_new_tokens]`, counts `[B]` of real tokens including the stop id,
   cache).
   """
-  _check_mode(mode)
+  _check_mode(mode, cfg)
   b = logits_BxV.shape[0]
   n = stop.max_new_tokens
 
@@ -265,7 +269,7 @@ def generation_program(
   `cache_sharding` (a mesh's `serving_shardings` cache) pins the cache on the mesh; host callbacks
   are then unordered (JAX orders them on one device only), so wrap `callback` in `in_step_order`.
   """
-  _check_mode(mode)
+  _check_mode(mode, cfg)
 
   def run(params, tokens_BxP, lengths_B, limits_B, key):
     with mesh_context(cache_sharding):
@@ -431,7 +435,7 @@ def make_serving_fns(
   abstract_args = {"prefill": (params, tokens, lengths), "decode": (params, cache, tokens)} as
   ShapeDtypeStructs, carrying the given shardings (a pytree like the target, or one Sharding).
   """
-  _check_mode(mode)
+  _check_mode(mode, cfg)
   if prefill_len > max_len:
     raise ValueError(f"prefill_len={prefill_len} exceeds max_len={max_len}")
 

@@ -89,6 +89,7 @@ def save_hf(
   """
   st.check_dtype(dtype)
   st.parse_size(shard_size)
+  hf_io.check_exportable(cfg)
   flat = hf_io.check_params(cfg, params)
   dtypes = {p: dtype or st.dtype_of(x) for p, x in flat.items()}
   with staging.staged_dir(path, overwrite) as tmp:
@@ -115,6 +116,7 @@ def _orbax_to_hf(
 ) -> None:
   """Streamed: each param restored, written and dropped in turn (plus new gates when upcycling)."""
   cfg = params_io.read_config(src)
+  hf_io.check_exportable(cfg)
   meta = params_io.params_metadata(src)
   hf_io.check_shapes(cfg, {p: tuple(m.shape) for p, m in meta.items()})
   dtypes = {p: dtype or st.dtype_of(m) for p, m in meta.items()}

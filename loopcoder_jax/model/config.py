@@ -186,6 +186,10 @@ class PLTConfig:
   plt_emb_scale: float | None = None
   plt_hidden_scale: float | None = None
   plt_gate_use_hidden_states: bool = True
+  # False: serial looping without cross-loop parallelism (loop r at t reads P(r-1)_t, not
+  # P(r-1)_{t-1}; IQuest-Coder-V1-Loop style). Ours, not an HF key: written to config.json only when
+  # False, and refused by the HF export and the loops-as-rows (CLP) decode.
+  plt_cross_loop: bool = True
   # HF keys we do not model (kept verbatim so to_hf_dict loses nothing).
   extra_hf: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
@@ -306,6 +310,11 @@ class PLTConfig:
       )
     if ws[0] < 0:
       _fail("plt_window_size", f"left must be >= 0, got {list(ws)}")
+    if not isinstance(self.plt_cross_loop, bool):
+      _fail(
+          "plt_cross_loop",
+          f"must be true or false, got {self.plt_cross_loop!r}",
+      )
     for name in ("plt_emb_scale", "plt_hidden_scale"):
       value = getattr(self, name)
       if value is not None and not isinstance(value, (int, float)):
@@ -470,7 +479,10 @@ class PLTConfig:
   def to_hf_dict(self) -> dict[str, Any]:
     out: dict[str, Any] = self.hf_meta
     for f in dataclasses.fields(self):
-      if f.name in _NOT_HF:
+      # plt_cross_loop is written only when off: the published config has no such key
+      if f.name in _NOT_HF or (
+          f.name == "plt_cross_loop" and self.plt_cross_loop
+      ):
         continue
       value = getattr(self, f.name)
       if isinstance(value, tuple):

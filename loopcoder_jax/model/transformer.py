@@ -4,7 +4,8 @@ Shape suffixes: B batch, S sequence (chunk), d hidden, H query heads, K kv heads
 L layers, R loops. Semantics: docs/plt-spec.md sections 2-4.
 
 `PLTForCausalLM` embeds, runs loop 1 over the L layers, then loops 2..R, each taking the CLP input
-`a * E_t + b * P(r-1)_{t-1}`, and applies the head to the last loop. Every loop reuses loop 1's
+`a * E_t + b * P(r-1)_{t-1}` (with `plt_cross_loop=False`, serial looping: `a * E_t + b * P(r-1)_t`),
+and applies the head to the last loop. Every loop reuses loop 1's
 parameters. Where each layer's attention reads keys and values comes from a *KV source*
 (`model/kv.py`): the default attends within the sequence (training); decoding passes a cache source
 (`inference/cache.py`), whose chunk's first position takes the CLP carry of the previous chunk, and
@@ -48,6 +49,10 @@ from loopcoder_jax.model.layers import (
 )
 
 _ACTIVATIONS = ("activation_batch", "activation_length", "activation_embed")
+NO_CLP_ROWS = (
+    "plt_cross_loop=False: loop r needs loop r-1 of the same token, so the loops cannot run "
+    "as rows of one pass; decode with mode='serial'"
+)
 
 
 def shift_right(x_BxSxd, segment_ids_BxS, first_BxD=None):
@@ -228,7 +233,12 @@ class PLTForCausalLM(nn.Module):
       return h, kv, h[None], None
 
     def later_loop(model, p_prev, loop):
-      x = shift_right(p_prev, segment_ids, kv.carry(loop))
+      # CLP reads the previous position (and a chunk's carry); serial looping the same position
+      x = (
+          shift_right(p_prev, segment_ids, kv.carry(loop))
+          if cfg.plt_cross_loop
+          else p_prev
+      )
       h_r, outs = model.layer_pass(model.clp_input(e, x), rope, kv, (loop,))
       p_r = model.clp_state(h_r)
       return p_r, (h_r, p_r, outs)
@@ -264,6 +274,8 @@ class PLTForCausalLM(nn.Module):
     """
     cfg = self.cfg
     n = cfg.plt_num_loops
+    if not cfg.plt_cross_loop:
+      raise ValueError(NO_CLP_ROWS)
     rows = [e_Bx1xd] + [
         self.clp_input(e_Bx1xd, kv.carry(r)[:, None]) for r in range(1, n)
     ]

@@ -35,8 +35,8 @@ def close(got, want, loops, what=""):
 
 
 @functools.cache
-def _setup(loops):
-  cfg = PLTConfig.tiny(loops=loops)
+def _setup(loops, cross_loop=True):
+  cfg = PLTConfig.tiny(loops=loops, plt_cross_loop=cross_loop)
   params = helpers.perturbed(init_params(cfg, jax.random.key(0)))
   tokens = jax.random.randint(
       jax.random.key(1), (len(LENGTHS), SEQ), 0, cfg.vocab_size
@@ -48,9 +48,9 @@ def _setup(loops):
 
 
 @functools.cache
-def _teacher_forced(loops, mode, chunk, per_layer=False):
+def _teacher_forced(loops, mode, chunk, per_layer=False, cross_loop=True):
   """Chunked prefill of the prompts, then one decode step per remaining token (teacher forcing)."""
-  cfg, params, tokens, _ = _setup(loops)
+  cfg, params, tokens, _ = _setup(loops, cross_loop)
   params = unstack_layers(params) if per_layer else params
   lengths = jnp.array(LENGTHS)
   steps = SEQ - min(LENGTHS)
@@ -80,18 +80,21 @@ def _teacher_forced(loops, mode, chunk, per_layer=False):
 
 
 @pytest.mark.parametrize(
-    "loops, mode",
+    "loops, mode, cross_loop",
     [
-        (1, "batched"),
-        (2, "batched"),
-        (2, "serial"),
-        (3, "batched"),
-        (3, "serial"),
+        (1, "batched", True),
+        (2, "batched", True),
+        (2, "serial", True),
+        (3, "batched", True),
+        (3, "serial", True),
+        (3, "serial", False),  # serial looping without CLP decodes serially
     ],
 )
-def test_prefill_and_decode_match_forward(loops, mode):
-  _, _, _, full = _setup(loops)
-  prompt_logits, step_logits, pos, cache = _teacher_forced(loops, mode, CHUNK)
+def test_prefill_and_decode_match_forward(loops, mode, cross_loop):
+  _, _, _, full = _setup(loops, cross_loop)
+  prompt_logits, step_logits, pos, cache = _teacher_forced(
+      loops, mode, CHUNK, cross_loop=cross_loop
+  )
   for b, n in enumerate(LENGTHS):
     close(prompt_logits[b, :n], full[b, :n], loops, f"prompt {b}")
   # step i of row b predicts after position pos[i, b]; rows reach the end of the sequence at
@@ -110,6 +113,15 @@ def test_prefill_and_decode_match_forward(loops, mode):
     for b in range(len(LENGTHS)):
       n = int(cache.lengths[b])
       assert sorted(cache.ring_pos[b]) == list(range(n - w, n))
+
+
+def test_without_clp_the_loops_as_rows_decode_is_refused():
+  cfg, params, tokens, _ = _setup(2, cross_loop=False)
+  _, cache = decode.prefill(
+      cfg, params, tokens[:, :PROMPT], jnp.array(LENGTHS), MAX_LEN
+  )
+  with pytest.raises(ValueError, match="plt_cross_loop=False.*mode='serial'"):
+    decode.decode_step(cfg, params, cache, tokens[:, 0], "batched")
 
 
 @pytest.mark.parametrize("loops", [2, 3])

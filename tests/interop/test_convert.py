@@ -310,6 +310,23 @@ def test_save_hf_checks_params(tmp_path):
   assert not os.path.exists(tmp_path / "out")
 
 
+def test_serial_looping_has_no_hf_export(tmp_path):
+  """The HF modeling files run CLP only: a model without it is refused before anything is written."""
+  cfg = PLTConfig.tiny(loops=2)
+  _, params = hf_io.load_hf(hf_dir(tmp_path / "hf", cfg))
+  serial = cfg.replace(plt_cross_loop=False)
+  with pytest.raises(ValueError, match="plt_cross_loop=False.*no HF export"):
+    convert.save_hf(serial, params, tmp_path / "out")
+  params_io.save_params(tmp_path / "orbax", serial, params)
+  with pytest.raises(ValueError, match="plt_cross_loop=False.*no HF export"):
+    convert.convert_checkpoint(
+        str(tmp_path / "orbax"), str(tmp_path / "out"), "hf"
+    )
+  assert not os.path.exists(tmp_path / "out")
+  # our own params directory keeps the option
+  assert not params_io.read_config(str(tmp_path / "orbax")).plt_cross_loop
+
+
 def test_nonempty_destination_needs_overwrite(trip, tmp_path):
   dst = tmp_path / "dst"
   dst.mkdir()

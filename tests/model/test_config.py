@@ -184,3 +184,14 @@ def test_remat_policy_names_match_the_model():
   from loopcoder_jax.model import config, layers
 
   assert set(config.REMAT_POLICIES) == set(layers.REMAT_POLICIES)
+
+
+def test_serial_looping_is_written_only_when_set(tmp_path):
+  clp = PLTConfig.tiny(loops=2)
+  assert "plt_cross_loop" not in clp.to_hf_dict()  # HF configs stay as released
+  serial = clp.replace(plt_cross_loop=False)
+  assert serial.to_hf_dict()["plt_cross_loop"] is False
+  serial.to_hf_file(tmp_path / "config.json")
+  assert PLTConfig.from_hf_file(tmp_path / "config.json") == serial
+  with pytest.raises(ValueError, match="PLTConfig.plt_cross_loop"):
+    PLTConfig.tiny(plt_cross_loop=1)

@@ -1,0 +1,116 @@
+"""The code-tracing loop study (`scripts/loop_study.py --task=trace`), in presets.
+
+    --config=configs/trace_study.py          cpu: the whole study, about 2 h on 2 idle CPU cores
+    --config=configs/trace_study.py:quick    the reduced study docs/loop_study.md reports
+    --config=configs/trace_study.py:accel    a bigger model, longer, for one accelerator
+    --config=configs/trace_study.py:test     seconds, for the tests
+
+Any key can be overridden (`--config.train.steps=2000`). The timings behind each preset are in
+docs/loop_study.md.
+"""
+
+import ml_collections
+
+from loopcoder_jax.train.optim import default_optim_config
+
+
+def get_config(preset: str = "cpu"):
+  c = ml_collections.ConfigDict()
+  c.task = "trace"
+  c.preset = preset
+  # PLTConfig fields of every variant (the study sets loops, layers and plt_cross_loop)
+  c.model = ml_collections.ConfigDict(
+      dict(
+          hidden_size=64,
+          intermediate_size=256,
+          num_hidden_layers=2,
+          num_attention_heads=4,
+          num_key_value_heads=4,
+          head_dim=16,
+          plt_window_size=(
+              96,
+              0,
+          ),  # the whole row: the window is not what limits depth
+          rope_theta=10000.0,
+      )
+  )
+  # RuntimeConfig fields: on CPU, unscanned layers and XLA's attention run these small models
+  # fastest (measured: docs/loop_study.md)
+  c.runtime = ml_collections.ConfigDict(
+      dict(scan_layers=False, attention_impl="xla")
+  )
+  c.data = ml_collections.ConfigDict(dict(lines=10, max_k=8, queries=3, seed=0))
+  c.train = ml_collections.ConfigDict(
+      dict(steps=1500, batch=64, pool=100_000, save_every=250)
+  )
+  c.optim = default_optim_config()
+  c.optim.warmup_frac = 0.05
+  c.optim.weight_decay = 0.1
+  c.sweep = ml_collections.ConfigDict(dict(lrs=[1e-3, 2e-3, 4e-3], seed=0))
+  c.study = ml_collections.ConfigDict(
+      dict(loops=[1, 2, 3, 4], controls=[2, 4], serial=[2, 4], seeds=[0, 1, 2])
+  )
+  c.eval = ml_collections.ConfigDict(
+      dict(val_per_k=128, test_per_k=256, batch=256, diag_rows=64)
+  )
+  if preset == "cpu":
+    pass
+  elif preset == "quick":
+    c.data.lines = 6
+    c.data.max_k = 6
+    c.data.queries = 2
+    c.train.steps = 400
+    c.train.batch = 16
+    c.train.pool = 20_000
+    c.train.save_every = 100
+    c.sweep.lrs = [2e-3, 4e-3, 8e-3]
+    c.eval.val_per_k = 64
+    c.eval.test_per_k = 128
+    c.eval.diag_rows = 32
+    c.study.loops = [1, 2, 3]
+    c.study.controls = [2]
+    c.study.serial = [2]
+  elif preset == "accel":
+    c.model.hidden_size = 256
+    c.model.intermediate_size = 1024
+    c.model.num_attention_heads = 8
+    c.model.num_key_value_heads = 8
+    c.model.head_dim = 32
+    c.data.lines = 16
+    c.data.max_k = 12
+    c.train.steps = 10_000
+    c.train.batch = 256
+    c.train.pool = 1_000_000
+    c.train.save_every = 1000
+    c.sweep.lrs = [3e-4, 6e-4, 1.2e-3, 2.4e-3]
+    c.study.controls = [2, 3, 4]
+    c.study.serial = [2, 3, 4]
+    c.study.seeds = [0, 1, 2, 3, 4]
+    c.eval.val_per_k = 256
+    c.eval.test_per_k = 1024
+  elif preset == "test":
+    c.model.hidden_size = 32
+    c.model.intermediate_size = 64
+    c.model.head_dim = 8
+    c.model.num_attention_heads = 4
+    c.model.num_key_value_heads = 2
+    c.data.lines = 4
+    c.data.max_k = 3
+    c.train.steps = 6
+    c.train.batch = 8
+    c.train.pool = 64
+    c.train.save_every = 3
+    c.sweep.lrs = [1e-3, 3e-3]
+    c.study.loops = [2]
+    c.study.controls = []
+    c.study.serial = [2]
+    c.study.seeds = [0, 1]
+    c.eval.val_per_k = 4
+    c.eval.test_per_k = 4
+    c.eval.batch = 8
+    c.eval.diag_rows = 4
+  else:
+    raise ValueError(
+        f"unknown preset {preset!r}; expected cpu, quick, accel or test"
+    )
+  return c

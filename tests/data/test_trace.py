@@ -1,0 +1,111 @@
+"""The code-tracing generator: answers are Python's, k counts the chain, splits are disjoint."""
+
+import re
+
+import numpy as np
+import pytest
+
+from loopcoder_jax.data import trace
+
+ASSIGN = re.compile(r"^([a-z])=(?:(\d)|([a-z])([+-])(\d))$")
+
+
+def python_answers(code: str) -> list[str]:
+  """Run the assignments in a plain namespace and read each printed variable back."""
+  lines = code.splitlines()
+  assigns = [ln for ln in lines if not ln.startswith("print(")]
+  ns: dict = {}
+  exec("\n".join(assigns), {}, ns)  # noqa: S102 - generated test input
+  return [str(ns[ln[6:-1]]) for ln in lines if ln.startswith("print(")]
+
+
+def chain_depths(code: str) -> dict[str, int]:
+  """Per variable, how many assignments its value depends on (itself included), by parsing."""
+  depth: dict[str, int] = {}
+  for ln in code.splitlines():
+    if ln.startswith("print("):
+      continue
+    m = ASSIGN.match(ln)
+    assert m, ln
+    name, const, src = m.group(1), m.group(2), m.group(3)
+    assert name not in depth  # every variable is assigned once
+    depth[name] = 1 if const is not None else depth[src] + 1
+  return depth
+
+
+@pytest.mark.parametrize("lines, queries", [(10, 1), (10, 3), (4, 2), (26, 4)])
+def test_answers_are_pythons_and_k_counts_the_chain(lines, queries):
+  rng = np.random.default_rng(7)
+  seen_k = set()
+  for i in range(300):
+    k = 1 + i % lines
+    s = trace.make_snippet(rng, k, lines, queries)
+    assert list(s.answers) == python_answers(s.code)
+    depth = chain_depths(s.code)
+    assert len(depth) == lines
+    printed = re.findall(r"print\(([a-z])\)", s.code)
+    assert 1 <= len(printed) <= queries
+    assert list(s.ks) == [depth[v] for v in printed]
+    assert k in s.ks  # the asked chain is printed, its depth exactly k
+    assert all(a in "0123456789" and len(a) == 1 for a in s.answers)
+    seen_k.add(k)
+  assert seen_k == set(range(1, lines + 1))
+
+
+def test_the_chain_is_shuffled_among_distractors():
+  """The asked chain's lines are not a contiguous block in a fixed place: it must be followed."""
+  rng = np.random.default_rng(0)
+  starts = set()
+  for _ in range(50):
+    s = trace.make_snippet(rng, 3, 10)
+    lines = s.code.splitlines()
+    asked = re.findall(r"print\(([a-z])\)", s.code)[0]
+    # walk the chain back from the asked variable
+    by_name = {ln[0]: (i, ln) for i, ln in enumerate(lines[:-1])}
+    i, ln = by_name[asked]
+    while not ln[2].isdigit():
+      i, ln = by_name[ln[2]]
+    starts.add(i)
+  assert len(starts) > 3
+
+
+def test_sampling_is_deterministic_and_splits_are_disjoint():
+  ks = range(1, 9)
+  a = trace.sample(3, 0, 40, ks, 10, 3, "train")
+  assert a == trace.sample(3, 0, 40, ks, 10, 3, "train")
+  assert a != trace.sample(4, 0, 40, ks, 10, 3, "train")
+  test = trace.sample(3, 0, 40, ks, 10, 3, "test")
+  val = trace.sample(3, 0, 40, ks, 10, 3, "val")
+  assert {trace.split_of(s.code) for s in a} == {"train"}
+  assert {trace.split_of(s.code) for s in test} == {"test"}
+  codes = [{s.code for s in x} for x in (a, test, val)]
+  assert not (codes[0] & codes[1] or codes[0] & codes[2] or codes[1] & codes[2])
+  assert all(k in s.ks for s, k in zip(test, list(ks) * 5))
+
+
+def test_rows_score_exactly_the_answers():
+  snippets = trace.sample(0, 0, 16, range(1, 5), 6, 3, "train")
+  rows = trace.batch(snippets, 6, 3)
+  s = trace.seq_len(6, 3) - 1
+  assert rows["inputs"].shape == rows["loss_mask"].shape == (16, s)
+  np.testing.assert_array_equal(rows["inputs"][:, 1:], rows["targets"][:, :-1])
+  for i, sn in enumerate(snippets):
+    n = len(sn.answers)
+    at = rows["answer_at"][i, :n]
+    assert (rows["answer_at"][i, n:] == -1).all()
+    assert np.flatnonzero(rows["loss_mask"][i]).tolist() == sorted(at.tolist())
+    got = "".join(trace.VOCAB[t] for t in rows["targets"][i, at])
+    assert got == "".join(sn.answers)
+    assert rows["k"][i, :n].tolist() == list(sn.ks)
+    # the text is the code with each answer under its print, padding after it
+    text = "".join(trace.VOCAB[t] for t in rows["inputs"][i] if t != trace.PAD)
+    assert sn.text.startswith(text) and len(text) >= len(sn.text) - 1
+    assert python_answers(sn.code) == list(sn.answers)
+
+
+def test_bad_arguments_are_refused():
+  rng = np.random.default_rng(0)
+  with pytest.raises(ValueError, match="k"):
+    trace.make_snippet(rng, 5, 4)
+  with pytest.raises(ValueError, match="split"):
+    trace.sample(0, 0, 1, [1], 4, 1, "dev")

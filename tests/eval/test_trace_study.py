@@ -1,0 +1,199 @@
+"""The code-tracing loop study: its plan, resumable training, the verdict's rules, a run end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from loopcoder_jax.data import trace
+from loopcoder_jax.eval import trace_report, trace_study
+from loopcoder_jax.train import config as train_config
+from tests.helpers import ROOT, run_script
+
+CONFIG = os.path.join(ROOT, "configs", "trace_study.py")
+
+
+def config(preset="test"):
+  return train_config.load_config(f"{CONFIG}:{preset}")
+
+
+def test_the_plan_holds_every_variant_of_the_issue():
+  c = config("cpu")
+  names = [
+      (v.name, v.loops, v.layers, v.cross_loop, v.matches)
+      for v in trace_study.plan(c)
+  ]
+  n = c.model.num_hidden_layers
+  assert names == [
+      ("R1", 1, n, True, 0),
+      ("R2", 2, n, True, 0),
+      ("R3", 3, n, True, 0),
+      ("R4", 4, n, True, 0),
+      ("R2-serial", 2, n, False, 0),
+      ("R4-serial", 4, n, False, 0),
+      (f"R1-L{2 * n}", 1, 2 * n, True, 2),
+      (f"R1-L{4 * n}", 1, 4 * n, True, 4),
+  ]
+  for preset in ("cpu", "quick", "accel", "test"):
+    trace_study.check(config(preset))  # every preset is a valid study
+  # the control has the FLOPs per token of the loop count it matches (no gate, no local branch)
+  from loopcoder_jax.model import flops
+
+  seq = trace.seq_len(c.data.lines, c.data.queries) - 1
+  by = {v.name: trace_study.model_config(c, v) for v in trace_study.plan(c)}
+  ratio = flops.train_flops_per_token(by["R1-L4"], seq) / (
+      flops.train_flops_per_token(by["R2"], seq)
+  )
+  assert 0.8 < ratio <= 1.0
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("study.loops", [0, 1], "study.loops"),
+        ("study.serial", [1], "study.serial"),
+        ("sweep.lrs", [], "sweep.lrs"),
+        ("sweep.seed", 5, "sweep.seed"),
+        ("data.max_k", 9, "max_k"),
+        ("train.steps", 0, "train.steps"),
+        ("optim.b1", 1.5, "optim.b1"),
+    ],
+)
+def test_bad_configs_are_refused_before_any_work(tmp_path, key, value, match):
+  c = config()
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    trace_study.run_study(c, str(tmp_path / "s"))
+  assert not os.path.exists(tmp_path / "s")
+
+
+@pytest.mark.slow
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+  c = config()
+  v = trace_study.plan(c)[1]  # R2
+  cfg = trace_study.model_config(c, v)
+  pool = trace.batch(
+      trace.sample(0, 0, 32, [1, 2, 3], c.data.lines, c.data.queries, "train"),
+      c.data.lines,
+      c.data.queries,
+  )
+  whole, losses = trace_study.train_run(c, cfg, 3e-3, 0, pool, str(tmp_path))
+  assert len(losses) == c.train.steps + 1 and np.isfinite(losses[1:]).all()
+  # the state saved at step `save_every` is still there: train again from it
+  resumed, again = trace_study.train_run(c, cfg, 3e-3, 0, pool, str(tmp_path))
+  assert len(again) == c.train.steps - c.train.save_every + 1
+  np.testing.assert_allclose(again[1:], losses[-len(again) + 1 :], rtol=1e-6)
+  for a, b in zip(jax_leaves(whole), jax_leaves(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def jax_leaves(tree):
+  import jax
+
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+# ----------------------------------------------------------------------------------- the verdict
+def row(name, loops, acc, *, layers=2, cross_loop=True, matches=0):
+  acc = np.asarray(acc, float)
+  return dict(
+      name=name,
+      loops=loops,
+      layers=layers,
+      cross_loop=cross_loop,
+      matches=matches,
+      params=1000 * layers,
+      seeds=list(range(len(acc))),
+      acc=acc.tolist(),
+      mean=acc.mean(0).tolist(),
+      sd=acc.std(0, ddof=1).tolist(),
+      train_flops=1e12 * loops * layers,
+  )
+
+
+def seeds(means, jitter=0.01):
+  return [np.clip(np.add(means, d), 0, 1) for d in (-jitter, 0, jitter)]
+
+
+def test_the_verdict_reads_depth_off_the_numbers():
+  rows = [
+      row("R1", 1, seeds([0.99, 0.5, 0.2, 0.1])),
+      row("R2", 2, seeds([0.99, 0.9, 0.5, 0.2])),
+      row("R3", 3, seeds([0.99, 0.9, 0.5, 0.2])),
+      row("R2-serial", 2, seeds([0.99, 0.9, 0.8, 0.5]), cross_loop=False),
+      row("R1-L4", 1, seeds([0.99, 0.9, 0.8, 0.6]), layers=4, matches=2),
+  ]
+  assert trace_report.matched_up_to(rows[1], rows[4]) == 2
+  assert trace_report.ahead_at(rows[4], rows[1]) == [3, 4]
+  text = "\n".join(trace_report.verdict(rows))
+  assert "The easy case is learnt: R = 1 reaches 99.0% at k = 1" in text
+  assert (
+      "matches the unlooped 4-layer control" in text and "up to k = 2;" in text
+  )
+  assert "serial looping is ahead at k = 3, 4 and CLP at k = none" in text
+  assert "CLP loses depth on this task." in text
+  assert "R = 1 -> 2: +20.0% mean accuracy" in text
+  assert "Another loop stops paying after R = 2" in text
+  assert "highest for R1 " in text  # the cheapest run per FLOP
+
+
+def test_the_verdict_says_when_the_easy_case_is_not_learnt():
+  flat = seeds([0.1, 0.1, 0.1, 0.1], jitter=0.02)
+  rows = [
+      row("R1", 1, flat),
+      row("R2", 2, flat),
+      row("R2-serial", 2, flat, cross_loop=False),
+  ]
+  text = "\n".join(trace_report.verdict(rows))
+  assert "The easy case is NOT learnt: R = 1 reaches only 10.0%" in text
+  assert "No variant beats chance" in text
+  assert "CLP shows no loss of depth here." in text
+
+
+# ----------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
+  """The script on the test preset (two variants, two rates, two seeds), then rerun: resumed."""
+  study, doc = tmp_path / "study", tmp_path / "doc.md"
+  doc.write_text(
+      "# title\n\n<!-- stdlib study: begin -->\nkept\n<!-- stdlib study: end -->\n"
+  )
+  args = [
+      "--task=trace",
+      f"--config={CONFIG}:test",
+      f"--study_dir={study}",
+      f"--report={doc}",
+  ]
+  out = run_script("loop_study.py", args, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.loads(out.stdout.strip().splitlines()[-1])
+  assert [r["name"] for r in rows] == ["R2", "R2-serial"]
+  results = [
+      json.loads(p.read_text()) for p in sorted(study.glob("*/*/result.json"))
+  ]
+  # the sweep (2 rates on seed 0) and seed 1 at each variant's best rate
+  assert len(results) == 2 * 2 + 2
+  assert not list(
+      study.glob("*/*/state.msgpack")
+  )  # finished runs keep only their result
+  text = doc.read_text()
+  assert "kept" in text and "## Code tracing: a depth-bound task" in text
+  assert (
+      "| R2-serial | 2 | 2 | no |" in text
+      and "### Verdict (code tracing)" in text
+  )
+  assert (tmp_path / "doc_trace_accuracy.png").stat().st_size > 0
+  before = {p: p.stat().st_mtime for p in study.glob("*/*/result.json")}
+  again = run_script("loop_study.py", args, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert {p: p.stat().st_mtime for p in study.glob("*/*/result.json")} == before
+  sessions = (study / "sessions.jsonl").read_text().splitlines()
+  assert len(sessions) == 2
+  # another config in the same directory is refused with one line
+  other = run_script("loop_study.py", args + ["--config.train.steps=7"])
+  assert (
+      other.returncode == 2
+      and "holds a study of another config" in other.stderr
+  )
