@@ -185,7 +185,10 @@ def compile_report(
 def compile_train(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
   """Compile the trainer's sharded step for a TPU slice (config: an ml_collections training config).
 
-  The config passes the trainer's own validation first, for the topology's devices and hosts.
+  The config passes the trainer's own validation first, for the topology's devices and hosts. A
+  LoRA config (`lora.enabled`) compiles the adapters' step with the frozen base as its third
+  argument (int8 with `lora.base_dtype=int8`); its FLOPs are 2/3 of the full step's (the forward
+  and the activations' backward, no weight gradients; the adapters' own few are not counted).
   """
   from loopcoder_jax.train import config as train_config
   from loopcoder_jax.train import optim
@@ -219,6 +222,11 @@ def compile_train(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
   if cfg.lora is not None:  # the frozen base: the LoRA step's third input
     args += (_with_shardings(*train_step.base_shardings(cfg, mesh, rules)),)
   step_flops = flops.train_flops_per_token(cfg, seq) * gb * seq
+  args: tuple = (_with_shardings(abs_state, state_sh), batch)
+  if cfg.lora is not None:
+    abs_base, base_sh = train_step.base_shardings(cfg, mesh, rules)
+    args += (_with_shardings(abs_base, base_sh),)
+    step_flops = step_flops * 2 / 3
   report = compile_report(
       "train",
       step_fn,
@@ -233,6 +241,14 @@ def compile_train(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
       grad_accum=accum,
       remat=cfg.runtime.remat_policy,
   )
+  if cfg.lora is not None:
+    report.update(
+        lora_rank=cfg.lora.rank,
+        lora_per_loop=cfg.lora.per_loop,
+        base=cfg.runtime.quantize
+        if cfg.runtime.quantize != "none"
+        else cfg.runtime.param_dtype,
+    )
   return report
 
 

@@ -193,3 +193,54 @@ def test_v2_8_serves_on_eight_cores_of_8_gib():
   assert prefill["mesh"] == {"data": 1, "fsdp": 1, "tensor": 8}
   assert prefill["hbm_bytes"] == hardware.PEAKS["v2"]["hbm_bytes"] == 8 * 2**30
   assert prefill["fits"] and step["fits"]
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+def test_lora_step_on_one_chip_with_an_int8_base(tmp_path):
+  """The LoRA config's step compiles for a single v5e chip (Colab's v5e-1) with the frozen base as
+  its third argument; `lora.base_dtype=int8` stores each projection and the head at one byte per
+  weight plus a float32 scale per output channel instead of two bytes (bf16), and the step's
+  arguments shrink by that."""
+  import json
+
+  import numpy as np
+
+  from loopcoder_jax.model import PLTConfig, abstract_params, quant
+  from loopcoder_jax.train import config as train_config
+
+  base = tmp_path / "base"
+  base.mkdir()
+  cfg = PLTConfig.tiny(loops=2, vocab_size=512, max_position_embeddings=128)
+  (base / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+  reports = {}
+  for dtype in ("float", "int8"):
+    config = train_config.load_config(
+        os.path.join(ROOT, "configs", "lora_loopcoder_v2_7b.py")
+    )
+    config.init.checkpoint = str(base)
+    config.data.source = str(base / "config.json")
+    config.data.seq_len = 64
+    config.train.global_batch_size = 1
+    config.train.grad_accum = 1
+    config.lora.rank = 4
+    config.lora.base_dtype = dtype
+    config.model.runtime.attention_impl = "reference"
+    reports[dtype] = aot.compile_train(config, "v5e:1x1")
+  r = reports["int8"]
+  assert (r["devices"], r["chip"], r["base"]) == (1, "v5e", "int8")
+  assert r["fits"] and reports["float"]["fits"]
+  assert reports["float"]["base"] == "bfloat16"
+  bf16 = abstract_params(cfg.with_runtime(param_dtype="bfloat16"))
+  saved = 0
+  for module in quant.targets(cfg):
+    node = bf16
+    for k in module.split("/"):
+      node = node[k]
+    w = node["kernel"].shape
+    lead = 1 if module.startswith("layers/") else 0
+    scales = int(np.prod(w[:lead] + w[lead + quant.TARGETS[module] :]))
+    saved += int(np.prod(w)) * (2 - 1) - 4 * scales
+  # the compiler pads small arrays to its tiles: the saving as counted, within a factor of 2
+  diff = reports["float"]["argument_bytes"] - r["argument_bytes"]
+  assert saved / 2 <= diff <= 2 * saved, (diff, saved)
