@@ -232,12 +232,15 @@ def study_plots(
 
 
 def trace_plots(
-    rows: Sequence[Mapping[str, Any]], prefix: str
+    rows: Sequence[Mapping[str, Any]],
+    prefix: str,
+    baselines: Mapping[str, float] | None = None,
 ) -> dict[str, str]:
   """The code-tracing study's figures, `<prefix>_accuracy.png` and `<prefix>_loops.png`.
 
   `rows`: one per variant with `name`, `mean`, `sd` (accuracy per k over seeds), `acc` (per seed
-  and k), `train_flops` and `lens` (per loop r and k, the head applied to loop r's state).
+  and k), `train_flops` and `lens` (per loop r and k, the head applied to loop r's state);
+  `baselines`: label -> accuracy, drawn as grey lines.
   """
   os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
   paths = {}
@@ -247,6 +250,8 @@ def trace_plots(
     ks = np.arange(1, mean.size + 1)
     ax.plot(ks, mean, f"{marker}-", color=color, mfc="none", label=row["name"])
     ax.fill_between(ks, mean - sd, mean + sd, color=color, alpha=0.15)
+  for (label, y), style in zip((baselines or {}).items(), (":", "--", "-.")):
+    ax.axhline(y, color="gray", linestyle=style, linewidth=1, label=label)
   ax.set_xlabel("k (chained assignments the answer needs)")
   ax.set_ylabel("held-out exact-match accuracy")
   ax.set_ylim(0, 1.02)
@@ -257,8 +262,11 @@ def trace_plots(
   paths["accuracy"] = _save(fig, f"{prefix}_accuracy.png")
 
   looped = [r for r in rows if len(r["lens"]) > 1]
+  colors = dict(
+      zip((r["name"] for r in rows), _colors())
+  )  # one colour per variant
   fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-  for row, color in zip(rows, _colors()):
+  for row, color in zip(rows, colors.values()):
     acc = np.asarray(row["acc"], float).mean(1)  # per seed, over k
     axes[0].scatter(
         np.full(acc.shape, row["train_flops"]),
@@ -279,7 +287,8 @@ def trace_plots(
   axes[0].set_ylabel("accuracy, mean over k (one point per seed)")
   axes[0].grid(alpha=0.3, which="both")
   axes[0].set_title("accuracy against training compute", fontsize=9)
-  for row, color in zip(looped, _colors()):
+  for row in looped:
+    color = colors[row["name"]]
     lens = np.asarray(row["lens"], float).mean(1)
     axes[1].plot(
         _loops(lens), lens, "o-", color=color, mfc="none", label=row["name"]

@@ -148,7 +148,7 @@ def test_the_verdict_says_when_the_easy_case_is_not_learnt():
   ]
   text = "\n".join(trace_report.verdict(rows))
   assert "The easy case is NOT learnt: R = 1 reaches only 10.0%" in text
-  assert "No variant beats chance" in text
+  assert "No variant beats, at any k >= 2, the 19% a guess from" in text
   assert "CLP shows no loss of depth here." in text
 
 
