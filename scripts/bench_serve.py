@@ -173,6 +173,8 @@ def main():
             )
         finally:
           built.scheduler.stop()
+        sched = built.scheduler  # its counts include the warm-up request's
+        rec.update(decode_steps=sched.steps, admission_calls=sched.admissions)
         records.append({"config": name, "loops": loops, "mode": mode, **rec})
         print(json.dumps(records[-1]), flush=True)
   by = {(r["config"], r["clients"]): r["tokens_per_s"] for r in records}
