@@ -173,8 +173,8 @@ class SlotPrograms:
   starts empty; a slot of `slots` is a padding row: nothing is written) and samples each row's
   token after its last one. Its shapes come in buckets (`shapes`): widths C from `min(16, chunk)`
   by factors of four up to `chunk`, and for each width rows A from 1 by factors of four up to the
-  most that fit `budget` tokens (A * C, at least one row; at most `slots`). `step` has one shape. On a mesh, the cache carries
-  `cache_shardings`.
+  most that fit `budget` tokens (A * C, at least one row; at most `slots`). `step` has one shape.
+  On a mesh, the cache carries `cache_shardings`.
   """
 
   def __init__(self, engine, slots: int, max_len: int, chunk: int, budget: int):
@@ -201,12 +201,25 @@ class SlotPrograms:
 
     @functools.partial(jax.jit, donate_argnums=1)
     def admit(
-        params, cache, slot_A, tokens_AxC, n_A, fresh_A, temperature, top_p, seed
+        params,
+        cache,
+        slot_A,
+        tokens_AxC,
+        n_A,
+        fresh_A,
+        temperature,
+        top_p,
+        seed,
     ):
       rows = _start_rows(_take_rows(cache, slot_A), fresh_A)
       with decode.mesh_context(slot_sh):
         logits, rows = decode.extend(
-            cfg, params, rows, tokens_AxC, n_A, logits_at=jnp.maximum(n_A - 1, 0)
+            cfg,
+            params,
+            rows,
+            tokens_AxC,
+            n_A,
+            logits_at=jnp.maximum(n_A - 1, 0),
         )
       keys = sampling.request_keys(seed, jnp.zeros_like(n_A))
       first = sampling.sample_rows(logits, temperature, top_p, keys)
@@ -363,7 +376,9 @@ class Scheduler:
     self._thread: threading.Thread | None = None
     self._stopping = False
     self.steps = 0  # decode steps run
-    self.admissions = 0  # admission calls run (each prefills one piece of up to A prompts)
+    self.admissions = (
+        0  # admission calls run (each prefills one piece of up to A prompts)
+    )
     self.cancelled = 0  # requests ended by `cancel`
 
   # ----------------------------------------------------------------------------------- clients
@@ -478,7 +493,8 @@ class Scheduler:
 
   def _next(self) -> bool:
     """One round: drop cancelled requests, give free slots to waiting ones, prefill the next
-    piece of as many prompts as the budget allows, one decode step of the running ones."""
+    piece of as many prompts as the budget allows, one decode step of the running ones.
+    """
     with self._cond:
       self._drop_cancelled()
       while not (
@@ -524,11 +540,14 @@ class Scheduler:
         self._free.append(slot)
 
   def _piece(self, live: _Live) -> int:
-    return min(self.programs.chunk, len(live.request.prompt_ids) - live.prefilled)
+    return min(
+        self.programs.chunk, len(live.request.prompt_ids) - live.prefilled
+    )
 
   def _admission_batch(self) -> list[_Live]:
     """The admitting requests whose next piece is prefilled this round: first come first, while
-    the batch's bucket (rows x the longest piece's width) stays within the budget."""
+    the batch's bucket (rows x the longest piece's width) stays within the budget.
+    """
     p, batch, longest = self.programs, [], 0
     for live in self._admitting:
       width = p.width(max(longest, self._piece(live)))
@@ -639,5 +658,9 @@ def _settings(lives: list[_Live], rows: int):
   seed = np.zeros(rows, np.uint32)
   for i, live in enumerate(lives):
     r = live.request
-    temperature[i], top_p[i], seed[i] = r.temperature, r.top_p, r.seed & 0xFFFFFFFF
+    temperature[i], top_p[i], seed[i] = (
+        r.temperature,
+        r.top_p,
+        r.seed & 0xFFFFFFFF,
+    )
   return temperature, top_p, seed

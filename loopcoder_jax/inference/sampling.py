@@ -147,9 +147,7 @@ def sample_rows(logits_BxV, temperature_B, top_p_B, keys_B):
         jnp.cumsum(probs, axis=-1) - probs
     )  # mass of strictly more likely tokens
     keep = before < top_p_B.astype(jnp.float32)[:, None]
-    cutoff = jnp.min(
-        jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True
-    )
+    cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
     x = jnp.where(x >= cutoff, x, _NEG_INF)
     sampled = jax.vmap(jax.random.categorical)(keys_B, x).astype(jnp.int32)
     return jnp.where(temperature_B > 0, sampled, greedy)

@@ -78,10 +78,16 @@ def test_greedy_text_alone_equals_among_16_others(served, serve_model):
 
 def test_requests_admitted_in_one_call_equal_alone(served, serve_model):
   """Queued before the loop starts, four prompts (one longer than a chunk) join through one
-  admission call per piece, each in its own slot row, and each decodes as it does alone."""
+  admission call per piece, each in its own slot row, and each decodes as it does alone.
+  """
   eng, alone_sched = served
   tok = serve_model[2]
-  prompts = ["def add(", "for i in range(", "x = 1", "def add(a, b):\n    return"]
+  prompts = [
+      "def add(",
+      "for i in range(",
+      "x = 1",
+      "def add(a, b):\n    return",
+  ]
   sched = batching.Scheduler(
       eng, slots=4, prefill_chunk=CHUNK, max_len=alone_sched.max_len
   )
@@ -89,7 +95,10 @@ def test_requests_admitted_in_one_call_equal_alone(served, serve_model):
     together, _ = _run(sched, tok, prompts, start=sched.start)
   finally:
     sched.stop()
-  pieces = -(-max(len(tok.encode(p, add_bos=tok.add_bos_token)) for p in prompts) // CHUNK)
+  pieces = -(
+      -max(len(tok.encode(p, add_bos=tok.add_bos_token)) for p in prompts)
+      // CHUNK
+  )
   assert pieces == 2 and sched.admissions == pieces
   alone = [_run(alone_sched, tok, [p])[0][0] for p in prompts]
   assert together == alone
