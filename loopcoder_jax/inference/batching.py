@@ -548,7 +548,8 @@ class Scheduler:
     """The admitting requests whose next piece is prefilled this round: first come first, while
     the batch's bucket (rows x the longest piece's width) stays within the budget.
     """
-    p, batch, longest = self.programs, [], 0
+    p, longest = self.programs, 0
+    batch: list[_Live] = []
     for live in self._admitting:
       width = p.width(max(longest, self._piece(live)))
       if len(batch) + 1 > p.max_rows[width]:
