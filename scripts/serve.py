@@ -1,9 +1,9 @@
 """Serve a PLT checkpoint over an OpenAI-compatible HTTP API, with continuous batching.
 
     python scripts/serve.py --checkpoint=DIR [--port=8000] [--host=127.0.0.1] [--mesh=tensor=8]
-        [--slots=8 --max_len=0 --prefill_chunk=64 --max_queue=64 --when_full=reject|wait
-         --mode=batched|serial --loops=R --dtype=bfloat16 --quantize=int8 --tokenizer=PATH
-         --model_name=NAME]
+        [--slots=8 --max_len=0 --prefill_chunk=64 --prefill_budget=512 --max_queue=64
+         --when_full=reject|wait --mode=batched|serial --loops=R --dtype=bfloat16 --quantize=int8
+         --tokenizer=PATH --model_name=NAME]
 
 Routes: /v1/completions, /v1/chat/completions (stream: true for server-sent events), /v1/models,
 /health; docs/serving.md shows how to query them (curl, the openai client) and what each limit
@@ -43,7 +43,13 @@ _MAX_LEN = flags.DEFINE_integer(
 _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk",
     64,
-    "Prompt tokens prefilled between two decode steps.",
+    "Prompt tokens of one request prefilled between two decode steps.",
+    lower_bound=1,
+)
+_PREFILL_BUDGET = flags.DEFINE_integer(
+    "prefill_budget",
+    512,
+    "Prompt tokens of all requests prefilled between two decode steps (>= prefill_chunk).",
     lower_bound=1,
 )
 _MAX_QUEUE = flags.DEFINE_integer(
@@ -100,6 +106,7 @@ def main():
       slots=_SLOTS.value,
       max_len=_MAX_LEN.value or None,
       prefill_chunk=_PREFILL_CHUNK.value,
+      prefill_budget=_PREFILL_BUDGET.value,
       max_queue=_MAX_QUEUE.value,
       when_full=_WHEN_FULL.value,
       mode=_MODE.value,

@@ -6,13 +6,16 @@ boundaries.
     handle = scheduler.submit(Request(ids, max_tokens=64, emit=events.append))
 
 The slots are the rows of one cache (`max_len` positions each). A request waits in a bounded queue
-until a slot is free, then its prompt is prefilled into a one-row cache `prefill_chunk` tokens at a
-time, one chunk between two decode steps of the running slots (a long prompt delays the others by
-one chunk per step, never by the whole prompt), and the row is copied into its slot. Each decode
-step runs all slots at once (one pass over the weights for every loop of every slot in batched
-mode); free slots compute too but keep their length, and whatever they write is replaced when a
-request takes them. Rows never mix: a slot's tokens equal its request decoded alone (with greedy
-sampling; a seeded request's samples are its own too, from its seed and token index).
+until a slot is free; then its prompt is prefilled straight into its slot's rows, `prefill_chunk`
+tokens at a time, one piece between two decode steps of the running slots (a long prompt delays
+the others by one piece per step, never by the whole prompt). The pieces of several requests go
+through one admission call, as many as fit in `prefill_budget` tokens (rows x width, in compiled
+buckets), so a burst of requests joins in a few steps rather than one per step. Each decode step
+runs all slots at once (one pass over the weights for every loop of every slot in batched mode);
+free slots compute too but keep their length, and whatever they write is replaced when a request
+takes them. A round (admission, step) waits for the device once. Rows never mix: a slot's tokens
+equal its request decoded alone (with greedy sampling; a seeded request's samples are its own too,
+from its seed and token index).
 
 A request leaves at `max_tokens`, a stop id (EOS), a stop string (host side, on decoded text) or
 `cancel` (a client that went away): its slot is free for the next step. Events go to the request's
@@ -28,7 +31,6 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import threading
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -143,62 +145,85 @@ class _Live:
   text: Detokenizer
   slot: int = -1
   prefilled: int = 0  # prompt tokens in its row cache so far
-  row: Any = None  # its one-row cache while prefilling
   generated: int = 0
   last: int = 0  # the last sampled token (the next step's input)
   cancelled: bool = False
 
 
 # ------------------------------------------------------------------------------------- programs
+def _ladder(top: int, smallest: int = 1) -> list[int]:
+  """Bucket sizes: `smallest` times powers of four below `top`, then `top` (few programs to
+  compile; a batch pads to at most about four times its size)."""
+  out, n = [], smallest
+  while n < top:
+    out.append(n)
+    n *= 4
+  return out + [top]
+
+
 class SlotPrograms:
   """The compiled programs of continuous batching, for `slots` rows of `max_len` positions.
 
   init_slots()                          -> the slots' cache (all free)
-  init_row()                            -> a fresh one-row cache
-  prefill(params, row, tokens [1, C], n [1], sampling [3] arrays) -> (token [1], row)
-  insert(cache, row, slot)              -> cache with the row in slot `slot` (cache donated)
+  admit(params, cache, slot [A], tokens [A, C], n [A], fresh [A], temperature [A], top_p [A],
+        seed [A])                       -> (first tokens [A], cache) (cache donated)
   step(params, cache, tokens [B], active [B], temperature [B], top_p [B], seed [B], count [B])
                                         -> (next tokens [B], cache) (cache donated)
-  Each compiles once (fixed shapes); on a mesh, caches carry `cache_shardings`.
+  `admit` prefills the next `n` prompt tokens of A requests into their slots' rows (a `fresh` row
+  starts empty; a slot of `slots` is a padding row: nothing is written) and samples each row's
+  token after its last one. Its shapes come in buckets (`shapes`): widths C from `min(16, chunk)`
+  by factors of four up to `chunk`, and for each width rows A from 1 by factors of four up to the
+  most that fit `budget` tokens (A * C, at least one row; at most `slots`). `step` has one shape.
+  On a mesh, the cache carries `cache_shardings`.
   """
 
-  def __init__(self, engine, slots: int, max_len: int, chunk: int):
+  def __init__(self, engine, slots: int, max_len: int, chunk: int, budget: int):
     cfg, mode, layout = engine.cfg, engine.mode, engine.layout
     self.slots, self.max_len, self.chunk = slots, max_len, chunk
+    self.widths = _ladder(chunk, min(16, chunk))
+    self.max_rows = {c: min(slots, max(1, budget // c)) for c in self.widths}
+    self.shapes = [
+        (a, c) for c in self.widths for a in _ladder(self.max_rows[c])
+    ]
     mesh = engine.mesh
-    slot_sh = row_sh = None
+    slot_sh = None
     if mesh is not None:
       slot_sh = cache_shardings(cfg, mesh, slots, engine.rules)
-      row_sh = cache_shardings(cfg, mesh, 1, engine.rules)
 
-    def pin(cache, shardings):
-      if shardings is None:
+    def pin(cache):
+      if slot_sh is None:
         return cache
-      return jax.lax.with_sharding_constraint(cache, shardings)
-
-    def first_token(logits_1xV, temperature, top_p, seed):
-      keys = sampling.request_keys(seed, jnp.zeros_like(seed, jnp.int32))
-      return sampling.sample_rows(logits_1xV, temperature, top_p, keys)
-
-    @jax.jit
-    def init_row():
-      return pin(init_cache(cfg, 1, max_len, layout), row_sh)
-
-    @functools.partial(jax.jit, donate_argnums=1)
-    def prefill(params, row, tokens_1xC, n_1, temperature, top_p, seed):
-      with decode.mesh_context(row_sh):
-        logits, row = decode.extend(
-            cfg, params, row, tokens_1xC, n_1, logits_at=n_1 - 1
-        )
-      return first_token(logits, temperature, top_p, seed), pin(row, row_sh)
+      return jax.lax.with_sharding_constraint(cache, slot_sh)
 
     @jax.jit
     def init_slots():
-      return pin(init_cache(cfg, slots, max_len, layout), slot_sh)
+      return pin(init_cache(cfg, slots, max_len, layout))
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def insert(cache: Cache, row: Cache, slot):
-      return pin(_insert_row(cache, row, slot), slot_sh)
+    @functools.partial(jax.jit, donate_argnums=1)
+    def admit(
+        params,
+        cache,
+        slot_A,
+        tokens_AxC,
+        n_A,
+        fresh_A,
+        temperature,
+        top_p,
+        seed,
+    ):
+      rows = _start_rows(_take_rows(cache, slot_A), fresh_A)
+      with decode.mesh_context(slot_sh):
+        logits, rows = decode.extend(
+            cfg,
+            params,
+            rows,
+            tokens_AxC,
+            n_A,
+            logits_at=jnp.maximum(n_A - 1, 0),
+        )
+      keys = sampling.request_keys(seed, jnp.zeros_like(n_A))
+      first = sampling.sample_rows(logits, temperature, top_p, keys)
+      return first, pin(_put_rows(cache, rows, slot_A))
 
     @functools.partial(jax.jit, donate_argnums=1)
     def step(
@@ -211,40 +236,81 @@ class SlotPrograms:
         )
       keys = sampling.request_keys(seed, count)
       tokens = sampling.sample_rows(logits, temperature, top_p, keys)
-      return tokens, pin(new, slot_sh)
+      return tokens, pin(new)
 
-    self.init_row, self.init_slots = init_row, init_slots
-    self.prefill, self.insert, self.step = prefill, insert, step
+    self.init_slots, self.admit, self.step = init_slots, admit, step
+
+  def width(self, longest: int) -> int:
+    """The admission width bucket of a batch whose longest piece has `longest` tokens."""
+    return next(c for c in self.widths if c >= longest)
 
 
-def _insert_row(cache: Cache, row: Cache, slot) -> Cache:
-  """`cache` with one-row cache `row` copied into row `slot` (every array of the row)."""
+# Rows of the slots' cache: an A-row cache taken out (`_take_rows`) and put back (`_put_rows`);
+# slot `slots` (a padding row) reads any row and writes nothing.
+def _row_index(cache: Cache, slot_A):
+  """Per-layer buffers hold row b of kv head k at k*B + b: the buffer rows of the A slots
+  (kv head major), a padding slot's pointing past the end."""
+  b = cache.lengths.shape[0]
+  kv = cache.k1[0].shape[0] // b
+  idx = jnp.arange(kv)[:, None] * b + slot_A[None, :]
+  return jnp.where(slot_A[None, :] < b, idx, kv * b).reshape(-1)
 
-  def put(axis):
-    def f(full, one):
-      return jax.lax.dynamic_update_slice_in_dim(full, one, slot, axis)
 
-    return f
+def _take_rows(cache: Cache, slot_A) -> Cache:
+  def take(axis):
+    return lambda x: jnp.take(x, slot_A, axis=axis, mode="clip")
 
-  if cache.layout is PER_LAYER:  # rows k*B + b of [K*B, S, D] buffers
-    b = cache.lengths.shape[0]
-
-    def rows(full, one):
-      kv = one.shape[0]
-      return full.at[jnp.arange(kv) * b + slot].set(one)
-
-    k1 = tuple(map(rows, cache.k1, row.k1))
-    v1 = tuple(map(rows, cache.v1, row.v1))
+  if cache.layout is PER_LAYER:
+    idx = _row_index(cache, slot_A)
+    k1 = tuple(jnp.take(x, idx, axis=0, mode="clip") for x in cache.k1)
+    v1 = tuple(jnp.take(x, idx, axis=0, mode="clip") for x in cache.v1)
   else:  # [L, B, S, K, D]
-    k1, v1 = put(1)(cache.k1, row.k1), put(1)(cache.v1, row.v1)
+    k1, v1 = take(1)(cache.k1), take(1)(cache.v1)
   return Cache(
       k1=k1,
       v1=v1,
-      ring_k=put(2)(cache.ring_k, row.ring_k),
-      ring_v=put(2)(cache.ring_v, row.ring_v),
-      ring_pos=put(0)(cache.ring_pos, row.ring_pos),
-      carry=put(1)(cache.carry, row.carry),
-      lengths=put(0)(cache.lengths, row.lengths),
+      ring_k=take(2)(cache.ring_k),
+      ring_v=take(2)(cache.ring_v),
+      ring_pos=take(0)(cache.ring_pos),
+      carry=take(1)(cache.carry),
+      lengths=take(0)(cache.lengths),
+  )
+
+
+def _start_rows(rows: Cache, fresh_A) -> Cache:
+  """Fresh rows as `init_cache` makes them where it shows: no tokens, an empty ring, a zero
+  carry (loop-1 K/V past a row's length are never read)."""
+  return rows.replace(
+      lengths=jnp.where(fresh_A, 0, rows.lengths),
+      ring_pos=jnp.where(fresh_A[:, None], -1, rows.ring_pos),
+      carry=jnp.where(fresh_A[None, :, None], 0, rows.carry).astype(
+          rows.carry.dtype
+      ),
+  )
+
+
+def _put_rows(cache: Cache, rows: Cache, slot_A) -> Cache:
+  def put(axis):
+    def f(full, part):
+      at = (slice(None),) * axis + (slot_A,)
+      return full.at[at].set(part, mode="drop")
+
+    return f
+
+  if cache.layout is PER_LAYER:
+    idx = _row_index(cache, slot_A)
+    k1 = tuple(x.at[idx].set(y, mode="drop") for x, y in zip(cache.k1, rows.k1))
+    v1 = tuple(x.at[idx].set(y, mode="drop") for x, y in zip(cache.v1, rows.v1))
+  else:
+    k1, v1 = put(1)(cache.k1, rows.k1), put(1)(cache.v1, rows.v1)
+  return Cache(
+      k1=k1,
+      v1=v1,
+      ring_k=put(2)(cache.ring_k, rows.ring_k),
+      ring_v=put(2)(cache.ring_v, rows.ring_v),
+      ring_pos=put(0)(cache.ring_pos, rows.ring_pos),
+      carry=put(1)(cache.carry, rows.carry),
+      lengths=put(0)(cache.lengths, rows.lengths),
   )
 
 
@@ -257,7 +323,10 @@ class Scheduler:
 
   max_len: positions per slot (prompt + max_tokens of a request must fit; default the model's
     max_position_embeddings).
-  prefill_chunk: prompt tokens prefilled between two decode steps.
+  prefill_chunk: prompt tokens of one request prefilled between two decode steps at most.
+  prefill_budget: prompt tokens of all requests prefilled between two decode steps at most (at
+    least `prefill_chunk`): how many waiting prompts join at once, and how long the running
+    requests wait for them.
   max_queue / when_full: requests waiting for a slot at most; a submit beyond raises `QueueFull`
     ("reject") or blocks until one leaves the queue ("wait").
   """
@@ -269,6 +338,7 @@ class Scheduler:
       slots: int = 8,
       max_len: int | None = None,
       prefill_chunk: int = 64,
+      prefill_budget: int = 512,
       max_queue: int = 64,
       when_full: str = "reject",
   ):
@@ -283,6 +353,10 @@ class Scheduler:
           f"slots ({slots}), prefill_chunk ({prefill_chunk}) and max_queue ({max_queue}) "
           "must be >= 1"
       )
+    if prefill_budget < prefill_chunk:
+      raise ValueError(
+          f"prefill_budget ({prefill_budget}) must be >= prefill_chunk ({prefill_chunk})"
+      )
     if when_full not in WHEN_FULL:
       raise ValueError(
           f"when_full must be one of {WHEN_FULL}, got {when_full!r}"
@@ -292,16 +366,19 @@ class Scheduler:
     self.when_full = when_full
     self.stop_ids = frozenset(engine.stop_ids)
     self.programs = SlotPrograms(
-        engine, slots, max_len, min(prefill_chunk, max_len)
+        engine, slots, max_len, min(prefill_chunk, max_len), prefill_budget
     )
     self._cond = threading.Condition()
     self._waiting: deque[_Live] = deque()
-    self._prefilling: _Live | None = None
+    self._admitting: list[_Live] = []  # holding a slot, prompt being prefilled
     self._active: dict[int, _Live] = {}
     self._free = list(range(slots - 1, -1, -1))
     self._thread: threading.Thread | None = None
     self._stopping = False
     self.steps = 0  # decode steps run
+    self.admissions = (
+        0  # admission calls run (each prefills one piece of up to A prompts)
+    )
     self.cancelled = 0  # requests ended by `cancel`
 
   # ----------------------------------------------------------------------------------- clients
@@ -351,7 +428,7 @@ class Scheduler:
     with self._cond:
       ended = handle.cancelled or (
           handle not in self._waiting
-          and self._prefilling is not handle
+          and handle not in self._admitting
           and self._active.get(handle.slot) is not handle
       )
       if ended:  # finished already, or cancelled before
@@ -366,38 +443,25 @@ class Scheduler:
   def busy(self) -> int:
     """Requests being served or waiting."""
     with self._cond:
-      return (
-          len(self._waiting)
-          + len(self._active)
-          + (self._prefilling is not None)
-      )
+      return len(self._waiting) + len(self._admitting) + len(self._active)
 
   # ----------------------------------------------------------------------------------- the loop
   def start(self) -> None:
-    """Compile every program (one dummy request's worth), then run the loop on its own thread."""
+    """Compile every program (each admission bucket, the step), then run the loop on its own
+    thread."""
     p, params = self.programs, self.engine.params
-    settings = (np.zeros(1, np.float32), np.ones(1, np.float32))
-    row = p.init_row()
-    one = np.ones(1, np.int32)
-    seed = np.zeros(1, np.uint32)
-    _, row = p.prefill(
-        params, row, np.zeros((1, p.chunk), np.int32), one, *settings, seed
-    )
-    cache = p.insert(p.init_slots(), row, np.int32(0))
+    cache = p.init_slots()
+    for a, c in p.shapes:  # padding rows only: nothing is written
+      first, cache = p.admit(
+          params, cache, *self._admission_args([], a, c), *_settings([], a)
+      )
     b = self.slots
     zeros = np.zeros(b, np.int32)
     out, cache = p.step(
-        params,
-        cache,
-        zeros,
-        np.zeros(b, bool),
-        np.zeros(b, np.float32),
-        np.ones(b, np.float32),
-        zeros.astype(np.uint32),
-        zeros,
+        params, cache, zeros, np.zeros(b, bool), *_settings([], b), zeros
     )
-    jax.block_until_ready(out)
-    self._cache = p.init_slots()
+    jax.block_until_ready((first, out))
+    self._cache = cache
     self._thread = threading.Thread(
         target=self._run, name="scheduler", daemon=True
     )
@@ -416,11 +480,11 @@ class Scheduler:
         pass
     except Exception as e:  # noqa: BLE001 - every client hears of it
       with self._cond:
-        everyone = list(self._waiting) + list(self._active.values())
-        everyone += [self._prefilling] if self._prefilling else []
+        everyone = list(self._waiting) + self._admitting
+        everyone += list(self._active.values())
         self._waiting.clear()
+        self._admitting = []
         self._active.clear()
-        self._prefilling = None
         self._stopping = True
         self._cond.notify_all()
       for live in everyone:
@@ -428,88 +492,123 @@ class Scheduler:
       raise
 
   def _next(self) -> bool:
-    """One round: drop cancelled requests, admit one, one prefill chunk, one decode step."""
+    """One round: drop cancelled requests, give free slots to waiting ones, prefill the next
+    piece of as many prompts as the budget allows, one decode step of the running ones.
+    """
     with self._cond:
       self._drop_cancelled()
       while not (
           self._stopping
           or self._active
-          or self._prefilling
+          or self._admitting
           or (self._waiting and self._free)
       ):
         self._cond.wait()
         self._drop_cancelled()
       if self._stopping:
         return False
-      if self._prefilling is None and self._waiting and self._free:
-        self._prefilling = self._waiting.popleft()
-        self._prefilling.slot = self._free.pop()
+      if self._waiting and self._free:
+        while self._waiting and self._free:
+          live = self._waiting.popleft()
+          live.slot = self._free.pop()
+          self._admitting.append(live)
         self._cond.notify_all()  # room in the queue
-      prefilling, active = self._prefilling, dict(self._active)
-    if prefilling is not None:
-      self._prefill_chunk(prefilling)
+      joining, active = self._admission_batch(), dict(self._active)
+    firsts = outs = None
+    if joining:
+      firsts = self._admit(joining)
     if active:
-      self._step(active)
+      outs = self._step(active)
+    firsts, outs = jax.device_get((firsts, outs))  # the round's one wait
+    if joining:
+      self._joined(joining, firsts)
+    if active:
+      self.steps += 1
+      for s in active:
+        if not active[s].cancelled:
+          self._accept(active[s], int(outs[s]))
     return True
 
   def _drop_cancelled(self) -> None:
     self._waiting = deque(x for x in self._waiting if not x.cancelled)
-    if self._prefilling is not None and self._prefilling.cancelled:
-      self._free.append(self._prefilling.slot)
-      self._prefilling = None
+    for live in [x for x in self._admitting if x.cancelled]:
+      self._admitting.remove(live)
+      self._free.append(live.slot)
     for slot, live in list(self._active.items()):
       if live.cancelled:
         del self._active[slot]
         self._free.append(slot)
 
-  def _prefill_chunk(self, live: _Live) -> None:
+  def _piece(self, live: _Live) -> int:
+    return min(
+        self.programs.chunk, len(live.request.prompt_ids) - live.prefilled
+    )
+
+  def _admission_batch(self) -> list[_Live]:
+    """The admitting requests whose next piece is prefilled this round: first come first, while
+    the batch's bucket (rows x the longest piece's width) stays within the budget.
+    """
+    p, longest = self.programs, 0
+    batch: list[_Live] = []
+    for live in self._admitting:
+      width = p.width(max(longest, self._piece(live)))
+      if len(batch) + 1 > p.max_rows[width]:
+        break
+      batch.append(live)
+      longest = max(longest, self._piece(live))
+    return batch
+
+  def _admission_args(self, lives: list[_Live], rows: int, width: int):
+    """slot, tokens, n and fresh of an admission bucket (padding rows: slot `slots`, n 0)."""
+    slot = np.full(rows, self.slots, np.int32)
+    tokens = np.full((rows, width), self.engine.pad_id, np.int32)
+    n, fresh = np.zeros(rows, np.int32), np.zeros(rows, bool)
+    for i, live in enumerate(lives):
+      piece = live.request.prompt_ids[live.prefilled :][: self._piece(live)]
+      slot[i], n[i], fresh[i] = live.slot, len(piece), live.prefilled == 0
+      tokens[i, : len(piece)] = piece
+    return slot, tokens, n, fresh
+
+  def _admit(self, lives: list[_Live]):
+    """Dispatch one admission call for `lives` (their next pieces); its first tokens (on device)."""
     p = self.programs
-    ids = live.request.prompt_ids
-    if live.row is None:
-      live.row = p.init_row()
-    piece = list(ids[live.prefilled : live.prefilled + p.chunk])
-    tokens = np.full((1, p.chunk), self.engine.pad_id, np.int32)
-    tokens[0, : len(piece)] = piece
-    tok, live.row = p.prefill(
+    width = p.width(max(self._piece(x) for x in lives))
+    rows = next(a for a, c in p.shapes if c == width and a >= len(lives))
+    first, self._cache = p.admit(
         self.engine.params,
-        live.row,
-        tokens,
-        np.asarray([len(piece)], np.int32),
-        *self._settings([live]),
+        self._cache,
+        *self._admission_args(lives, rows, width),
+        *_settings(lives, rows),
     )
-    live.prefilled += len(piece)
-    if live.prefilled < len(ids):
-      return
-    self._cache = p.insert(self._cache, live.row, np.int32(live.slot))
-    live.row = None
-    with self._cond:
-      self._prefilling = None
-      if live.cancelled:
-        self._free.append(live.slot)
-        return
-      self._active[live.slot] = live
-    self._accept(live, int(jax.device_get(tok)[0]))
+    self.admissions += 1
+    return first
 
-  @staticmethod
-  def _settings(lives):
-    r = [x.request for x in lives]
-    return (
-        np.asarray([x.temperature for x in r], np.float32),
-        np.asarray([x.top_p for x in r], np.float32),
-        np.asarray([x.seed & 0xFFFFFFFF for x in r], np.uint32),
-    )
+  def _joined(self, lives: list[_Live], firsts) -> None:
+    """After an admission call: requests whose prompt is in their slot now start decoding."""
+    for i, live in enumerate(lives):
+      live.prefilled += self._piece(live)
+      if live.prefilled < len(live.request.prompt_ids):
+        continue
+      with self._cond:
+        self._admitting.remove(live)
+        if live.cancelled:
+          self._free.append(live.slot)
+          continue
+        self._active[live.slot] = live
+      self._accept(live, int(firsts[i]))
 
-  def _step(self, active: dict[int, _Live]) -> None:
+  def _step(self, active: dict[int, _Live]):
+    """Dispatch one decode step of the slots in `active`; the next tokens (on device)."""
     b = self.slots
     tokens, on = np.zeros(b, np.int32), np.zeros(b, bool)
-    temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
-    seed, count = np.zeros(b, np.uint32), np.zeros(b, np.int32)
+    count = np.zeros(b, np.int32)
     slots = list(active)
     tokens[slots] = [active[s].last for s in slots]
     on[slots] = True
     count[slots] = [active[s].generated for s in slots]
-    temperature[slots], top_p[slots], seed[slots] = self._settings(
-        [active[s] for s in slots]
+    temperature, top_p, seed = _settings([], b)
+    temperature[slots], top_p[slots], seed[slots] = _settings(
+        [active[s] for s in slots], len(slots)
     )
     out, self._cache = self.programs.step(
         self.engine.params,
@@ -521,11 +620,7 @@ class Scheduler:
         seed,
         count,
     )
-    out = jax.device_get(out)
-    self.steps += 1
-    for s in slots:
-      if not active[s].cancelled:
-        self._accept(active[s], int(out[s]))
+    return out
 
   def _accept(self, live: _Live, token: int) -> None:
     """A request's new token: its text to the client, and whether it ends here."""
@@ -556,3 +651,17 @@ class Scheduler:
         self._free.append(live.slot)
         self._cond.notify_all()
     req.emit(Finished(reason, len(req.prompt_ids), live.generated))
+
+
+def _settings(lives: list[_Live], rows: int):
+  """temperature, top_p and seed of `rows` rows: the requests' in the first ones, greedy after."""
+  temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
+  seed = np.zeros(rows, np.uint32)
+  for i, live in enumerate(lives):
+    r = live.request
+    temperature[i], top_p[i], seed[i] = (
+        r.temperature,
+        r.top_p,
+        r.seed & 0xFFFFFFFF,
+    )
+  return temperature, top_p, seed

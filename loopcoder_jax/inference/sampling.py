@@ -134,21 +134,28 @@ def sample_rows(logits_BxV, temperature_B, top_p_B, keys_B):
 
   Row b is greedy where `temperature_B[b] == 0`, else nucleus sampling (`top_p_B[b]`, 1 = off)
   from softmax(logits / temperature) with its own key (`keys_B[b]`), so a row's token never
-  depends on the other rows.
+  depends on the other rows. A batch of greedy rows only takes the argmax.
   """
   greedy = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  t_Bx1 = jnp.maximum(temperature_B.astype(jnp.float32), 1e-6)[:, None]
-  x = logits_BxV.astype(jnp.float32) / t_Bx1
-  sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
-  probs = jax.nn.softmax(sorted_x, axis=-1)
-  before = (
-      jnp.cumsum(probs, axis=-1) - probs
-  )  # mass of strictly more likely tokens
-  keep = before < top_p_B.astype(jnp.float32)[:, None]
-  cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
-  x = jnp.where(x >= cutoff, x, _NEG_INF)
-  sampled = jax.vmap(jax.random.categorical)(keys_B, x).astype(jnp.int32)
-  return jnp.where(temperature_B > 0, sampled, greedy)
+
+  def sample(_):
+    t_Bx1 = jnp.maximum(temperature_B.astype(jnp.float32), 1e-6)[:, None]
+    x = logits_BxV.astype(jnp.float32) / t_Bx1
+    sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    before = (
+        jnp.cumsum(probs, axis=-1) - probs
+    )  # mass of strictly more likely tokens
+    keep = before < top_p_B.astype(jnp.float32)[:, None]
+    cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x >= cutoff, x, _NEG_INF)
+    sampled = jax.vmap(jax.random.categorical)(keys_B, x).astype(jnp.int32)
+    return jnp.where(temperature_B > 0, sampled, greedy)
+
+  # an all-greedy batch skips the sort over the vocabulary (as costly as a small model's step)
+  return jax.lax.cond(
+      jnp.any(temperature_B > 0), sample, lambda _: greedy, None
+  )
 
 
 def request_keys(seeds_B, counts_B):

@@ -32,6 +32,7 @@ def build(
     slots: int = 8,
     max_len: int | None = None,
     prefill_chunk: int = 64,
+    prefill_budget: int = 512,
     max_queue: int = 64,
     when_full: str = "reject",
     mode: str = "batched",
@@ -44,6 +45,10 @@ def build(
   the scheduler; ValueError for bad settings before any weight is read where it can be.
   quantize="int8": serve int8 linear weights (`checkpoints.load`).
   """
+  if prefill_budget < prefill_chunk:  # before the weights are read
+    raise ValueError(
+        f"prefill_budget ({prefill_budget}) must be >= prefill_chunk ({prefill_chunk})"
+    )
   # the one place serving loads a checkpoint
   from loopcoder_jax import checkpoints
   from loopcoder_jax.model import sharding
@@ -68,6 +73,7 @@ def build(
       slots=slots,
       max_len=max_len,
       prefill_chunk=prefill_chunk,
+      prefill_budget=prefill_budget,
       max_queue=max_queue,
       when_full=when_full,
       mode=mode,
@@ -84,6 +90,7 @@ def from_params(
     slots: int = 8,
     max_len: int | None = None,
     prefill_chunk: int = 64,
+    prefill_budget: int = 512,
     max_queue: int = 64,
     when_full: str = "reject",
     mode: str = "batched",
@@ -96,6 +103,7 @@ def from_params(
       slots=slots,
       max_len=max_len,
       prefill_chunk=prefill_chunk,
+      prefill_budget=prefill_budget,
       max_queue=max_queue,
       when_full=when_full,
   )

@@ -15,8 +15,9 @@ OTHERS = [
 ]
 
 
-def _run(scheduler, tok, prompts, max_tokens=10, **kw):
-  """Submit every prompt at once; their texts and Finished events, in order."""
+def _run(scheduler, tok, prompts, max_tokens=10, start=None, **kw):
+  """Submit every prompt at once (then `start()`, if given); their texts and Finished events, in
+  order."""
   out = {i: [] for i in range(len(prompts))}
   done = threading.Event()
   ended = []
@@ -34,6 +35,8 @@ def _run(scheduler, tok, prompts, max_tokens=10, **kw):
   for i, p in enumerate(prompts):
     ids = tok.encode(p, add_bos=tok.add_bos_token)
     scheduler.submit(batching.Request(ids, max_tokens, emitter(i), **kw))
+  if start is not None:
+    start()
   assert done.wait(300)
   texts = [
       "".join(e.text for e in out[i] if isinstance(e, batching.Delta))
@@ -71,6 +74,52 @@ def test_greedy_text_alone_equals_among_16_others(served, serve_model):
   assert ends[0].reason in ("stop", "length") and ends[0].completion_tokens > 0
   # and the same text as the engine's batch program (same prefill chunks)
   assert alone[0] == eng.complete([prompt], max_new_tokens=10)[0]
+
+
+def test_requests_admitted_in_one_call_equal_alone(served, serve_model):
+  """Queued before the loop starts, four prompts (one longer than a chunk) join through one
+  admission call per piece, each in its own slot row, and each decodes as it does alone.
+  """
+  eng, alone_sched = served
+  tok = serve_model[2]
+  prompts = [
+      "def add(",
+      "for i in range(",
+      "x = 1",
+      "def add(a, b):\n    return",
+  ]
+  sched = batching.Scheduler(
+      eng, slots=4, prefill_chunk=CHUNK, max_len=alone_sched.max_len
+  )
+  try:
+    together, _ = _run(sched, tok, prompts, start=sched.start)
+  finally:
+    sched.stop()
+  pieces = -(
+      -max(len(tok.encode(p, add_bos=tok.add_bos_token)) for p in prompts)
+      // CHUNK
+  )
+  assert pieces == 2 and sched.admissions == pieces
+  alone = [_run(alone_sched, tok, [p])[0][0] for p in prompts]
+  assert together == alone
+
+
+def test_the_budget_bounds_each_admission(served, serve_model):
+  """With a budget of one chunk, requests join one per admission call, to the same texts."""
+  eng, _ = served
+  tok = serve_model[2]
+  prompts = ["def add(", "for i in range(", "x = 1"]
+  sched = batching.Scheduler(
+      eng, slots=4, prefill_chunk=CHUNK, prefill_budget=CHUNK
+  )
+  assert sched.programs.shapes == [(1, CHUNK)]
+  try:
+    texts, _ = _run(sched, tok, prompts, start=sched.start)
+  finally:
+    sched.stop()
+  lengths = [len(tok.encode(p, add_bos=tok.add_bos_token)) for p in prompts]
+  assert sched.admissions == sum(-(-n // CHUNK) for n in lengths)
+  assert texts == [eng.complete([p], max_new_tokens=10)[0] for p in prompts]
 
 
 def test_started_means_compiled(served, serve_model):
@@ -132,6 +181,28 @@ def test_bad_requests_are_refused_before_queueing(served, serve_model):
       sched.submit(batching.Request(ids, emit=print, **bad))
   with pytest.raises(ValueError, match="empty"):
     sched.submit(batching.Request([], 2, print))
+
+
+def test_bad_settings_are_refused(serve_model):
+  cfg, params, tok, _ = serve_model
+  eng = engine.Engine(cfg, params, tok)
+  with pytest.raises(ValueError, match="prefill_budget"):
+    batching.Scheduler(eng, prefill_chunk=32, prefill_budget=16)
+  with pytest.raises(ValueError, match="slots"):
+    batching.Scheduler(eng, slots=0)
+
+
+def test_admission_buckets(serve_model):
+  """Widths grow by four up to the chunk; rows by four up to what fits the budget."""
+  cfg, params, tok, _ = serve_model
+  eng = engine.Engine(cfg, params, tok)
+  p = batching.Scheduler(
+      eng, slots=8, max_len=64, prefill_chunk=48, prefill_budget=192
+  ).programs
+  assert p.widths == [16, 48]
+  assert p.max_rows == {16: 8, 48: 4}
+  assert p.shapes == [(1, 16), (4, 16), (8, 16), (1, 48), (4, 48)]
+  assert [p.width(n) for n in (1, 16, 17, 48)] == [16, 16, 48, 48]
 
 
 def test_a_full_queue_rejects(serve_model):
