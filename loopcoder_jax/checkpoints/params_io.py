@@ -143,9 +143,8 @@ def save_params(path: str | os.PathLike, cfg: PLTConfig, params: Any) -> None:
     sums = {name: _crc32(x) for name, x in flat.items()}
     with open(os.path.join(path, CHECKSUMS), "w") as f:
       json.dump({"crc32": sums}, f, indent=0, sort_keys=True)
-  if (
-      jax.process_index() == 0
-  ):  # one writer: the others may already be past the save
+  # one writer: the other processes may already be past the save
+  if jax.process_index() == 0:
     cfg.to_hf_file(os.path.join(path, "config.json"))
 
 
