@@ -218,7 +218,43 @@ def check_loop_diagnostics(tmp_path):
       assert json.load(f)["loops"] == int(r)
 
 
+def check_finetune_7b(tmp_path):
+  out = execute(
+      "finetune_7b.ipynb",
+      tmp_path,
+      dict(
+          SIZE="tiny",
+          WORKDIR=str(tmp_path / "lora"),
+          STEPS=4,
+          RANK=4,
+          SEQ_LEN=128,
+          BATCH_SIZE=8,
+          NEW_TOKENS=8,
+      ),
+      [
+          "summary['loss_before']",
+          "summary['loss_after']",
+          "summary['end_step']",
+          "dir_bytes(export)",
+          "dir_bytes(base)",
+          "sorted(lora_meta)",
+          "answer",
+          "sorted(os.listdir(peft_dir))",
+      ],
+  )
+  assert out["summary['end_step']"] == 4
+  # the export holds the adapters, not a copy of the base
+  assert out["dir_bytes(export)"] < out["dir_bytes(base)"] / 4
+  assert out["summary['loss_after']"] < out["summary['loss_before']"]
+  assert out["sorted(os.listdir(peft_dir))"] == [
+      "adapter_config.json",
+      "adapter_model.safetensors",
+  ]
+  assert isinstance(out["answer"], str)
+
+
 CHECKS = {
+    "finetune_7b.ipynb": check_finetune_7b,
     "loop_diagnostics.ipynb": check_loop_diagnostics,
     "convert_to_pytorch.ipynb": check_convert_to_pytorch,
     "serve_7b.ipynb": check_serve_7b,
