@@ -218,12 +218,11 @@ def compile_train(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
       k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=b_sh)
       for k, s in train_step.batch_spec(gb, seq).items()
   }
-  args: tuple = (_with_shardings(abs_state, state_sh), batch)
-  if cfg.lora is not None:  # the frozen base: the LoRA step's third input
-    args += (_with_shardings(*train_step.base_shardings(cfg, mesh, rules)),)
   step_flops = flops.train_flops_per_token(cfg, seq) * gb * seq
   args: tuple = (_with_shardings(abs_state, state_sh), batch)
-  if cfg.lora is not None:
+  if (
+      cfg.lora is not None
+  ):  # the frozen base: the LoRA step's third input, never differentiated
     abs_base, base_sh = train_step.base_shardings(cfg, mesh, rules)
     args += (_with_shardings(abs_base, base_sh),)
     step_flops = step_flops * 2 / 3
