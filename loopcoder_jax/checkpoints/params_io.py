@@ -72,7 +72,8 @@ def _abandoned_read(u) -> bool:
 def quiet_abandoned_reads() -> None:
   """After a failed restore, Orbax's pending reads finish on its closed event loop (or are
   collected unfinished), each reporting an "unraisable" exception: tens of tracebacks on stderr
-  after the one error that matters. From then on those reports (only those) are dropped.
+  around the one error that matters. Installed before a restore starts (some reads finish before
+  the failure reaches us), it drops those reports, and only those, from then on.
   """
   previous = sys.unraisablehook
   if getattr(previous, "quiets_orbax", False):
@@ -249,6 +250,7 @@ def read_config(path: str | os.PathLike, **runtime_kw) -> PLTConfig:
 
 def _stored(directory: str, subtree: str) -> dict[str, Any]:
   """'a/b/c' -> Orbax array metadata (shape, dtype) of every stored array; reads no array data."""
+  quiet_abandoned_reads()
   try:
     with ocp.StandardCheckpointer() as ckptr:
       item = ckptr.metadata(directory).item_metadata
@@ -256,7 +258,6 @@ def _stored(directory: str, subtree: str) -> dict[str, Any]:
     if tree is not None and subtree:
       tree = tree[subtree]
   except Exception as e:  # noqa: BLE001 - any unreadable metadata: one line
-    quiet_abandoned_reads()
     raise ValueError(
         f"checkpoint {directory} is unreadable ({first_line(e)})"
     ) from None
@@ -294,6 +295,7 @@ def iter_params(path: str | os.PathLike) -> Iterator[tuple[str, jax.Array]]:
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   handler = ocp.PyTreeCheckpointHandler()
   sums = {} if subtree else _checksums(path)
+  quiet_abandoned_reads()
   for name, m in params_metadata(path).items():
     keys = ([subtree] if subtree else []) + name.split("/")
     target: dict[str, Any] = {}
@@ -314,7 +316,6 @@ def iter_params(path: str | os.PathLike) -> Iterator[tuple[str, jax.Array]]:
             ),
         )
     except Exception as e:  # noqa: BLE001 - a missing or damaged data file: one line
-      quiet_abandoned_reads()
       raise ValueError(
           f"checkpoint {path} is unreadable ({first_line(e)})"
       ) from None
@@ -367,6 +368,7 @@ def load_params(
       shardings,
   )
   item = {subtree: target} if subtree else target
+  quiet_abandoned_reads()
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       params = ckptr.restore(
@@ -378,7 +380,6 @@ def load_params(
           ),
       )
   except Exception as e:  # noqa: BLE001 - a missing or damaged data file: one line
-    quiet_abandoned_reads()
     raise ValueError(
         f"checkpoint {path} is unreadable ({first_line(e)})"
     ) from None

@@ -38,13 +38,14 @@ def _base(loops=2):
   return cfg, params, tokens
 
 
-def _adapted(per_loop, trained=True, loops=2, **kw):
-  """(LoRA cfg, base params + adapters); `trained`: B random, so the adapters change the model."""
+def _adapted(per_loop, trained=True, loops=2, scale=0.3, **kw):
+  """(LoRA cfg, base params + adapters); `trained`: B random (`scale`), so the adapters change
+  the model."""
   cfg, base, tokens = _base(loops)
   lcfg = cfg.replace(lora=LoraConfig(rank=4, per_loop=per_loop, **kw))
   _, adapters = lora.split(init_params(lcfg, jax.random.key(2)))
   if trained:
-    adapters = helpers.perturbed(adapters, scale=0.3)
+    adapters = helpers.perturbed(adapters, scale=scale)
   return lcfg, lora.combine(base, adapters), tokens
 
 
@@ -89,7 +90,10 @@ def test_split_combine_and_the_adapter_tree():
 
 @pytest.mark.parametrize("targets", ["q,k,v,o,gate,up,down", "v,down"])
 def test_merged_shared_adapters_equal_the_adapted_model(targets):
-  lcfg, params, tokens = _adapted(per_loop=False, targets=targets)
+  # Adapters of 0.1, not 0.3: at 0.3 on all seven projections the adapted model amplifies
+  # a rounding difference 30-60x more than at 0.1 (it is no longer well conditioned, and the
+  # float32 bound assumes it is); at 0.1 it still differs from the base by O(1).
+  lcfg, params, tokens = _adapted(per_loop=False, targets=targets, scale=0.1)
   got = _forward(lcfg, params, tokens)
   merged = lora.merge(lcfg, params)
   assert jax.tree.structure(merged) == jax.tree.structure(lora.split(params)[0])
