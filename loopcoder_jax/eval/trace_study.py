@@ -36,6 +36,10 @@ import ml_collections
 import numpy as np
 
 from loopcoder_jax.data import trace
+from loopcoder_jax.eval.loop_study import (  # the studies' result files
+    _read_json,
+    _write_json,
+)
 from loopcoder_jax.model.config import PLTConfig
 
 DIAG_KEYS = (
@@ -130,18 +134,6 @@ def check(c: ml_collections.ConfigDict) -> list[Variant]:
 
 def run_name(v: Variant, lr: float, seed: int) -> str:
   return os.path.join(v.name, f"lr{lr:g}-s{seed}")
-
-
-def _write_json(path: str, value) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
-
-
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
 
 
 def _pool(c, study_dir: str) -> dict[str, np.ndarray]:

@@ -270,19 +270,7 @@ def _convert_lora(
   params = lora.merge(
       base_cfg.replace(lora=lcfg.lora), lora.combine(params, adapters)
   )
-  if to == "hf":
-    save_hf(
-        cfg,
-        params,
-        dst,
-        shard_size=shard_size,
-        overwrite=overwrite,
-        tokenizer_dir=tok_dir,
-    )
-  else:
-    formats.save_orbax(
-        cfg, params, dst, overwrite=overwrite, tokenizer_dir=tok_dir
-    )
+  _write(to, cfg, params, dst, shard_size, overwrite, tok_dir)
 
 
 def _convert(
@@ -326,19 +314,7 @@ def _convert(
         dtype or st.dtype_of(params_io.flat_paths(params)[bad[0]]),
         gate_bias,
     )
-  if to == "hf":
-    save_hf(
-        cfg,
-        params,
-        dst,
-        shard_size=shard_size,
-        overwrite=overwrite,
-        tokenizer_dir=tok_dir,
-    )
-  else:
-    formats.save_orbax(
-        cfg, params, dst, overwrite=overwrite, tokenizer_dir=tok_dir
-    )
+  _write(to, cfg, params, dst, shard_size, overwrite, tok_dir)
 
 
 @contextlib.contextmanager
@@ -354,3 +330,20 @@ def _storage_errors(src: str, dst: str):
         f"writing {dst} failed ({problem}); nothing was left there and the source "
         f"{src} is unchanged"
     ) from None
+
+
+def _write(to, cfg, params, dst, shard_size, overwrite, tok_dir) -> None:
+  """`params` at `dst` as an HF directory (`to="hf"`) or an Orbax params directory."""
+  if to == "hf":
+    save_hf(
+        cfg,
+        params,
+        dst,
+        shard_size=shard_size,
+        overwrite=overwrite,
+        tokenizer_dir=tok_dir,
+    )
+  else:
+    formats.save_orbax(
+        cfg, params, dst, overwrite=overwrite, tokenizer_dir=tok_dir
+    )
