@@ -20,6 +20,11 @@ Without --checkpoint, a random model of the shape flags (--d, --layers, --heads,
 loop), PLT-2 (two loops, batched: one pass over the weights per token) and serial (two loops, one
 pass per loop). Prints a table and writes JSON (one record per config and N, plus the ratios at
 each N).
+With every burst done, each server's compiled decode step (`SlotPrograms.step`, all N slots busy,
+on a cache of its own) is timed alone, in rounds across the configs (`--step_rounds`): `step_ms`,
+and per N the throughput ratios those steps allow (`step_bound_*`: R1's step time over PLT-2's, and
+serial's over PLT-2's). A served ratio near its bound means the scheduler, sampling and HTTP add
+about the same to every config, and the gap to a target is the decode step's on this hardware.
 Targets (a TPU's; docs/benchmarks.md): PLT-2 >= 0.87x R1 and >= 1.6x serial at >= 32 clients.
 Exit codes: 0 done; 2 bad input (flags, checkpoint: one `error:` line on stderr).
 """
@@ -72,6 +77,12 @@ _DIRECT = flags.DEFINE_bool(
     "direct",
     False,
     "Submit to the scheduler in-process instead of over HTTP (the engine without the server).",
+)
+_STEP_ROUNDS = flags.DEFINE_integer(
+    "step_rounds",
+    10,
+    "Rounds of one decode step per config, timed alone after the bursts (0: skip).",
+    lower_bound=0,
 )
 _OUT = flags.DEFINE_string("out", None, "Write the JSON here too.")
 
@@ -224,6 +235,40 @@ def _burst(built, url, n):
   return rec
 
 
+def _step_alone(scheds, rounds):
+  """Median ms of each scheduler's compiled decode step with every slot busy, in rounds across the
+  configs (a shared machine's load hits all alike). Runs on a fresh cache per config (the
+  scheduler's own state is untouched) filled to the middle of a completion; nothing compiles.
+  """
+  import jax.numpy as jnp
+
+  state, times = {}, {name: [] for name in scheds}
+  for name, sched in scheds.items():
+    p, b = sched.programs, sched.programs.slots
+    fill = min(_PROMPT_TOKENS.value + _MAX_TOKENS.value // 2, p.max_len - 1)
+    cache = p.init_slots().replace(lengths=jnp.full((b,), fill, jnp.int32))
+    args = (
+        np.zeros(b, np.int32),
+        np.ones(b, bool),
+        np.zeros(b, np.float32),
+        np.ones(b, np.float32),
+        np.zeros(b, np.uint32),
+        np.zeros(b, np.int32),
+    )
+    state[name] = [cache, args]
+  for i in range(rounds + 1):  # round 0 warms up
+    for name, sched in scheds.items():
+      cache, args = state[name]
+      t0 = time.perf_counter()
+      out, state[name][0] = sched.programs.step(
+          sched.engine.params, cache, *args
+      )
+      out.block_until_ready()
+      if i:
+        times[name].append(time.perf_counter() - t0)
+  return {name: float(np.median(t) * 1e3) for name, t in times.items()}
+
+
 def main():
   import contextlib
 
@@ -248,6 +293,10 @@ def main():
         for _ in range(_REPEATS.value):
           for name in runs:
             runs[name].append(_burst(*urls[name], n))
+        step_ms = {}
+        if _STEP_ROUNDS.value:
+          scheds = {name: urls[name][0].scheduler for name in urls}
+          step_ms = _step_alone(scheds, _STEP_ROUNDS.value)
       for name, loops, mode in CONFIGS:
         by_speed = sorted(runs[name], key=lambda r: r["tokens_per_s"])
         rec = dict(by_speed[len(by_speed) // 2])  # the median burst
@@ -257,6 +306,8 @@ def main():
             np.median(cpu),
             cpu,
         )
+        if step_ms:
+          rec["step_ms"] = step_ms[name]
         records.append({"config": name, "loops": loops, "mode": mode, **rec})
         print(json.dumps(records[-1]), flush=True)
   by = {(r["config"], r["clients"]): r for r in records}
@@ -264,19 +315,23 @@ def main():
   def ratio(n, other, key="tokens_per_s"):
     return float(by["PLT-2", n][key] / by[other, n][key])
 
-  ratios = [
-      {
-          "clients": n,
-          "plt2_over_r1": ratio(n, "R1"),
-          "plt2_over_serial": ratio(n, "serial"),
-          "plt2_over_r1_cpu": ratio(n, "R1", "tokens_per_cpu_s"),
-          "plt2_over_serial_cpu": ratio(n, "serial", "tokens_per_cpu_s"),
-      }
-      for n in _CLIENTS.value
-  ]
+  ratios = []
+  for n in _CLIENTS.value:
+    q = {
+        "clients": n,
+        "plt2_over_r1": ratio(n, "R1"),
+        "plt2_over_serial": ratio(n, "serial"),
+        "plt2_over_r1_cpu": ratio(n, "R1", "tokens_per_cpu_s"),
+        "plt2_over_serial_cpu": ratio(n, "serial", "tokens_per_cpu_s"),
+    }
+    # what the steps alone allow: their time ratios, inverted
+    if "step_ms" in by["PLT-2", n]:
+      q["step_bound_over_r1"] = 1 / ratio(n, "R1", "step_ms")
+      q["step_bound_over_serial"] = 1 / ratio(n, "serial", "step_ms")
+    ratios.append(q)
   head = (
       f"{'config':>7} {'N':>4} {'tok/s':>9} {'tok/CPU-s':>9} {'TTFT p50':>9} {'p99':>8} "
-      f"{'ITL p50':>8} {'p99':>8}  (ms)"
+      f"{'ITL p50':>8} {'p99':>8} {'step':>8}  (ms)"
   )
   print(head)
   for r in records:
@@ -284,7 +339,8 @@ def main():
         f"{r['config']:>7} {r['clients']:>4} {r['tokens_per_s']:>9.1f} "
         f"{r['tokens_per_cpu_s']:>9.1f} "
         f"{r['ttft_ms_p50']:>9.1f} {r['ttft_ms_p99']:>8.1f} "
-        f"{r['itl_ms_p50']:>8.1f} {r['itl_ms_p99']:>8.1f}"
+        f"{r['itl_ms_p50']:>8.1f} {r['itl_ms_p99']:>8.1f} "
+        f"{r.get('step_ms', float('nan')):>8.1f}"
     )
   for q in ratios:
     print(
@@ -293,6 +349,11 @@ def main():
         f"(target >= 1.6); per CPU-s {q['plt2_over_r1_cpu']:.2f}x / "
         f"{q['plt2_over_serial_cpu']:.2f}x"
     )
+    if "step_bound_over_r1" in q:
+      print(
+          f"       the decode steps alone allow {q['step_bound_over_r1']:.2f}x / "
+          f"{q['step_bound_over_serial']:.2f}x"
+      )
   result = {"records": records, "ratios": ratios}
   if _OUT.value:
     with open(_OUT.value, "w") as f:

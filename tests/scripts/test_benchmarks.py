@@ -63,6 +63,21 @@ TINY_TORCH_DECODE = [
     "--vocab=128",
     "--window=4",
 ]
+TINY_SERVE = [
+    "--direct",
+    "--clients=2",
+    "--repeats=1",
+    "--max_tokens=4",
+    "--prompt_tokens=4",
+    "--step_rounds=2",
+    "--d=32",
+    "--ffn=64",
+    "--layers=2",
+    "--heads=2",
+    "--kv_heads=2",
+    "--head_dim=16",
+    "--vocab=300",
+]
 # The converter benchmark's model width is fixed (d=2048): --params=1 gives its smallest, one layer (~0.18B).
 TINY_CONVERT = ["--params=1", "--shard_size=100MB"]
 
@@ -189,6 +204,27 @@ def test_bench_decode(layout, extra):
   )
   assert positive(res["plt2_over_r1_latency"]) and positive(
       res["plt2_over_serial2_latency"]
+  )
+
+
+def test_bench_serve_direct():
+  out = summary(run_script("bench_serve.py", *TINY_SERVE))
+  recs = {r["config"]: r for r in out["records"]}
+  assert sorted(recs) == ["PLT-2", "R1", "serial"]
+  for r in recs.values():
+    assert r["clients"] == 2 and r["completion_tokens"] >= 2, r
+    assert positive(r["tokens_per_s"]) and positive(r["step_ms"]), r
+    assert r["decode_steps"] >= 1 and r["admission_calls"] >= 1, r
+  [q] = out["ratios"]
+  # the steps-alone bound is the inverted ratio of the step times recorded beside it
+  step = {k: r["step_ms"] for k, r in recs.items()}
+  assert math.isclose(q["step_bound_over_r1"], step["R1"] / step["PLT-2"])
+  assert math.isclose(
+      q["step_bound_over_serial"], step["serial"] / step["PLT-2"]
+  )
+  assert math.isclose(
+      q["plt2_over_r1"],
+      recs["PLT-2"]["tokens_per_s"] / recs["R1"]["tokens_per_s"],
   )
 
 
