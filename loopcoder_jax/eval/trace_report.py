@@ -251,13 +251,24 @@ def _another_loop(looped: Sequence[dict]) -> list[str]:
             else "the extra loop is neither ahead nor behind at any k."
         )
     )
-    if stop is None and not ahead:
-      stop = a["loops"]
-  if len(looped) > 1:
+    if stop is None and (
+        not ahead or behind
+    ):  # pays: ahead somewhere, behind nowhere
+      stop = (a["loops"], b["loops"], ahead, behind)
+  if stop is not None:
+    r, r_next, ahead, behind = stop
     out.append(
-        f"Another loop stops paying after R = {stop}: R = {stop + 1} is ahead of it at no k."
-        if stop is not None
-        else f"Every extra loop up to R = {looped[-1]['loops']} is ahead at some k."
+        f"Another loop stops paying after R = {r}: R = {r_next} is "
+        + (
+            f"ahead {_at(ahead)} but behind {_at(behind)}."
+            if ahead
+            else "ahead of it at no k."
+        )
+    )
+  elif len(looped) > 1:
+    out.append(
+        f"Every extra loop up to R = {looped[-1]['loops']} is ahead at some k and behind "
+        "at none."
     )
   return out
 
@@ -508,7 +519,8 @@ def presets_section(presets: dict[str, Any], results) -> list[str]:
       f"{max(rates):.2f}) on the loaded machine. Estimates below scale each variant's "
       "measured process CPU time per training FLOP (`model/flops.py`) to a preset's FLOPs, "
       "add the measured per-run overhead (compiles, evaluation, diagnostics), and halve it for "
-      "two idle cores (XLA keeping both busy); the accelerator column assumes "
+      "two idle cores (two invocations with disjoint `--variants` keeping both busy); the "
+      "accelerator column assumes "
       f"{ACCEL_FLOPS / 1e12:g} TFLOP/s sustained and {ACCEL_COMPILE_S:g} s of compiles per "
       "variant and rate, not measured.",
       "",

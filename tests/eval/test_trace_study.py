@@ -149,6 +149,19 @@ def test_the_verdict_reads_depth_off_the_numbers():
   assert "highest for R1 " in text  # the cheapest run per FLOP
 
 
+def test_a_loop_ahead_at_one_k_and_behind_at_another_does_not_pay():
+  rows = [
+      row("R1", 1, seeds([0.99, 0.5, 0.5])),
+      row("R2", 2, seeds([0.99, 0.8, 0.3])),
+  ]
+  text = "\n".join(trace_report.verdict(rows))
+  assert "the extra loop is ahead at k = 2, behind at k = 3." in text
+  assert (
+      "Another loop stops paying after R = 1: R = 2 is ahead at k = 2 but behind at k = 3."
+      in text
+  )
+
+
 def test_the_verdict_says_when_the_easy_case_is_not_learnt():
   flat = seeds([0.1, 0.1, 0.1, 0.1], jitter=0.02)
   rows = [
