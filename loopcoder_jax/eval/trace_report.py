@@ -221,17 +221,36 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
         + _who_is_ahead("serial looping", serial_ahead, "CLP", clp_ahead)
         + " (in every seed, beyond the noise); averaged over k and seeds serial looping "
         f"scores {_points(gap)} against CLP. "
-        + (
-            "CLP loses depth on this task."
-            if serial_ahead and not clp_ahead
-            else "CLP shows no loss of depth here."
-            if not serial_ahead
-            else "The comparison is mixed."
-        )
+        + _clp_reading(serial_ahead, clp_ahead, follows=bool(deep))
     )
   out += _another_loop(looped)
   out += _per_flop(rows)
   return out
+
+
+def _clp_reading(serial_ahead, clp_ahead, *, follows: bool) -> str:
+  """What serial against CLP says about depth: only k >= 2 needs a chain followed (k = 1 is a
+  lookup on the asked line), and only when some variant follows the chain at all.
+  """
+  deeper = [k for k in serial_ahead if k >= 2]
+  if not follows:
+    return (
+        "With no variant following the chain, this says nothing about depth"
+        + (
+            "; serial looping learnt the k = 1 lookup faster."
+            if 1 in serial_ahead and 1 not in clp_ahead
+            else "."
+        )
+    )
+  if deeper and not clp_ahead:
+    return "CLP loses depth on this task."
+  if not serial_ahead:
+    return "CLP shows no loss of depth here."
+  if not deeper:
+    return (
+        "Serial looping learnt the k = 1 lookup faster; no loss of depth shows."
+    )
+  return "The comparison is mixed."
 
 
 def _another_loop(looped: Sequence[dict]) -> list[str]:
@@ -386,11 +405,15 @@ def markdown(
       "",
       "### Time (code tracing)",
       "",
-      f"{sessions['elapsed_s'] / 60:.1f} minutes of wall time while an invocation ran, "
-      f"{sessions['wall_s'] / 60:.1f} summed over {sessions['sessions']} invocation(s) "
-      "(they exceed the first when invocations ran at once, `--variants`), and "
-      f"{sessions['cpu_s'] / 60:.1f} minutes of process CPU time (`sessions.jsonl` in the "
-      "study directory).",
+      f"{sessions['elapsed_s'] / 60:.1f} minutes of wall time while any invocation ran ("
+      + (
+          f"{sessions['wall_s'] / 60:.1f} summed over {sessions['sessions']} invocations, "
+          "some of which ran at once with `--variants`"
+          if sessions["wall_s"] > sessions["elapsed_s"] + 1
+          else f"{sessions['sessions']} invocation(s)"
+      )
+      + f") and {sessions['cpu_s'] / 60:.1f} minutes of process CPU time (`sessions.jsonl` "
+      "in the study directory).",
       "",
       *presets_lines,
   ]
