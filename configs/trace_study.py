@@ -42,7 +42,7 @@ def get_config(preset: str = "cpu"):
   )
   c.data = ml_collections.ConfigDict(dict(lines=10, max_k=8, queries=3, seed=0))
   c.train = ml_collections.ConfigDict(
-      dict(steps=800, batch=32, pool=100_000, save_every=200)
+      dict(steps=1100, batch=32, pool=100_000, save_every=275)
   )
   c.optim = default_optim_config()
   c.optim.warmup_frac = 0.05
@@ -57,16 +57,20 @@ def get_config(preset: str = "cpu"):
   if preset == "cpu":
     pass
   elif preset == "quick":
-    c.data.lines = 6
-    c.data.max_k = 6
+    # Sized to finish in about an hour on the shared 2-core machine, as two invocations with
+    # disjoint --variants (docs/loop_study.md); 4-line snippets, k = 1..3, so every snippet keeps
+    # a distractor line.
+    c.data.lines = 4
+    c.data.max_k = 3
     c.data.queries = 2
-    c.train.steps = 400
-    c.train.batch = 16
+    c.train.steps = 1000
+    c.train.batch = 32
     c.train.pool = 20_000
-    c.train.save_every = 100
+    c.train.save_every = 250
     c.sweep.lrs = [2e-3, 4e-3, 8e-3]
     c.eval.val_per_k = 64
     c.eval.test_per_k = 128
+    c.eval.batch = 192  # val (192 rows) and test (384) in batches of one shape: one compile
     c.eval.diag_rows = 32
     c.study.loops = [1, 2, 3]
     c.study.controls = [2]
@@ -90,11 +94,13 @@ def get_config(preset: str = "cpu"):
     c.eval.val_per_k = 256
     c.eval.test_per_k = 1024
   elif preset == "test":
+    # seconds of training; compiles dominate, so one layer and one evaluation shape
     c.model.hidden_size = 32
     c.model.intermediate_size = 64
     c.model.head_dim = 8
     c.model.num_attention_heads = 4
     c.model.num_key_value_heads = 2
+    c.model.num_hidden_layers = 1
     c.data.lines = 4
     c.data.max_k = 3
     c.train.steps = 6
@@ -108,7 +114,7 @@ def get_config(preset: str = "cpu"):
     c.study.seeds = [0, 1]
     c.eval.val_per_k = 4
     c.eval.test_per_k = 4
-    c.eval.batch = 8
+    c.eval.batch = 12  # val and test are 12 rows each
     c.eval.diag_rows = 4
   else:
     raise ValueError(

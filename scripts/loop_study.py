@@ -2,6 +2,7 @@
 
     python scripts/loop_study.py --task=trace [--config=configs/trace_study.py[:PRESET]]
         [--config.<key>=<value>] [--study_dir=runs/trace_study] [--report=STUDY_DIR/loop_study.md]
+        [--variants=R1,R2]
 
     python scripts/loop_study.py [--task=stdlib] [--config=configs/loop_study.py]
         [--config.<key>=<value>] [--study_dir=runs/loop_study] [--loops=1,2,3,4] [--seeds=0,1]
@@ -10,6 +11,9 @@
 trace (loopcoder_jax/eval/trace_study.py): the depth-bound code-tracing task; R = 1..4, the
 unlooped L x R controls and serial looping without cross-loop parallelism, a learning-rate sweep
 per variant and seeds at the best rate; accuracy per k. PRESET: cpu (default), quick, accel, test.
+--variants runs only those variants and writes no report: invocations with disjoint lists share
+STUDY_DIR at once (on 2 cores, two of them finish sooner than one), and the same command without
+--variants then reads every run back and writes the report.
 stdlib (loopcoder_jax/eval/loop_study.py): held-out bits per byte on the built-in corpus; one run
 per (variant, seed) in STUDY_DIR/<variant>-s<seed> (a training workdir).
 Each task writes its own section of REPORT (other sections are kept), plots beside it; the
@@ -60,6 +64,13 @@ _REPORT = flags.DEFINE_string(
     "report",
     None,
     "Report to write, plots beside it (default: STUDY_DIR/loop_study.md; empty: none).",
+)
+_VARIANTS = flags.DEFINE_list(
+    "variants",
+    [],
+    "trace only: run just these variants (e.g. R2-serial,R1-L4) and write no report; "
+    "invocations with disjoint lists can share --study_dir at once, and a last one without "
+    "--variants writes the report from all of them.",
 )
 _CODE_EVAL = flags.DEFINE_integer(
     "code_eval_problems",
@@ -155,7 +166,12 @@ def _run_trace(report: str) -> None:
 
   config = _trace_config()
   study_dir = os.path.abspath(_study_dir())
-  results = trace_study.run_study(config, study_dir)
+  results = trace_study.run_study(config, study_dir, only=_VARIANTS.value)
+  if _VARIANTS.value:
+    print(
+        f"ran {', '.join(_VARIANTS.value)}; rerun without --variants for the report"
+    )
+    return
   if report:
     presets = {
         p: load_config(os.path.join(_ROOT, "configs", f"trace_study.py:{p}"))
@@ -185,6 +201,8 @@ def _command() -> str:
 def main():
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  if _VARIANTS.value and _TASK.value != "trace":
+    raise ValueError("--variants belongs to --task=trace")
   report = _report_path()
   if _TASK.value == "trace":
     _run_trace(report)

@@ -132,7 +132,7 @@ def run_config(
 
 
 def _write_json(path: str, value) -> None:
-  tmp = f"{path}.tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"  # trace-study invocations may share a directory
   with open(tmp, "w") as f:
     json.dump(value, f, indent=1)
   os.replace(tmp, path)

@@ -128,8 +128,22 @@ def ahead_at(a: dict, b: dict) -> list[int]:
   ]
 
 
-def _ks(ks: Sequence[int]) -> str:
-  return ", ".join(map(str, ks)) if ks else "none"
+def _at(ks: Sequence[int]) -> str:
+  """`at k = 1, 2` or `at no k`."""
+  return f"at k = {', '.join(map(str, ks))}" if ks else "at no k"
+
+
+def _points(x: float) -> str:
+  """An accuracy difference in percentage points, signed ('+0.0' never reads '-0.0')."""
+  return f"{round(100 * x, 1) + 0.0:+.1f} points"
+
+
+def _who_is_ahead(
+    a: str, a_ks: Sequence[int], b: str, b_ks: Sequence[int]
+) -> str:
+  if not a_ks and not b_ks:
+    return f"neither {a} nor {b} is ahead at any k"
+  return f"{a} is ahead {_at(a_ks)}, {b} {_at(b_ks)}"
 
 
 def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -187,8 +201,14 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
             else f"falls short of the unlooped {c['layers']}-layer control already at k = 1"
         )
         + (" (every k measured)" if k0 == kmax else "")
-        + f"; the control is ahead at k = {_ks(ahead_at(c, ref))}, R = "
-        f"{ref['loops']} ahead at k = {_ks(ahead_at(ref, c))}."
+        + "; "
+        + _who_is_ahead(
+            "the control",
+            ahead_at(c, ref),
+            f"R = {ref['loops']}",
+            ahead_at(ref, c),
+        )
+        + " (in every seed, beyond the noise)."
     )
   for s in (r for r in rows if not r["cross_loop"]):
     ref = by.get(f"R{s['loops']}")
@@ -197,20 +217,40 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
     serial_ahead, clp_ahead = ahead_at(s, ref), ahead_at(ref, s)
     gap = np.mean(_paired(s, ref)) if _paired(s, ref).size else math.nan
     out.append(
-        f"Cross-loop parallelism at R = {s['loops']}: serial looping is ahead at k = "
-        f"{_ks(serial_ahead)} and CLP at k = {_ks(clp_ahead)} (in every seed, beyond the "
-        f"noise); averaged over k and seeds serial looping scores {gap:+.1%} against CLP. "
-        + (
-            "CLP loses depth on this task."
-            if serial_ahead and not clp_ahead
-            else "CLP shows no loss of depth here."
-            if not serial_ahead
-            else "The comparison is mixed."
-        )
+        f"Cross-loop parallelism at R = {s['loops']}: "
+        + _who_is_ahead("serial looping", serial_ahead, "CLP", clp_ahead)
+        + " (in every seed, beyond the noise); averaged over k and seeds serial looping "
+        f"scores {_points(gap)} against CLP. "
+        + _clp_reading(serial_ahead, clp_ahead, follows=bool(deep))
     )
   out += _another_loop(looped)
   out += _per_flop(rows)
   return out
+
+
+def _clp_reading(serial_ahead, clp_ahead, *, follows: bool) -> str:
+  """What serial against CLP says about depth: only k >= 2 needs a chain followed (k = 1 is a
+  lookup on the asked line), and only when some variant follows the chain at all.
+  """
+  deeper = [k for k in serial_ahead if k >= 2]
+  if not follows:
+    return (
+        "With no variant following the chain, this says nothing about depth"
+        + (
+            "; serial looping learnt the k = 1 lookup faster."
+            if 1 in serial_ahead and 1 not in clp_ahead
+            else "."
+        )
+    )
+  if deeper and not clp_ahead:
+    return "CLP loses depth on this task."
+  if not serial_ahead:
+    return "CLP shows no loss of depth here."
+  if not deeper:
+    return (
+        "Serial looping learnt the k = 1 lookup faster; no loss of depth shows."
+    )
+  return "The comparison is mixed."
 
 
 def _another_loop(looped: Sequence[dict]) -> list[str]:
@@ -222,16 +262,32 @@ def _another_loop(looped: Sequence[dict]) -> list[str]:
     behind = ahead_at(a, b)
     gain = np.mean(_paired(b, a)) if _paired(b, a).size else math.nan
     out.append(
-        f"R = {a['loops']} -> {b['loops']}: {gain:+.1%} mean accuracy over k (paired by seed); "
-        f"the extra loop is ahead at k = {_ks(ahead)}, behind at k = {_ks(behind)}."
+        f"R = {a['loops']} -> {b['loops']}: {_points(gain)} of mean accuracy over k (paired "
+        "by seed); "
+        + (
+            f"the extra loop is ahead {_at(ahead)}, behind {_at(behind)}."
+            if ahead or behind
+            else "the extra loop is neither ahead nor behind at any k."
+        )
     )
-    if stop is None and not ahead:
-      stop = a["loops"]
-  if len(looped) > 1:
+    if stop is None and (
+        not ahead or behind
+    ):  # pays: ahead somewhere, behind nowhere
+      stop = (a["loops"], b["loops"], ahead, behind)
+  if stop is not None:
+    r, r_next, ahead, behind = stop
     out.append(
-        f"Another loop stops paying after R = {stop}: R = {stop + 1} is ahead of it at no k."
-        if stop is not None
-        else f"Every extra loop up to R = {looped[-1]['loops']} is ahead at some k."
+        f"Another loop stops paying after R = {r}: R = {r_next} is "
+        + (
+            f"ahead {_at(ahead)} but behind {_at(behind)}."
+            if ahead
+            else "ahead of it at no k."
+        )
+    )
+  elif len(looped) > 1:
+    out.append(
+        f"Every extra loop up to R = {looped[-1]['loops']} is ahead at some k and behind "
+        "at none."
     )
   return out
 
@@ -349,9 +405,15 @@ def markdown(
       "",
       "### Time (code tracing)",
       "",
-      f"{sessions['wall_s'] / 60:.1f} minutes of wall time and {sessions['cpu_s'] / 60:.1f} "
-      f"minutes of process CPU time over {sessions['sessions']} invocation(s) "
-      "(`sessions.jsonl` in the study directory).",
+      f"{sessions['elapsed_s'] / 60:.1f} minutes of wall time while any invocation ran ("
+      + (
+          f"{sessions['wall_s'] / 60:.1f} summed over {sessions['sessions']} invocations, "
+          "some of which ran at once with `--variants`"
+          if sessions["wall_s"] > sessions["elapsed_s"] + 1
+          else f"{sessions['sessions']} invocation(s)"
+      )
+      + f") and {sessions['cpu_s'] / 60:.1f} minutes of process CPU time (`sessions.jsonl` "
+      "in the study directory).",
       "",
       *presets_lines,
   ]
@@ -380,7 +442,8 @@ def write_report(
   with open(os.path.join(study_dir, "sessions.jsonl")) as f:
     entries = [json.loads(line) for line in f if line.strip()]
   sessions = {k: sum(e[k] for e in entries) for k in ("wall_s", "cpu_s")} | {
-      "sessions": len(entries)
+      "sessions": len(entries),
+      "elapsed_s": elapsed(entries),
   }
   prefix = os.path.splitext(os.path.abspath(doc_path))[0] + "_trace"
   plots = plots_lib.trace_plots(
@@ -402,6 +465,20 @@ def write_report(
   )
   update_doc(doc_path, "trace", text)
   return [doc_path, *plots.values()]
+
+
+def elapsed(entries: Sequence[dict[str, float]]) -> float:
+  """Seconds during which at least one invocation ran (the union of their intervals); entries
+  without a start (older studies) count their whole wall time."""
+  spans = sorted(
+      (e["start"], e["start"] + e["wall_s"]) for e in entries if "start" in e
+  )
+  total = sum(e["wall_s"] for e in entries if "start" not in e)
+  end = -math.inf
+  for a, b in spans:
+    total += max(0.0, b - max(a, end))
+    end = max(end, b)
+  return total
 
 
 # An accelerator's sustained float32 rate on these small models, for the accel preset's estimate:
@@ -465,7 +542,8 @@ def presets_section(presets: dict[str, Any], results) -> list[str]:
       f"{max(rates):.2f}) on the loaded machine. Estimates below scale each variant's "
       "measured process CPU time per training FLOP (`model/flops.py`) to a preset's FLOPs, "
       "add the measured per-run overhead (compiles, evaluation, diagnostics), and halve it for "
-      "two idle cores (XLA keeping both busy); the accelerator column assumes "
+      "two idle cores (two invocations with disjoint `--variants` keeping both busy); the "
+      "accelerator column assumes "
       f"{ACCEL_FLOPS / 1e12:g} TFLOP/s sustained and {ACCEL_COMPILE_S:g} s of compiles per "
       "variant and rate, not measured.",
       "",

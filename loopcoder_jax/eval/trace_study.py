@@ -106,9 +106,11 @@ def check(c: ml_collections.ConfigDict) -> list[Variant]:
   from loopcoder_jax.train import optim
 
   d, t, sw = c.data, c.train, c.sweep
-  if not 1 <= d.max_k <= d.lines <= 26:
+  if not 1 <= d.max_k < d.lines <= 26:
+    # at k = lines the snippet is the chain alone: its answer is the sum of every step on the
+    # page, which needs no depth, so every snippet keeps a distractor line
     raise ValueError(
-        f"data: need 1 <= max_k ({d.max_k}) <= lines ({d.lines}) <= 26"
+        f"data: need 1 <= max_k ({d.max_k}) < lines ({d.lines}) <= 26"
     )
   for key in ("steps", "batch", "pool", "save_every"):
     if t[key] < 1:
@@ -149,8 +151,11 @@ def _pool(c, study_dir: str) -> dict[str, np.ndarray]:
   )
   rows = trace.batch(snippets, d.lines, d.queries)
   arrays: dict[str, Any] = rows
-  np.savez(f"{path}.tmp.npz", **arrays)
-  os.replace(f"{path}.tmp.npz", path)
+  tmp = (
+      f"{path}.{os.getpid()}.tmp.npz"  # `only` invocations may build it at once
+  )
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
   return rows
 
 
@@ -167,9 +172,19 @@ def run_study(
     c: ml_collections.ConfigDict,
     study_dir: str,
     log: Callable[[str], None] = print,
+    only: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-  """The sweep, then the seeds at each variant's best rate; returns every finished run's result."""
+  """The sweep, then the seeds at each variant's best rate; returns every finished run's result.
+
+  `only` (variant names) runs just those variants: each variant's sweep and seeds depend on no
+  other variant, so invocations with disjoint `only` can share a study directory and run at once.
+  """
   variants = check(c)
+  unknown = sorted(set(only) - {v.name for v in variants})
+  if unknown:
+    raise ValueError(
+        f"unknown variants {unknown}; this study has {[v.name for v in variants]}"
+    )
   study_dir = os.path.abspath(study_dir)
   os.makedirs(study_dir, exist_ok=True)
   plan_path = os.path.join(study_dir, "study.json")
@@ -186,6 +201,8 @@ def run_study(
       plan_path,
       dict(variants=[dataclasses.asdict(v) for v in variants], config=config),
   )
+  if only:
+    variants = [v for v in variants if v.name in only]
   t0, c0 = time.time(), time.process_time()
   try:
     pool = _pool(c, study_dir)
@@ -208,7 +225,11 @@ def run_study(
     with open(os.path.join(study_dir, "sessions.jsonl"), "a") as f:
       f.write(
           json.dumps(
-              dict(wall_s=time.time() - t0, cpu_s=time.process_time() - c0)
+              dict(
+                  wall_s=time.time() - t0,
+                  cpu_s=time.process_time() - c0,
+                  start=t0,  # invocations may overlap (`only`): the report merges them
+              )
           )
           + "\n"
       )

@@ -56,6 +56,11 @@ def test_the_plan_holds_every_variant_of_the_issue():
         ("sweep.lrs", [], "sweep.lrs"),
         ("sweep.seed", 5, "sweep.seed"),
         ("data.max_k", 9, "max_k"),
+        (
+            "data.max_k",
+            4,
+            "max_k",
+        ),  # k = lines: no distractor, the sum of the page answers
         ("train.steps", 0, "train.steps"),
         ("optim.b1", 1.5, "optim.b1"),
     ],
@@ -72,7 +77,7 @@ def test_bad_configs_are_refused_before_any_work(tmp_path, key, value, match):
 @pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
   c = config()
-  v = trace_study.plan(c)[1]  # R2
+  v = trace_study.plan(c)[1]  # R2-serial
   cfg = trace_study.model_config(c, v)
   pool = trace.batch(
       trace.sample(0, 0, 32, [1, 2, 3], c.data.lines, c.data.queries, "train"),
@@ -132,11 +137,29 @@ def test_the_verdict_reads_depth_off_the_numbers():
   assert (
       "matches the unlooped 4-layer control" in text and "up to k = 2;" in text
   )
-  assert "serial looping is ahead at k = 3, 4 and CLP at k = none" in text
+  assert (
+      "serial looping is ahead at k = 3, 4, CLP at no k (in every seed" in text
+  )
+  assert "the control is ahead at k = 3, 4, R = 2 at no k" in text
   assert "CLP loses depth on this task." in text
-  assert "R = 1 -> 2: +20.0% mean accuracy" in text
+  assert "R = 1 -> 2: +20.0 points of mean accuracy" in text
+  assert "R = 2 -> 3: +0.0 points" in text
+  assert "the extra loop is neither ahead nor behind at any k" in text
   assert "Another loop stops paying after R = 2" in text
   assert "highest for R1 " in text  # the cheapest run per FLOP
+
+
+def test_a_loop_ahead_at_one_k_and_behind_at_another_does_not_pay():
+  rows = [
+      row("R1", 1, seeds([0.99, 0.5, 0.5])),
+      row("R2", 2, seeds([0.99, 0.8, 0.3])),
+  ]
+  text = "\n".join(trace_report.verdict(rows))
+  assert "the extra loop is ahead at k = 2, behind at k = 3." in text
+  assert (
+      "Another loop stops paying after R = 1: R = 2 is ahead at k = 2 but behind at k = 3."
+      in text
+  )
 
 
 def test_the_verdict_says_when_the_easy_case_is_not_learnt():
@@ -149,7 +172,12 @@ def test_the_verdict_says_when_the_easy_case_is_not_learnt():
   text = "\n".join(trace_report.verdict(rows))
   assert "The easy case is NOT learnt: R = 1 reaches only 10.0%" in text
   assert "No variant beats, at any k >= 2, the 19% a guess from" in text
-  assert "CLP shows no loss of depth here." in text
+  assert (
+      "With no variant following the chain, this says nothing about depth."
+      in text
+  )
+  assert "neither serial looping nor CLP is ahead at any k" in text
+  assert "none" not in text and "-0.0" not in text
 
 
 # ----------------------------------------------------------------------------------- end to end
@@ -166,6 +194,16 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
       f"--study_dir={study}",
       f"--report={doc}",
   ]
+  # one variant first, on its own (`--variants`: no report), then the rest and the report
+  part = run_script(
+      "loop_study.py", args + ["--variants=R2-serial"], timeout=300
+  )
+  assert part.returncode == 0, part.stderr[-3000:]
+  assert "rerun without --variants for the report" in part.stdout
+  assert {p.parent.parent.name for p in study.glob("*/*/result.json")} == {
+      "R2-serial"
+  }
+  assert not doc.read_text().count("Code tracing")
   out = run_script("loop_study.py", args, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = json.loads(out.stdout.strip().splitlines()[-1])
@@ -181,7 +219,7 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
   text = doc.read_text()
   assert "kept" in text and "## Code tracing: a depth-bound task" in text
   assert (
-      "| R2-serial | 2 | 2 | no |" in text
+      "| R2-serial | 2 | 1 | no |" in text
       and "### Verdict (code tracing)" in text
   )
   assert (tmp_path / "doc_trace_accuracy.png").stat().st_size > 0
@@ -190,10 +228,24 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert {p: p.stat().st_mtime for p in study.glob("*/*/result.json")} == before
   sessions = (study / "sessions.jsonl").read_text().splitlines()
-  assert len(sessions) == 2
+  assert len(sessions) == 3
+  assert "minutes of wall time while any invocation ran" in doc.read_text()
   # another config in the same directory is refused with one line
   other = run_script("loop_study.py", args + ["--config.train.steps=7"])
   assert (
       other.returncode == 2
       and "holds a study of another config" in other.stderr
   )
+  # so is a variant the study does not have
+  bad = run_script("loop_study.py", args + ["--variants=R9"])
+  assert bad.returncode == 2 and "unknown variants ['R9']" in bad.stderr
+
+
+def test_overlapping_invocations_count_their_wall_time_once():
+  entries = [
+      dict(start=0.0, wall_s=10.0),
+      dict(start=5.0, wall_s=10.0),  # ran beside the first (`--variants`)
+      dict(start=30.0, wall_s=1.0),
+      dict(wall_s=2.0),  # an older entry without a start: counted whole
+  ]
+  assert trace_report.elapsed(entries) == 15.0 + 1.0 + 2.0
