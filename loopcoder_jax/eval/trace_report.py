@@ -270,9 +270,8 @@ def _another_loop(looped: Sequence[dict]) -> list[str]:
             else "the extra loop is neither ahead nor behind at any k."
         )
     )
-    if stop is None and (
-        not ahead or behind
-    ):  # pays: ahead somewhere, behind nowhere
+    # a loop pays when it is ahead somewhere and behind nowhere
+    if stop is None and (not ahead or behind):
       stop = (a["loops"], b["loops"], ahead, behind)
   if stop is not None:
     r, r_next, ahead, behind = stop
