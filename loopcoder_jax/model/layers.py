@@ -152,7 +152,7 @@ def tie(w, x):
   inputs alone (`_scan_known_hoisting`). The later loops' scan (`transformer.py`) has the stacked
   layer weights as such inputs, so the int8 -> bf16 casts and the reshapes of every projection
   weight became one stacked copy of all L layers' weights, computed before the loop and kept until
-  its last use: 13 GB of the 7B's LoRA step (docs/scaling.md). Tied to the activation, each weight
+  its last use: 12.7 GiB in the 7B's LoRA step (docs/scaling.md). Tied to the activation, each weight
   is converted inside the layer, one layer at a time. Not differentiated, nothing is hoisted and no
   barrier is added: XLA may still fuse the weight's slice and cast into the matmul.
   """
