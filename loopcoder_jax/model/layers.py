@@ -7,6 +7,7 @@ RoPE, softmax and the gate compute in float32 (docs/plt-spec.md section 3).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -143,6 +144,29 @@ class Kernel(nn.Module):
 _FEW_ROWS = 8
 
 
+@jax.custom_jvp
+def tie(w, x):
+  """`w` unchanged; under differentiation, tied to the activation `x` by an optimization barrier.
+
+  Why: differentiating a scan, JAX hoists out of it whatever its body computes from loop-invariant
+  inputs alone (`_scan_known_hoisting`). The later loops' scan (`transformer.py`) has the stacked
+  layer weights as such inputs, so the int8 -> bf16 casts and the reshapes of every projection
+  weight became one stacked copy of all L layers' weights, computed before the loop and kept until
+  its last use: 12.7 GiB in the 7B's LoRA step (docs/scaling.md). Tied to the activation, each weight
+  is converted inside the layer, one layer at a time. Not differentiated, nothing is hoisted and no
+  barrier is added: XLA may still fuse the weight's slice and cast into the matmul.
+  """
+  del x
+  return w
+
+
+@functools.partial(tie.defjvp, symbolic_zeros=True)
+def _tie_jvp(primals, tangents):
+  w, x = primals
+  w, _ = jax.lax.optimization_barrier((w, x))
+  return w, tangents[0]
+
+
 def proj(x, kernel, n_in: int = 1, out_dtype=None):
   """Contract x's last `n_in` axes with the kernel's first `n_in` (cast to x's dtype), as one 2-D matmul.
 
@@ -152,6 +176,7 @@ def proj(x, kernel, n_in: int = 1, out_dtype=None):
   its int8 values cast to x's dtype (exact: |q| <= 127) and the per-channel scale applied to the
   float32 accumulator, y = (x @ q) * scale, so no float copy of the weight is kept.
   """
+  kernel = tie(kernel, x)
   scale = None
   if isinstance(kernel, Int8Kernel):
     kernel, scale = kernel.values, kernel.scale

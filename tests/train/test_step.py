@@ -275,3 +275,55 @@ def hf_paths(tree):
       "/".join(str(getattr(k, "key", k)) for k in p)
       for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
   ]
+
+
+def _eqn_outputs(jaxpr):
+  """Every value an equation of `jaxpr` makes, in sub-jaxprs too (scan bodies, calls)."""
+  for eqn in jaxpr.eqns:
+    yield from eqn.outvars
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else [v]:
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from _eqn_outputs(sub)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_the_lora_step_makes_no_copy_of_the_stacked_base_weights(quantize):
+  """Differentiating a scan, JAX computes before it what its body computes from loop-invariant
+  inputs alone; the later loops' scan has the stacked base weights as such inputs. The step must
+  not turn them into float copies of all layers at once (the int8 -> bf16 casts and the 2-D
+  reshapes of the projections: 13 GB of the 7B's LoRA step on one chip): the layers convert one
+  layer's weights at a time (`layers.tie`)."""
+  from loopcoder_jax.model.config import LoraConfig
+  from loopcoder_jax.model.lora import TARGETS
+
+  cfg = PLTConfig.tiny(
+      loops=3,
+      hidden_size=48,
+      intermediate_size=80,
+      num_hidden_layers=3,
+      head_dim=12,
+      dtype="bfloat16",
+      param_dtype="bfloat16",
+      remat_policy="full",
+      quantize=quantize,
+  ).replace(lora=LoraConfig(rank=4))
+  mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+  tx = optax.adam(1e-3)
+  _, step_fn, _ = ts.make_train_fns(cfg, tx, mesh)
+  abs_state, _ = ts.state_shardings_for(cfg, tx, mesh, shd.DEFAULT_RULES)
+  abs_base, _ = ts.base_shardings(cfg, mesh)
+  jaxpr = step_fn.trace(abs_state, ts.batch_spec(1, 16), abs_base).jaxpr
+  # every projection's stacked kernel shape, as stored and as a 2-D matmul operand
+  stacked = set()
+  for scope, name, n_in in TARGETS.values():
+    shape = abs_base["layers"][scope][name]["kernel"].shape
+    k_in = int(np.prod(shape[1 : 1 + n_in]))
+    stacked |= {shape, (shape[0], k_in, int(np.prod(shape[1:])) // k_in)}
+  copies = [
+      v.aval.str_short()
+      for v in _eqn_outputs(jaxpr.jaxpr)
+      if v.aval.shape in stacked and jnp.issubdtype(v.aval.dtype, jnp.floating)
+  ]
+  assert not copies, copies
