@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 
 from loopcoder_jax.model import lora
@@ -152,18 +153,25 @@ def tie(w, x):
   inputs alone (`_scan_known_hoisting`). The later loops' scan (`transformer.py`) has the stacked
   layer weights as such inputs, so the int8 -> bf16 casts and the reshapes of every projection
   weight became one stacked copy of all L layers' weights, computed before the loop and kept until
-  its last use: 12.7 GiB in the 7B's LoRA step (docs/scaling.md). Tied to the activation, each weight
-  is converted inside the layer, one layer at a time. Not differentiated, nothing is hoisted and no
-  barrier is added: XLA may still fuse the weight's slice and cast into the matmul.
+  its last use: 12.7 GiB in the 7B's LoRA step (docs/scaling.md). Tied to the activation, each frozen
+  weight is converted inside the layer, one layer at a time. Only frozen weights (no tangent: a
+  LoRA base) are tied: a trained weight's program stays as it was (FSDP gathers its shards freely,
+  and the hoisted copies are of shards), and without differentiation nothing is added at all.
   """
   del x
   return w
 
 
+def _no_tangent(t) -> bool:
+  leaves = jax.tree.leaves(t, is_leaf=lambda v: isinstance(v, SymbolicZero))
+  return all(isinstance(v, SymbolicZero) for v in leaves)
+
+
 @functools.partial(tie.defjvp, symbolic_zeros=True)
 def _tie_jvp(primals, tangents):
   w, x = primals
-  w, _ = jax.lax.optimization_barrier((w, x))
+  if _no_tangent(tangents[0]):
+    w, _ = jax.lax.optimization_barrier((w, x))
   return w, tangents[0]
 
 

@@ -240,7 +240,7 @@ def test_a_lora_step_trains_the_adapters_only(per_loop):
   from loopcoder_jax.model.config import LoraConfig
   from loopcoder_jax.model.transformer import init_params
 
-  lcfg = CFG.replace(lora=LoraConfig(rank=4, per_loop=True, dropout=0.1))
+  lcfg = CFG.replace(lora=LoraConfig(rank=4, per_loop=per_loop, dropout=0.1))
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   tx, sched = optim.make_optimizer({}, 10)
   init_fn, step_fn, _ = ts.make_train_fns(
@@ -327,3 +327,27 @@ def test_the_lora_step_makes_no_copy_of_the_stacked_base_weights(quantize):
       if v.aval.shape in stacked and jnp.issubdtype(v.aval.dtype, jnp.floating)
   ]
   assert not copies, copies
+
+
+def test_tie_bars_only_frozen_weights():
+  """`layers.tie` adds its barrier where a weight has no tangent (a LoRA base), and nowhere else: a
+  trained weight's step (full training) and a forward without differentiation keep their program.
+  """
+  from loopcoder_jax.model.layers import tie
+
+  w, x = jnp.ones((4, 3)), jnp.ones((2, 4))
+
+  def barriers(f):
+    return str(jax.make_jaxpr(f)(w, x)).count("optimization_barrier")
+
+  assert barriers(tie) == 0
+
+  def trained(w, x):  # w has a tangent: a weight being trained
+    return jax.jvp(tie, (w, x), (w, x))
+
+  def frozen(w, x):  # only x has one: a LoRA base weight
+    return jax.jvp(lambda x: tie(w, x), (x,), (x,))
+
+  assert barriers(trained) == 0
+  assert barriers(frozen) == 1
+  assert jnp.array_equal(frozen(w, x)[0], w)
