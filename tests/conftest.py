@@ -1,9 +1,16 @@
-"""Test setup: 8 fake CPU devices (mesh tests) and a persistent compile cache.
+"""Test setup: 8 fake CPU devices (mesh tests), a persistent compile cache, and Ctrl-C delivered.
 
-Both must be set before JAX initialises its backends, hence at import time here.
+The first two must be set before JAX initialises its backends, hence at import time here.
 """
 
 import os
+import signal
+
+# Started in the background by a shell without job control (`cmd &` in a script), the tests inherit
+# SIGINT ignored, and an ignored signal stays ignored across exec: the Ctrl-C tests' scripts would
+# never see theirs. Handled here, it is reset to the default at exec, as for a user at a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
