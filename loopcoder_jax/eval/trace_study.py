@@ -151,9 +151,8 @@ def _pool(c, study_dir: str) -> dict[str, np.ndarray]:
   )
   rows = trace.batch(snippets, d.lines, d.queries)
   arrays: dict[str, Any] = rows
-  tmp = (
-      f"{path}.{os.getpid()}.tmp.npz"  # `only` invocations may build it at once
-  )
+  # invocations with `only` may build it at once
+  tmp = f"{path}.{os.getpid()}.tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
   return rows
