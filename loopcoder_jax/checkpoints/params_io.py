@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 import inspect
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -69,12 +70,34 @@ def _abandoned_read(u) -> bool:
   )
 
 
+def _orbax_task_report(record: logging.LogRecord) -> bool:
+  """asyncio's "Task exception was never retrieved" for a task running Orbax code."""
+  if "never retrieved" not in str(record.msg):
+    return False
+  tb = record.exc_info[2] if record.exc_info else None
+  files = []
+  while tb is not None:
+    files.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  return any("orbax" in f for f in files) or "orbax" in record.getMessage()
+
+
+class _QuietOrbaxTasks(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not _orbax_task_report(record)
+
+
 def quiet_abandoned_reads() -> None:
   """After a failed restore, Orbax's pending reads finish on its closed event loop (or are
-  collected unfinished), each reporting an "unraisable" exception: tens of tracebacks on stderr
-  around the one error that matters. Installed before a restore starts (some reads finish before
-  the failure reaches us), it drops those reports, and only those, from then on.
+  collected unfinished), each reporting an "unraisable" exception, or a failed task that asyncio
+  logs when it is collected: tens of tracebacks on stderr around the one error that matters.
+  Installed before a restore starts (some reads finish before the failure reaches us), it drops
+  those reports, and only those, from then on.
   """
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _QuietOrbaxTasks) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_QuietOrbaxTasks())
   previous = sys.unraisablehook
   if getattr(previous, "quiets_orbax", False):
     return

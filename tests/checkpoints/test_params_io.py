@@ -52,3 +52,36 @@ def test_a_damaged_weight_in_a_params_dir_is_refused(tmp_path, params):
   want = emb.copy()
   want.view(np.uint32).flat[0] ^= 1
   np.testing.assert_array_equal(damaged["embed_tokens"]["embedding"], want)
+
+
+def _failed_task_report(caplog, filename: str) -> list[str]:
+  """What asyncio logs when a failed task of a coroutine defined in `filename` is collected
+  unretrieved (as Orbax's reads are after a failed restore)."""
+  import asyncio
+  import gc
+  import logging
+
+  ns: dict = {}
+  exec(
+      compile(
+          "async def read():\n  raise ValueError('bad')\n", filename, "exec"
+      ),
+      ns,
+  )
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(ns["read"]())
+  loop.run_until_complete(asyncio.sleep(0.01))
+  loop.close()
+  caplog.clear()
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    del task
+    gc.collect()
+  return [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+
+
+def test_abandoned_orbax_task_reports_are_dropped_others_kept(caplog):
+  params_io.quiet_abandoned_reads()
+  params_io.quiet_abandoned_reads()  # installs once
+  assert not _failed_task_report(caplog, "/site-packages/orbax/checkpoint/x.py")
+  [kept] = _failed_task_report(caplog, "/home/user/mine.py")
+  assert "never retrieved" in kept
