@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -51,6 +52,13 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 # bf16 `ops` counts those.
 EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float64": 2.0**-52}
 TOL_C = 8.0
+
+
+def free_port() -> int:
+  """A TCP port free on this host now (for a server or coordinator a test starts)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def perturbed(params, scale=0.05):

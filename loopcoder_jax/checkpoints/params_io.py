@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 import zlib
 
@@ -74,12 +75,10 @@ def _orbax_task_report(record: logging.LogRecord) -> bool:
   """asyncio's "Task exception was never retrieved" for a task running Orbax code."""
   if "never retrieved" not in str(record.msg):
     return False
-  tb = record.exc_info[2] if record.exc_info else None
-  files = []
-  while tb is not None:
-    files.append(tb.tb_frame.f_code.co_filename)
-    tb = tb.tb_next
-  return any("orbax" in f for f in files) or "orbax" in record.getMessage()
+  frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info else []
+  return any("orbax" in f.filename for f in frames) or (
+      "orbax" in record.getMessage()
+  )
 
 
 class _QuietOrbaxTasks(logging.Filter):

@@ -3,7 +3,6 @@ load."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,10 @@ import pytest
 
 from loopcoder_jax import interop
 from loopcoder_jax.inference import engine
-from tests.helpers import SCRIPTS
+from tests.helpers import SCRIPTS, free_port
 from tests.inference.conftest import serve_model  # noqa: F401  (a fixture)
 
 PROMPT, TOKENS = "return a", 16
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 300):
@@ -58,7 +51,7 @@ def test_serve_int8_answers_with_the_int8_weights(serve_model, tmp_path):  # noq
   interop.save_hf(cfg, params, ckpt, tokenizer_dir=tok_dir)
   want = _greedy(ckpt, "int8")
   assert want != _greedy(ckpt, None)  # else the test could not tell them apart
-  port = _free_port()
+  port = free_port()
   proc = subprocess.Popen(
       [
           sys.executable,

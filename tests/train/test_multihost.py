@@ -5,7 +5,6 @@ with 8 devices reading the same two shards."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ from tests import helpers
 from tests.helpers import (
     ROOT,
     TRAIN_SCRIPT,
+    free_port,
     read_metrics,
     subprocess_env,
     train_flags,
 )
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _bpb(stdout):
@@ -68,7 +62,7 @@ def test_two_processes_match_one_process_with_8_devices(assets, tmp_path):  # no
   # polled and the survivor is killed at once. They compile without the shared
   # persistent cache, so neither can load a program the one-process run wrote.
   env = {**subprocess_env(4), "JAX_COMPILATION_CACHE_DIR": ""}
-  port = _free_port()
+  port = free_port()
   procs, logs = [], []
   for i in range(2):
     flags = train_flags(
