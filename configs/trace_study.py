@@ -1,8 +1,10 @@
 """The code-tracing loop study (`scripts/loop_study.py --task=trace`), in presets.
 
-    --config=configs/trace_study.py          cpu: the whole study, about 2 h on 2 idle CPU cores
-                                             (estimated from the quick study's measured rates)
-    --config=configs/trace_study.py:quick    the reduced study docs/loop_study.md reports
+    --config=configs/trace_study.py          cpu: the whole plan (R = 1..4, both controls, serial
+                                             R = 2 and 4) on k = 1..5; its cost on 2 idle cores is
+                                             estimated in docs/loop_study.md from the quick study
+    --config=configs/trace_study.py:quick    the reduced study docs/loop_study.md reports (R1, R2,
+                                             R2-serial, R1-L4 on k = 1..3: about an hour)
     --config=configs/trace_study.py:accel    a bigger model, longer, for one accelerator
     --config=configs/trace_study.py:test     seconds, for the tests
 
@@ -40,14 +42,27 @@ def get_config(preset: str = "cpu"):
   c.runtime = ml_collections.ConfigDict(
       dict(scan_layers=False, attention_impl="xla")
   )
-  c.data = ml_collections.ConfigDict(dict(lines=10, max_k=8, queries=3, seed=0))
+  # the lookup curriculum (data/trace.py): `drill_steps` batches of lookup drills of `drill_size`
+  # constants (packed, as many as fit a row) first, then `drill_frac` of every batch
+  c.data = ml_collections.ConfigDict(
+      dict(
+          lines=8,
+          max_k=5,
+          queries=2,
+          seed=0,
+          drill_size=3,
+          drill_steps=600,
+          drill_frac=0.3,
+      )
+  )
+  # the quick study's measured need: about 1,500 steps of 128 rows before R = 1 looks up reliably
   c.train = ml_collections.ConfigDict(
-      dict(steps=1100, batch=32, pool=100_000, save_every=275)
+      dict(steps=2000, batch=128, pool=100_000, save_every=250)
   )
   c.optim = default_optim_config()
   c.optim.warmup_frac = 0.05
   c.optim.weight_decay = 0.1
-  c.sweep = ml_collections.ConfigDict(dict(lrs=[1e-3, 2e-3, 4e-3], seed=0))
+  c.sweep = ml_collections.ConfigDict(dict(lrs=[2e-3, 4e-3, 8e-3], seed=0))
   c.study = ml_collections.ConfigDict(
       dict(loops=[1, 2, 3, 4], controls=[2, 4], serial=[2, 4], seeds=[0, 1, 2])
   )
@@ -57,14 +72,14 @@ def get_config(preset: str = "cpu"):
   if preset == "cpu":
     pass
   elif preset == "quick":
-    # Sized to finish in about an hour on the shared 2-core machine, as two invocations with
-    # disjoint --variants (docs/loop_study.md); 4-line snippets, k = 1..3, so every snippet keeps
-    # a distractor line.
-    c.data.lines = 4
+    # Sized to finish in about an hour on the 2-core machine, one invocation per variant
+    # (--variants) all at once (docs/loop_study.md): 6-line snippets, k = 1..3, so every snippet keeps at least
+    # 3 distractor lines; the four variants that answer the study's questions.
+    c.data.lines = 6
     c.data.max_k = 3
     c.data.queries = 2
-    c.train.steps = 1000
-    c.train.batch = 32
+    c.train.steps = 1500
+    c.train.batch = 128
     c.train.pool = 20_000
     c.train.save_every = 250
     c.sweep.lrs = [2e-3, 4e-3, 8e-3]
@@ -72,7 +87,7 @@ def get_config(preset: str = "cpu"):
     c.eval.test_per_k = 128
     c.eval.batch = 192  # val (192 rows) and test (384) in batches of one shape: one compile
     c.eval.diag_rows = 32
-    c.study.loops = [1, 2, 3]
+    c.study.loops = [1, 2]
     c.study.controls = [2]
     c.study.serial = [2]
   elif preset == "accel":
@@ -81,9 +96,10 @@ def get_config(preset: str = "cpu"):
     c.model.num_attention_heads = 8
     c.model.num_key_value_heads = 8
     c.model.head_dim = 32
-    c.model.plt_window_size = (160, 0)
+    c.model.plt_window_size = (96, 0)
     c.data.lines = 16
     c.data.max_k = 12
+    c.data.drill_steps = 1000
     c.train.steps = 5000
     c.train.batch = 128
     c.train.pool = 1_000_000
@@ -103,6 +119,7 @@ def get_config(preset: str = "cpu"):
     c.model.num_hidden_layers = 1
     c.data.lines = 4
     c.data.max_k = 3
+    c.data.drill_steps = 2
     c.train.steps = 6
     c.train.batch = 8
     c.train.pool = 64

@@ -11,7 +11,7 @@
 A snippet has `lines` assignments: the asked chain of k (a constant, then k - 1 steps `x=y+c` or
 `x=y-c`, each reading the previous variable) and distractor chains of the same form filling the
 rest, interleaved at random (each chain keeps its order, so every snippet is valid Python and the
-chain must be followed by name). Every value is a digit 0..9, so the answer is one character.
+chain must be followed by name). Every value is a digit 0..9, so the answer is one token.
 Each snippet is run (`exec`, its `print` captured) and the answer read from what it printed: the
 generator, not the model, checks the answer.
 
@@ -19,8 +19,18 @@ Splits are a fixed partition of snippet space (CRC-32 of the text), so no held-o
 trained on: `test` (final accuracy per k), `val` (choosing the learning rate), `train` (the rest).
 Everything is deterministic from a seed; nothing is downloaded.
 
-Tokens are characters (`VOCAB`, id 0 is padding). A row is the snippet and its answer, right-padded
-to `seq_len(lines)`; the only scored position is the one predicting the answer.
+Tokens are code tokens, as a code model's tokenizer merges them: an assignment's target with its
+`=` (`c=`), a whole print line (`print(c)` and its newline), and single characters for the rest
+(`VOCAB`, id 0 is padding). Each lookup is then one token away: a constant follows its `c=`, and
+the answer follows its print. A row is the snippet and its answers, right-padded to
+`seq_len(lines, queries)`; the positions scored are the prints, each predicting its answer.
+
+Lookup drills (`make_drill`) are the curriculum that lets a small model learn the lookup within a
+CPU budget: only constants, every variable printed once, so each print is a k = 1 lookup and a row
+carries several (dense supervision of the step every chain starts with). A snippet with one scored
+print teaches the lookup too, but a 2-layer model then sits on a plateau for hundreds of thousands
+of rows before it learns it (docs/loop_study.md). Drills never print an intermediate value, so they
+shorten no chain; they are training rows only, and every variant trains on the same ones.
 """
 
 from __future__ import annotations
@@ -28,19 +38,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import re
 import string
 import zlib
 
 import numpy as np
 
 PAD = 0
-VOCAB = ("<pad>",) + tuple("\n=+-()" + string.digits + string.ascii_lowercase)
+_LETTERS = string.ascii_lowercase
+VOCAB = (
+    ("<pad>",)
+    + tuple("\n=+-()" + string.digits + _LETTERS)
+    + tuple(f"{x}=" for x in _LETTERS)
+    + tuple(f"print({x})\n" for x in _LETTERS)
+)
 _ID = {c: i for i, c in enumerate(VOCAB)}
+_TOKEN = re.compile(r"print\([a-z]\)\n|[a-z]=|.", re.S)
+_PRINTS = np.array([_ID[f"print({x})\n"] for x in _LETTERS])
 SPLITS = ("train", "val", "test")
 _HELD_OUT = 16  # 1/16 of snippet space is test, 1/16 val
-_NAMES = np.array(list(string.ascii_lowercase))
-_LONGEST_LINE = len("x=y+9\n")
-_QUERY = len("print(x)\n")
+_NAMES = np.array(list(_LETTERS))
+_LONGEST_LINE = 5  # `x=` `y` `+` `9` `\n`
+_QUERY = 3  # `print(x)\n` and the answer's digit and newline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +82,14 @@ class Snippet:
 
 
 def seq_len(lines: int, queries: int) -> int:
-  """Positions of a row: the longest snippet of `lines` assignments and `queries` prints."""
-  return lines * _LONGEST_LINE + queries * (_QUERY + 2)
+  """Tokens of a row: the longest snippet of `lines` assignments and `queries` prints."""
+  return lines * _LONGEST_LINE + queries * _QUERY
+
+
+def drills_per_row(size: int, lines: int, queries: int) -> int:
+  """Lookup drills of `size` constants that fit a row of `seq_len(lines, queries)` tokens (a
+  constant costs 3 tokens to assign and 3 to print)."""
+  return seq_len(lines, queries) // (6 * size)
 
 
 def split_of(code: str) -> str:
@@ -124,6 +149,28 @@ def make_snippet(
   return Snippet(code, run_snippet(code), tuple(len(chains[i]) for i in asked))
 
 
+def make_drill(rng: np.random.Generator, size: int) -> Snippet:
+  """A lookup drill: `size` constants, then every one printed once, in random order."""
+  if not 1 <= size <= len(_NAMES):
+    raise ValueError(f"need 1 <= size ({size}) <= {len(_NAMES)}")
+  names = rng.permutation(_NAMES)[:size]
+  body = [f"{x}={int(rng.integers(10))}" for x in names]
+  prints = [f"print({names[i]})" for i in rng.permutation(size)]
+  code = "\n".join(body + prints) + "\n"
+  return Snippet(code, run_snippet(code), (1,) * size)
+
+
+def sample_drills(seed: int, n: int, size: int) -> list[Snippet]:
+  """`n` training-split drills of `size` constants, deterministic in `seed`."""
+  rng = np.random.default_rng([seed, 2, SPLITS.index("train")])
+  out: list[Snippet] = []
+  while len(out) < n:
+    s = make_drill(rng, size)
+    if split_of(s.code) == "train":
+      out.append(s)
+  return out
+
+
 def sample(
     seed: int, index: int, n: int, ks, lines: int, queries: int, split: str
 ) -> list[Snippet]:
@@ -153,28 +200,51 @@ def one_line_accuracy() -> float:
 
 
 def encode(text: str) -> list[int]:
-  return [_ID[c] for c in text]
+  return [_ID[t] for t in _TOKEN.findall(text)]
+
+
+def decode(ids) -> str:
+  return "".join(VOCAB[int(i)] for i in ids if i != PAD)
 
 
 def batch(snippets, lines: int, queries: int) -> dict[str, np.ndarray]:
-  """Rows for `train.step` (inputs, targets, segment_ids, positions, loss_mask on every answer;
-  padding is segment 0) plus, per row and print (`[B, queries]`, -1 where a row has fewer),
-  `answer_at` (the position predicting the answer), `answer` (its token id) and `k`.
+  """Rows of `seq_len(lines, queries)` tokens, one snippet each (`packed_batch`)."""
+  return packed_batch([[sn] for sn in snippets], lines, queries)
+
+
+def packed_batch(groups, lines: int, queries: int) -> dict[str, np.ndarray]:
+  """Rows of `seq_len(lines, queries)` tokens, row i holding the snippets of `groups[i]` one after
+  another, each its own segment (1, 2, ...; padding is 0) with positions from 0: the inputs of
+  `train.step` (inputs, targets, segment_ids, positions, loss_mask on every answer) plus, per row
+  and print (`[B, Q]`, Q the most prints of a row and at least `queries`; -1 where a row has
+  fewer), `answer_at` (the print's position, which predicts the answer), `answer` (its token id)
+  and `k`.
   """
   s = seq_len(lines, queries) - 1
-  b = len(snippets)
+  b = len(groups)
+  q = max([queries] + [sum(len(sn.answers) for sn in g) for g in groups])
   tokens = np.zeros((b, s + 1), np.int32)
-  at = np.full((b, queries), -1, np.int32)
-  ks = np.full((b, queries), -1, np.int32)
-  for i, sn in enumerate(snippets):
-    ids = encode(sn.text)
-    tokens[i, : len(ids)] = ids
-    ends = np.flatnonzero(np.array(ids) == _ID["\n"])
-    # the last 2n lines alternate print, answer: the print's newline predicts the answer
-    n = len(sn.answers)
-    at[i, :n] = ends[-2 * n :: 2]
-    ks[i, :n] = sn.ks
-  real = tokens[:, :-1] != PAD
+  segments = np.zeros((b, s + 1), np.int32)
+  positions = np.zeros((b, s + 1), np.int32)
+  at = np.full((b, q), -1, np.int32)
+  ks = np.full((b, q), -1, np.int32)
+  for i, group in enumerate(groups):
+    ids = [encode(sn.text) for sn in group]
+    if sum(map(len, ids)) > s + 1:
+      raise ValueError(
+          f"{len(group)} snippet(s) of {sum(map(len, ids))} tokens exceed rows of {s + 1} "
+          f"(lines={lines}, queries={queries})"
+      )
+    start = n = 0
+    for seg, (sn, x) in enumerate(zip(group, ids), 1):
+      end = start + len(x)
+      tokens[i, start:end] = x
+      segments[i, start:end] = seg
+      positions[i, start:end] = np.arange(len(x))
+      m = len(sn.answers)
+      at[i, n : n + m] = start + np.flatnonzero(np.isin(x, _PRINTS))
+      ks[i, n : n + m] = sn.ks
+      start, n = end, n + m
   mask = np.zeros((b, s), np.float32)
   rows, cols = np.nonzero(at >= 0)
   mask[rows, at[rows, cols]] = 1.0
@@ -182,8 +252,8 @@ def batch(snippets, lines: int, queries: int) -> dict[str, np.ndarray]:
   return {
       "inputs": tokens[:, :-1],
       "targets": tokens[:, 1:],
-      "segment_ids": real.astype(np.int32),
-      "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+      "segment_ids": segments[:, :-1],
+      "positions": positions[:, :-1],
       "loss_mask": mask,
       "answer_at": at,
       "answer": answer.astype(np.int32),

@@ -327,7 +327,8 @@ def markdown(
       f"k >= 2 a guess from the asked variable's own line alone scores "
       f"{trace.one_line_accuracy():.0%} (`x=y+c` puts x in c..9), at k = 1 that line holds the "
       f"answer. Rows of {trace.seq_len(d['lines'], d['queries']) - 1} "
-      "character tokens; the loss is on the answers only. Accuracy is exact match on "
+      "code tokens (`c=` and `print(c)` are one token each, as a code tokenizer merges them); "
+      "the loss is on the answers only. Accuracy is exact match on "
       f"held-out snippets ({config['eval']['test_per_k']} per k of the asked chain, every "
       "print counted by its own chain length), mean ± standard deviation over seeds; chance "
       f"is {CHANCE:.0%}.",
@@ -335,7 +336,8 @@ def markdown(
       f"Model: d = {m['hidden_size']}, {m['num_hidden_layers']} layers, "
       f"{m['num_attention_heads']} heads, MLP {m['intermediate_size']}, local window left "
       f"{m['plt_window_size'][0]} (the whole row). Training: {t['steps']} steps of "
-      f"{t['batch']} rows, AdamW as in `train/optim.py`; learning rates "
+      f"{t['batch']} rows, AdamW as in `train/optim.py`, with the lookup curriculum of "
+      f"`data/trace.py`: {_curriculum(d)}; learning rates "
       f"{', '.join(f'{x:g}' for x in config['sweep']['lrs'])} swept on seed "
       f"{config['sweep']['seed']}, the best on the val split kept; seeds "
       f"{', '.join(map(str, config['study']['seeds']))} at that rate.",
@@ -523,6 +525,20 @@ def preset_cost(config, results) -> dict[str, float]:
       two_core_hours=cpu_s / 2 / 3600,
       accel_hours=(total_flops / ACCEL_FLOPS + compiles * ACCEL_COMPILE_S)
       / 3600,
+  )
+
+
+def _curriculum(d) -> str:
+  steps, frac = d.get("drill_steps", 0), d.get("drill_frac", 0.0)
+  if not (steps or frac):
+    return "none, every row a snippet"
+  drills = (
+      f"lookup drills ({d['drill_size']} constants, each printed once, packed as many as fit a "
+      "row)"
+  )
+  return (
+      f"the first {steps} steps {drills} only, then {frac:.0%} of every batch drills and the "
+      "rest snippets"
   )
 
 

@@ -115,6 +115,19 @@ def check(c: ml_collections.ConfigDict) -> list[Variant]:
   for key in ("steps", "batch", "pool", "save_every"):
     if t[key] < 1:
       raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
+  if not 0 <= d.drill_steps <= t.steps:
+    raise ValueError(
+        f"data.drill_steps must be in 0..train.steps ({t.steps}), got {d.drill_steps}"
+    )
+  if not 0 <= d.drill_frac < 1:
+    raise ValueError(f"data.drill_frac must be in [0, 1), got {d.drill_frac}")
+  if (d.drill_steps or d.drill_frac) and not 1 <= trace.drills_per_row(
+      d.drill_size, d.lines, d.queries
+  ):
+    raise ValueError(
+        f"data.drill_size={d.drill_size}: a lookup drill of that many constants does not fit a "
+        f"row of {trace.seq_len(d.lines, d.queries)} tokens"
+    )
   for key in ("val_per_k", "test_per_k", "batch", "diag_rows"):
     if c.eval[key] < 1:
       raise ValueError(f"eval.{key} must be >= 1, got {c.eval[key]}")
@@ -139,7 +152,8 @@ def run_name(v: Variant, lr: float, seed: int) -> str:
 
 
 def _pool(c, study_dir: str) -> dict[str, np.ndarray]:
-  """The training snippets as rows, generated once per study (seeded by `data.seed`)."""
+  """The training rows, generated once per study (seeded by `data.seed`): `train.pool` snippets,
+  and as many lookup drills under `drill/<key>` when the curriculum has any."""
   path = os.path.join(study_dir, "pool.npz")
   if os.path.exists(path):
     with np.load(path) as z:
@@ -149,13 +163,39 @@ def _pool(c, study_dir: str) -> dict[str, np.ndarray]:
   snippets = trace.sample(
       d.seed, 0, c.train.pool, ks, d.lines, d.queries, "train"
   )
+  from loopcoder_jax.train.step import BATCH_KEYS
+
   rows = trace.batch(snippets, d.lines, d.queries)
-  arrays: dict[str, Any] = rows
+  arrays: dict[str, Any] = {k: rows[k] for k in BATCH_KEYS}
+  if d.drill_steps or d.drill_frac:
+    per_row = trace.drills_per_row(d.drill_size, d.lines, d.queries)
+    drills = trace.sample_drills(d.seed, c.train.pool * per_row, d.drill_size)
+    groups = [drills[i : i + per_row] for i in range(0, len(drills), per_row)]
+    drill_rows = trace.packed_batch(groups, d.lines, d.queries)
+    arrays.update({f"drill/{k}": drill_rows[k] for k in BATCH_KEYS})
   # invocations with `only` may build it at once
   tmp = f"{path}.{os.getpid()}.tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
-  return rows
+  return arrays
+
+
+def batch_rows(c, pool, seed: int, s: int) -> dict[str, np.ndarray]:
+  """Training batch `s` of a run: drawn from the pool by (seed, s), so a resumed run sees the
+  batches it would have seen. The curriculum: the first `data.drill_steps` batches are lookup
+  drills only, later ones `data.drill_frac` drills (rounded to rows) and snippets for the rest.
+  """
+  from loopcoder_jax.train.step import BATCH_KEYS
+
+  rng = np.random.default_rng([seed, s])
+  b, d = c.train.batch, c.data
+  drills = b if s < d.drill_steps else int(round(d.drill_frac * b))
+  parts = []
+  for prefix, n in (("drill/", drills), ("", b - drills)):
+    if n:
+      idx = rng.integers(len(pool[f"{prefix}inputs"]), size=n)
+      parts.append({k: pool[prefix + k][idx] for k in BATCH_KEYS})
+  return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
 
 
 def _held_out(c, split: str, per_k: int) -> dict[str, np.ndarray]:
@@ -297,9 +337,8 @@ def _run(c, v: Variant, lr: float, seed: int, study_dir, pool, sets, log):
 
 
 def train_run(c, cfg: PLTConfig, lr: float, seed: int, pool, run_dir: str):
-  """Trains one run with the library's step (`train.step`), saving its state every
-  `train.save_every` steps; batch s is drawn from the pool by (seed, s), so a resumed run sees the
-  batches it would have seen. Returns (params, the loss of every step run in this call).
+  """Trains one run with the library's step (`train.step`) on `batch_rows`, saving its state every
+  `train.save_every` steps. Returns (params, the loss of every step run in this call).
   """
   import flax.serialization
   import jax
@@ -314,11 +353,9 @@ def train_run(c, cfg: PLTConfig, lr: float, seed: int, pool, run_dir: str):
   if os.path.exists(path):
     with open(path, "rb") as f:
       state = flax.serialization.from_bytes(jax.device_get(state), f.read())
-  n = len(pool["inputs"])
   losses = [float("nan")]
   for s in range(int(state.step), t.steps):
-    idx = np.random.default_rng([seed, s]).integers(n, size=t.batch)
-    rows = {k: pool[k][idx] for k in step.BATCH_KEYS}
+    rows = batch_rows(c, pool, seed, s)
     state, metrics = step_fn(state, step.global_batch(rows, mesh))
     losses.append(float(metrics["loss"]))
     if (s + 1) % t.save_every == 0 and s + 1 < t.steps:

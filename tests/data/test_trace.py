@@ -126,3 +126,48 @@ def test_the_one_line_baseline_is_what_the_last_line_alone_gives():
   assert len(counts) == 19  # + with 0..9, - with 1..9
   assert abs(best - trace.one_line_accuracy()) < 0.03
   assert trace.one_line_accuracy() == 0.19
+
+
+def test_code_tokens_put_each_lookup_one_token_away():
+  sn = trace.make_snippet(np.random.default_rng(3), 2, 6, 2)
+  ids = trace.encode(sn.text)
+  assert trace.decode(ids) == sn.text
+  tokens = [trace.VOCAB[i] for i in ids]
+  # every assignment target is one `x=` token and every print one `print(x)\n` token
+  assert sum(t.endswith("=") for t in tokens) == 6
+  prints = [i for i, t in enumerate(tokens) if t.startswith("print(")]
+  assert [tokens[i + 1] for i in prints] == list(sn.answers)
+  # the longest snippet of a row's size fits it: every line is at most 5 tokens
+  worst = trace.Snippet("a=b+1\n" * 6 + "print(a)\n" * 2, ("1", "1"), (1, 1))
+  assert len(trace.encode(worst.text)) == trace.seq_len(6, 2)
+  with pytest.raises(ValueError, match="exceed rows"):
+    trace.batch([worst], 5, 2)
+
+
+def test_drills_are_k1_lookups_printed_once_and_pack_into_segments():
+  drills = trace.sample_drills(0, 12, 3)
+  assert drills == trace.sample_drills(0, 12, 3)  # deterministic
+  for d in drills:
+    assert trace.split_of(d.code) == "train"
+    assert python_answers(d.code) == list(d.answers) and d.ks == (1, 1, 1)
+    assert set(chain_depths(d.code).values()) == {1}  # constants only
+    printed = [ln for ln in d.code.splitlines() if ln.startswith("print(")]
+    assert len(printed) == len(set(printed)) == 3  # each variable once
+  per_row = trace.drills_per_row(3, 6, 2)
+  assert per_row == 2  # 36 tokens hold two drills of 18
+  groups = [drills[i : i + per_row] for i in range(0, 12, per_row)]
+  rows = trace.packed_batch(groups, 6, 2)
+  assert rows["answer_at"].shape == (6, 6)
+  for i, group in enumerate(groups):
+    seg, pos = rows["segment_ids"][i], rows["positions"][i]
+    for j, d in enumerate(group, 1):
+      # each drill is its own segment, its positions counted from 0
+      n = len(trace.encode(d.text))
+      at = np.flatnonzero(seg == j)
+      assert len(at) in (n, n - 1)  # the row's last token is only a target
+      np.testing.assert_array_equal(pos[at], np.arange(len(at)))
+    got = "".join(trace.VOCAB[t] for t in rows["answer"][i])
+    assert got == "".join(a for d in group for a in d.answers)
+    assert (rows["targets"][i, rows["answer_at"][i]] == rows["answer"][i]).all()
+  with pytest.raises(ValueError, match="size"):
+    trace.make_drill(np.random.default_rng(0), 27)

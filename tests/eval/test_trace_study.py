@@ -62,6 +62,9 @@ def test_the_plan_holds_every_variant_of_the_issue():
             "max_k",
         ),  # k = lines: no distractor, the sum of the page answers
         ("train.steps", 0, "train.steps"),
+        ("data.drill_frac", 1.0, "drill_frac"),
+        ("data.drill_steps", 10**6, "drill_steps"),
+        ("data.drill_size", 9, "drill_size"),  # 54 tokens, rows of 26
         ("optim.b1", 1.5, "optim.b1"),
     ],
 )
@@ -74,16 +77,44 @@ def test_bad_configs_are_refused_before_any_work(tmp_path, key, value, match):
   assert not os.path.exists(tmp_path / "s")
 
 
+def test_the_curriculum_drills_first_then_mixes(tmp_path):
+  c = config()
+  c.train.pool = 16
+  c.data.drill_steps, c.data.drill_frac = 2, 0.25
+  pool = trace_study._pool(c, str(tmp_path))
+  drill_ids = {tuple(r) for r in pool["drill/inputs"]}
+  snippet_ids = {tuple(r) for r in pool["inputs"]}
+  for s in range(5):
+    rows = trace_study.batch_rows(c, pool, 0, s)
+    assert rows["inputs"].shape == (8, trace.seq_len(4, c.data.queries) - 1)
+    drills = sum(tuple(r) in drill_ids for r in rows["inputs"])
+    assert drills == (8 if s < 2 else 2)  # then 25% of 8 rows
+    assert drills + sum(tuple(r) in snippet_ids for r in rows["inputs"]) == 8
+    again = trace_study.batch_rows(
+        c, pool, 0, s
+    )  # a resumed run sees the same batch
+    np.testing.assert_array_equal(rows["inputs"], again["inputs"])
+  # drills packed into segments, as many per row as fit
+  assert pool["drill/segment_ids"].max() == trace.drills_per_row(
+      c.data.drill_size, 4, c.data.queries
+  )
+  c.data.drill_steps, c.data.drill_frac = (
+      0,
+      0.0,
+  )  # no curriculum: no drills generated
+  os.makedirs(tmp_path / "none")
+  assert "drill/inputs" not in trace_study._pool(c, str(tmp_path / "none"))
+
+
 @pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
   c = config()
   v = trace_study.plan(c)[1]  # R2-serial
   cfg = trace_study.model_config(c, v)
-  pool = trace.batch(
-      trace.sample(0, 0, 32, [1, 2, 3], c.data.lines, c.data.queries, "train"),
-      c.data.lines,
-      c.data.queries,
-  )
+  c.train.pool = 32
+  pool = trace_study._pool(
+      c, str(tmp_path)
+  )  # snippets and drills: the curriculum's batches
   whole, losses = trace_study.train_run(c, cfg, 3e-3, 0, pool, str(tmp_path))
   assert len(losses) == c.train.steps + 1 and np.isfinite(losses[1:]).all()
   # the state saved at step `save_every` is still there: train again from it
