@@ -164,10 +164,13 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
           "variant's failure at larger k is a matter of depth, not of too short training."
       )
     else:
+      per_seed = [acc[0] for acc in r1["acc"]]
+      crossed = sum(x >= BAR for x in per_seed)
       out.append(
           f"The easy case is NOT learnt: R = 1 reaches only {a:.1%} at k = 1 (bar {BAR:.0%}; "
-          f"chance {CHANCE:.0%}). The runs are too short for this task, and differences at "
-          "larger k cannot be read as differences in depth."
+          f"chance {CHANCE:.0%}; by seed {', '.join(f'{x:.0%}' for x in per_seed)}, "
+          f"{crossed} of {len(per_seed)} at the bar). The runs are too short for this task, "
+          "and differences at larger k cannot be read as differences in depth."
       )
   shallow = trace.one_line_accuracy()
   deep = [

@@ -209,6 +209,12 @@ def test_the_verdict_says_when_the_easy_case_is_not_learnt():
   )
   assert "neither serial looping nor CLP is ahead at any k" in text
   assert "none" not in text and "-0.0" not in text
+  assert "by seed 8%, 10%, 12%, 0 of 3 at the bar" in text
+  # one seed past the plateau does not make the mean: the verdict names it
+  mixed = [[0.56, 0.2, 0.2], [0.97, 0.2, 0.2], [0.6, 0.2, 0.2]]
+  text = "\n".join(trace_report.verdict([row("R1", 1, mixed)]))
+  assert "reaches only 71.0% at k = 1" in text
+  assert "by seed 56%, 97%, 60%, 1 of 3 at the bar" in text
 
 
 # ----------------------------------------------------------------------------------- end to end

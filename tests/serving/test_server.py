@@ -125,8 +125,17 @@ def test_the_openai_client_sees_errors_as_its_exceptions(client):
     client.completions.create(model=MODEL, prompt="def", max_tokens=10**6)
 
 
-def test_a_client_leaving_mid_stream_frees_its_slot(client, running):
+def test_a_client_leaving_mid_stream_frees_its_slot(client, running, monkeypatch):
   built, run = running
+  step = built.scheduler._step
+
+  def slow_step(active):
+    # rounds slower than a disconnect takes to reach the server, even on a loaded machine: the
+    # request must still be running when the client leaves (CI under load once saw it finish)
+    time.sleep(0.05)
+    return step(active)
+
+  monkeypatch.setattr(built.scheduler, "_step", slow_step)
   room = built.scheduler.max_len - 4
   body = {"model": MODEL, "prompt": "def", "max_tokens": room, "stream": True}
   cancelled = built.scheduler.cancelled
