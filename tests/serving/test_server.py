@@ -125,7 +125,9 @@ def test_the_openai_client_sees_errors_as_its_exceptions(client):
     client.completions.create(model=MODEL, prompt="def", max_tokens=10**6)
 
 
-def test_a_client_leaving_mid_stream_frees_its_slot(client, running, monkeypatch):
+def test_a_client_leaving_mid_stream_frees_its_slot(
+    client, running, monkeypatch
+):
   built, run = running
   step = built.scheduler._step
 
