@@ -4,7 +4,7 @@
                                              R = 2 and 4) on k = 1..5; its cost on 2 idle cores is
                                              estimated in docs/loop_study.md from the quick study
     --config=configs/trace_study.py:quick    the reduced study docs/loop_study.md reports (R1, R2,
-                                             R2-serial, R1-L4 on k = 1..3: about an hour)
+                                             R2-serial, R1-L4 on k = 1..3: under 2 hours)
     --config=configs/trace_study.py:accel    a bigger model, longer, for one accelerator
     --config=configs/trace_study.py:test     seconds, for the tests
 
@@ -43,7 +43,8 @@ def get_config(preset: str = "cpu"):
       dict(scan_layers=False, attention_impl="xla")
   )
   # the lookup curriculum (data/trace.py): `drill_steps` batches of lookup drills of `drill_size`
-  # constants (packed, as many as fit a row) first, then `drill_frac` of every batch
+  # constants among `drill_fill` distractor steps (packed, as many as fit a row) first, then
+  # `drill_frac` of every batch
   c.data = ml_collections.ConfigDict(
       dict(
           lines=8,
@@ -51,11 +52,13 @@ def get_config(preset: str = "cpu"):
           queries=2,
           seed=0,
           drill_size=3,
+          drill_fill=2,
           drill_steps=600,
           drill_frac=0.3,
       )
   )
-  # the quick study's measured need: about 1,500 steps of 128 rows before R = 1 looks up reliably
+  # when R = 1 learns the lookup is random: by step 1,000 to 2,500 of 128 rows in the quick study
+  # and its probes (docs/loop_study.md)
   c.train = ml_collections.ConfigDict(
       dict(steps=2000, batch=128, pool=100_000, save_every=250)
   )
@@ -72,13 +75,13 @@ def get_config(preset: str = "cpu"):
   if preset == "cpu":
     pass
   elif preset == "quick":
-    # Sized to finish in about an hour on the 2-core machine, one invocation per variant
+    # Sized to finish in under 2 hours on the 2-core machine, one invocation per variant
     # (--variants) all at once (docs/loop_study.md): 6-line snippets, k = 1..3, so every snippet keeps at least
     # 3 distractor lines; the four variants that answer the study's questions.
     c.data.lines = 6
     c.data.max_k = 3
     c.data.queries = 2
-    c.train.steps = 1500
+    c.train.steps = 1800
     c.train.batch = 128
     c.train.pool = 20_000
     c.train.save_every = 250
@@ -119,6 +122,8 @@ def get_config(preset: str = "cpu"):
     c.model.num_hidden_layers = 1
     c.data.lines = 4
     c.data.max_k = 3
+    c.data.drill_size = 2
+    c.data.drill_fill = 1
     c.data.drill_steps = 2
     c.train.steps = 6
     c.train.batch = 8

@@ -26,11 +26,14 @@ the answer follows its print. A row is the snippet and its answers, right-padded
 `seq_len(lines, queries)`; the positions scored are the prints, each predicting its answer.
 
 Lookup drills (`make_drill`) are the curriculum that lets a small model learn the lookup within a
-CPU budget: only constants, every variable printed once, so each print is a k = 1 lookup and a row
-carries several (dense supervision of the step every chain starts with). A snippet with one scored
-print teaches the lookup too, but a 2-layer model then sits on a plateau for hundreds of thousands
-of rows before it learns it (docs/loop_study.md). Drills never print an intermediate value, so they
-shorten no chain; they are training rows only, and every variant trains on the same ones.
+CPU budget: a few constants among distractor steps (`x=y+c`), every constant printed once, so each
+print is a k = 1 lookup and a row carries several (dense supervision of the step every chain
+starts with). A snippet with one scored print teaches the lookup too, but a 2-layer model then
+sits on a plateau for hundreds of thousands of rows before it learns it; drills of constants alone
+are learnt fast but transfer to snippets slowly, and the distractor steps, which make a drill's
+page look like a snippet's, close that gap (docs/loop_study.md). Drills never print a step's
+value, so they shorten no chain; they are training rows only, and every variant trains on the
+same ones.
 """
 
 from __future__ import annotations
@@ -86,10 +89,11 @@ def seq_len(lines: int, queries: int) -> int:
   return lines * _LONGEST_LINE + queries * _QUERY
 
 
-def drills_per_row(size: int, lines: int, queries: int) -> int:
-  """Lookup drills of `size` constants that fit a row of `seq_len(lines, queries)` tokens (a
-  constant costs 3 tokens to assign and 3 to print)."""
-  return seq_len(lines, queries) // (6 * size)
+def drills_per_row(size: int, lines: int, queries: int, fill: int = 0) -> int:
+  """Lookup drills of `size` constants and `fill` distractor steps that fit a row of
+  `seq_len(lines, queries)` tokens (a constant costs 3 tokens to assign and 3 to print, a step
+  5)."""
+  return seq_len(lines, queries) // (6 * size + _LONGEST_LINE * fill)
 
 
 def split_of(code: str) -> str:
@@ -149,23 +153,45 @@ def make_snippet(
   return Snippet(code, run_snippet(code), tuple(len(chains[i]) for i in asked))
 
 
-def make_drill(rng: np.random.Generator, size: int) -> Snippet:
-  """A lookup drill: `size` constants, then every one printed once, in random order."""
-  if not 1 <= size <= len(_NAMES):
-    raise ValueError(f"need 1 <= size ({size}) <= {len(_NAMES)}")
-  names = rng.permutation(_NAMES)[:size]
-  body = [f"{x}={int(rng.integers(10))}" for x in names]
-  prints = [f"print({names[i]})" for i in rng.permutation(size)]
+def make_drill(rng: np.random.Generator, size: int, fill: int = 0) -> Snippet:
+  """A lookup drill: `size` constants and `fill` distractor steps (`x=y+c`, reading a variable
+  assigned before it), interleaved at random, then every constant printed once, in random order.
+  """
+  if not 1 <= size <= size + fill <= len(_NAMES):
+    raise ValueError(
+        f"need size ({size}) >= 1 and size + fill ({size + fill}) <= {len(_NAMES)}"
+    )
+  names = rng.permutation(_NAMES)[: size + fill]
+  consts, steps = names[:size], list(names[size:])
+  value: dict[str, int] = {}
+  body = []
+  for x in consts:
+    # before each constant, each remaining step comes with probability fill / (size + fill)
+    while steps and value and rng.random() < fill / (size + fill):
+      body.append(_step(rng, steps.pop(0), value))
+    value[x] = int(rng.integers(10))
+    body.append(f"{x}={value[x]}")
+  body += [_step(rng, y, value) for y in steps]
+  prints = [f"print({consts[i]})" for i in rng.permutation(size)]
   code = "\n".join(body + prints) + "\n"
   return Snippet(code, run_snippet(code), (1,) * size)
 
 
-def sample_drills(seed: int, n: int, size: int) -> list[Snippet]:
-  """`n` training-split drills of `size` constants, deterministic in `seed`."""
+def _step(rng: np.random.Generator, name: str, value: dict[str, int]) -> str:
+  """`name=y+c` or `name=y-c` for a random assigned `y`, keeping the value a digit."""
+  prev = list(value)[int(rng.integers(len(value)))]
+  new = int(rng.integers(10))
+  op = "+" if new >= value[prev] else "-"
+  value[name] = new
+  return f"{name}={prev}{op}{abs(new - value[prev])}"
+
+
+def sample_drills(seed: int, n: int, size: int, fill: int = 0) -> list[Snippet]:
+  """`n` training-split drills of `size` constants and `fill` steps, deterministic in `seed`."""
   rng = np.random.default_rng([seed, 2, SPLITS.index("train")])
   out: list[Snippet] = []
   while len(out) < n:
-    s = make_drill(rng, size)
+    s = make_drill(rng, size, fill)
     if split_of(s.code) == "train":
       out.append(s)
   return out

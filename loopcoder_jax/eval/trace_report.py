@@ -83,12 +83,14 @@ def _sweep_seed(results) -> int:
 
 
 def _mean_none(xs):
+  """Column means over the rows that have a value; None where no row has one (a diagnostic that
+  loop 1 lacks)."""
   a = np.array([[np.nan if v is None else v for v in x] for x in xs], float)
-  return (
-      [None if np.isnan(v) else float(v) for v in np.nanmean(a, 0)]
-      if a.size
-      else []
-  )
+  if not a.size:
+    return []
+  have = ~np.isnan(a)
+  total = np.where(have, a, 0.0).sum(0)
+  return [float(t / n) if n else None for t, n in zip(total, have.sum(0))]
 
 
 def _noise(a: dict, b: dict, k: int) -> float:
@@ -536,8 +538,8 @@ def _curriculum(d) -> str:
   if not (steps or frac):
     return "none, every row a snippet"
   drills = (
-      f"lookup drills ({d['drill_size']} constants, each printed once, packed as many as fit a "
-      "row)"
+      f"lookup drills ({d['drill_size']} constants among {d.get('drill_fill', 0)} distractor "
+      "steps, each constant printed once, packed as many as fit a row)"
   )
   return (
       f"the first {steps} steps {drills} only, then {frac:.0%} of every batch drills and the "

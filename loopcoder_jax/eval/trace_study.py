@@ -121,12 +121,17 @@ def check(c: ml_collections.ConfigDict) -> list[Variant]:
     )
   if not 0 <= d.drill_frac < 1:
     raise ValueError(f"data.drill_frac must be in [0, 1), got {d.drill_frac}")
+  if d.drill_size < 1 or d.drill_fill < 0:
+    raise ValueError(
+        f"data: need drill_size >= 1 and drill_fill >= 0, got {d.drill_size}, {d.drill_fill}"
+    )
   if (d.drill_steps or d.drill_frac) and not 1 <= trace.drills_per_row(
-      d.drill_size, d.lines, d.queries
+      d.drill_size, d.lines, d.queries, d.drill_fill
   ):
     raise ValueError(
-        f"data.drill_size={d.drill_size}: a lookup drill of that many constants does not fit a "
-        f"row of {trace.seq_len(d.lines, d.queries)} tokens"
+        f"data.drill_size={d.drill_size}, drill_fill={d.drill_fill}: a lookup drill of that "
+        f"many constants and steps does not fit a row of {trace.seq_len(d.lines, d.queries)} "
+        "tokens"
     )
   for key in ("val_per_k", "test_per_k", "batch", "diag_rows"):
     if c.eval[key] < 1:
@@ -168,8 +173,12 @@ def _pool(c, study_dir: str) -> dict[str, np.ndarray]:
   rows = trace.batch(snippets, d.lines, d.queries)
   arrays: dict[str, Any] = {k: rows[k] for k in BATCH_KEYS}
   if d.drill_steps or d.drill_frac:
-    per_row = trace.drills_per_row(d.drill_size, d.lines, d.queries)
-    drills = trace.sample_drills(d.seed, c.train.pool * per_row, d.drill_size)
+    per_row = trace.drills_per_row(
+        d.drill_size, d.lines, d.queries, d.drill_fill
+    )
+    drills = trace.sample_drills(
+        d.seed, c.train.pool * per_row, d.drill_size, d.drill_fill
+    )
     groups = [drills[i : i + per_row] for i in range(0, len(drills), per_row)]
     drill_rows = trace.packed_batch(groups, d.lines, d.queries)
     arrays.update({f"drill/{k}": drill_rows[k] for k in BATCH_KEYS})

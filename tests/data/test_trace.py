@@ -171,3 +171,29 @@ def test_drills_are_k1_lookups_printed_once_and_pack_into_segments():
     assert (rows["targets"][i, rows["answer_at"][i]] == rows["answer"][i]).all()
   with pytest.raises(ValueError, match="size"):
     trace.make_drill(np.random.default_rng(0), 27)
+
+
+@pytest.mark.parametrize("size, fill", [(3, 2), (1, 4), (4, 0), (2, 24)])
+def test_drills_with_distractor_steps_print_only_their_constants(size, fill):
+  drills = trace.sample_drills(1, 40, size, fill)
+  assert drills == trace.sample_drills(1, 40, size, fill)
+  first_line_is_step = 0
+  for d in drills:
+    assert python_answers(d.code) == list(d.answers) and d.ks == (1,) * size
+    depth = chain_depths(
+        d.code
+    )  # every step reads a variable assigned before it
+    assert sorted(depth.values()).count(1) == size and len(depth) == size + fill
+    printed = [
+        ln[6:-1] for ln in d.code.splitlines() if ln.startswith("print(")
+    ]
+    assert len(set(printed)) == size and all(depth[x] == 1 for x in printed)
+    assert (
+        len(trace.encode(d.text)) == 6 * size + 5 * fill
+    )  # what drills_per_row counts
+    first_line_is_step += depth[d.code.split("=")[0]] > 1
+  assert first_line_is_step == 0  # a step needs an assigned variable to read
+  assert trace.drills_per_row(3, 6, 2, 2) == 1  # 28 of 36 tokens
+  assert trace.drills_per_row(2, 6, 2, 1) == 2  # 17 each
+  with pytest.raises(ValueError, match="fill"):
+    trace.make_drill(np.random.default_rng(0), 3, 24)

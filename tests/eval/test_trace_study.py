@@ -65,6 +65,12 @@ def test_the_plan_holds_every_variant_of_the_issue():
         ("data.drill_frac", 1.0, "drill_frac"),
         ("data.drill_steps", 10**6, "drill_steps"),
         ("data.drill_size", 9, "drill_size"),  # 54 tokens, rows of 26
+        (
+            "data.drill_fill",
+            3,
+            "drill_fill",
+        ),  # 2 constants and 3 steps: 27 tokens
+        ("data.drill_fill", -1, "drill_fill"),
         ("optim.b1", 1.5, "optim.b1"),
     ],
 )
@@ -96,7 +102,7 @@ def test_the_curriculum_drills_first_then_mixes(tmp_path):
     np.testing.assert_array_equal(rows["inputs"], again["inputs"])
   # drills packed into segments, as many per row as fit
   assert pool["drill/segment_ids"].max() == trace.drills_per_row(
-      c.data.drill_size, 4, c.data.queries
+      c.data.drill_size, 4, c.data.queries, c.data.drill_fill
   )
   c.data.drill_steps, c.data.drill_frac = (
       0,
