@@ -115,10 +115,14 @@ def _chain(rng: np.random.Generator, names) -> list[str]:
   lines = [f"{names[0]}={value}"]
   for prev, name in zip(names, names[1:]):
     new = int(rng.integers(10))
-    op = "+" if new >= value else "-"
-    lines.append(f"{name}={prev}{op}{abs(new - value)}")
+    lines.append(_step_line(name, prev, value, new))
     value = new
   return lines
+
+
+def _step_line(name: str, prev: str, old: int, new: int) -> str:
+  """`name=prev+c` or `name=prev-c`, taking `prev`'s value `old` to `new`."""
+  return f"{name}={prev}{'+' if new >= old else '-'}{abs(new - old)}"
 
 
 def make_snippet(
@@ -180,10 +184,8 @@ def make_drill(rng: np.random.Generator, size: int, fill: int = 0) -> Snippet:
 def _step(rng: np.random.Generator, name: str, value: dict[str, int]) -> str:
   """`name=y+c` or `name=y-c` for a random assigned `y`, keeping the value a digit."""
   prev = list(value)[int(rng.integers(len(value)))]
-  new = int(rng.integers(10))
-  op = "+" if new >= value[prev] else "-"
-  value[name] = new
-  return f"{name}={prev}{op}{abs(new - value[prev])}"
+  value[name] = int(rng.integers(10))
+  return _step_line(name, prev, value[prev], value[name])
 
 
 def sample_drills(seed: int, n: int, size: int, fill: int = 0) -> list[Snippet]:

@@ -180,17 +180,15 @@ def test_drills_with_distractor_steps_print_only_their_constants(size, fill):
   first_line_is_step = 0
   for d in drills:
     assert python_answers(d.code) == list(d.answers) and d.ks == (1,) * size
-    depth = chain_depths(
-        d.code
-    )  # every step reads a variable assigned before it
+    # chain_depths asserts every step reads a variable assigned before it
+    depth = chain_depths(d.code)
     assert sorted(depth.values()).count(1) == size and len(depth) == size + fill
     printed = [
         ln[6:-1] for ln in d.code.splitlines() if ln.startswith("print(")
     ]
     assert len(set(printed)) == size and all(depth[x] == 1 for x in printed)
-    assert (
-        len(trace.encode(d.text)) == 6 * size + 5 * fill
-    )  # what drills_per_row counts
+    # the tokens drills_per_row counts
+    assert len(trace.encode(d.text)) == 6 * size + 5 * fill
     first_line_is_step += depth[d.code.split("=")[0]] > 1
   assert first_line_is_step == 0  # a step needs an assigned variable to read
   assert trace.drills_per_row(3, 6, 2, 2) == 1  # 28 of 36 tokens

@@ -65,11 +65,8 @@ def test_the_plan_holds_every_variant_of_the_issue():
         ("data.drill_frac", 1.0, "drill_frac"),
         ("data.drill_steps", 10**6, "drill_steps"),
         ("data.drill_size", 9, "drill_size"),  # 54 tokens, rows of 26
-        (
-            "data.drill_fill",
-            3,
-            "drill_fill",
-        ),  # 2 constants and 3 steps: 27 tokens
+        # 2 constants and 3 steps: 27 tokens, rows of 26
+        ("data.drill_fill", 3, "drill_fill"),
         ("data.drill_fill", -1, "drill_fill"),
         ("optim.b1", 1.5, "optim.b1"),
     ],
