@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, queried with the official `openai` client on 127.0.0.1."""
 
 import json
+import threading
 import time
 
 import httpx
@@ -130,20 +131,35 @@ def test_a_client_leaving_mid_stream_frees_its_slot(
 ):
   built, run = running
   step = built.scheduler._step
+  cancelled = built.scheduler.cancelled
+  has_first_line = threading.Event()
 
-  def slow_step(active):
-    # rounds slower than a disconnect takes to reach the server, even on a loaded machine: the
-    # request must still be running when the client leaves (CI under load once saw it finish)
-    time.sleep(0.05)
+  def held_step(active):
+    # once the client has read its first line, no step runs until its disconnect reaches the
+    # server: the request cannot end by itself first (at max_tokens, or on EOS), which CI once
+    # saw happen under load
+    deadline = time.monotonic() + 30
+    while (
+        has_first_line.is_set()
+        and built.scheduler.cancelled == cancelled
+        and time.monotonic() < deadline
+    ):
+      time.sleep(0.01)
     return step(active)
 
-  monkeypatch.setattr(built.scheduler, "_step", slow_step)
+  monkeypatch.setattr(built.scheduler, "_step", held_step)
   room = built.scheduler.max_len - 4
-  body = {"model": MODEL, "prompt": "def", "max_tokens": room, "stream": True}
-  cancelled = built.scheduler.cancelled
+  body = {
+      "model": MODEL,
+      "prompt": "def",
+      "max_tokens": room,
+      "temperature": 0,
+      "stream": True,
+  }
   with httpx.stream("POST", run.url + "/completions", json=body) as r:
     first = next(r.iter_lines())
     assert first.startswith("data: ") and json.loads(first[6:])["choices"]
+    has_first_line.set()
   deadline = time.monotonic() + 30
   while built.scheduler.busy and time.monotonic() < deadline:
     time.sleep(0.01)
