@@ -133,18 +133,22 @@ def test_a_client_leaving_mid_stream_frees_its_slot(
   step = built.scheduler._step
   cancelled = built.scheduler.cancelled
   has_first_line = threading.Event()
+  steps = 0
+  # after a minute steps run freely: a lost cancel fails below, not by hanging
+  held_until = time.monotonic() + 60
 
   def held_step(active):
-    # once the client has read its first line, no step runs until its disconnect reaches the
-    # server: the request cannot end by itself first (at max_tokens, or on EOS), which CI once
-    # saw happen under load
-    deadline = time.monotonic() + 30
+    # the request must not end by itself (at max_tokens, or on EOS) before its client leaves,
+    # which CI under load once saw: a few steps for the first line, then none until the client
+    # has read it and its disconnect has reached the server
+    nonlocal steps
     while (
-        has_first_line.is_set()
-        and built.scheduler.cancelled == cancelled
-        and time.monotonic() < deadline
+        built.scheduler.cancelled == cancelled
+        and (has_first_line.is_set() or steps >= 8)
+        and time.monotonic() < held_until
     ):
       time.sleep(0.01)
+    steps += 1
     return step(active)
 
   monkeypatch.setattr(built.scheduler, "_step", held_step)
