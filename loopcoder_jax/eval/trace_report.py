@@ -214,6 +214,7 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
             ahead_at(ref, c),
         )
         + " (in every seed, beyond the noise)."
+        + _both_on_the_plateau(ref, c)
     )
   for s in (r for r in rows if not r["cross_loop"]):
     ref = by.get(f"R{s['loops']}")
@@ -231,6 +232,16 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
   out += _another_loop(looped)
   out += _per_flop(rows)
   return out
+
+
+def _both_on_the_plateau(a: dict, b: dict) -> str:
+  """A match of two models that never learnt the k = 1 lookup is no match of depth."""
+  if a["mean"][0] >= BAR or b["mean"][0] >= BAR:
+    return ""
+  return (
+      f" Neither learnt the k = 1 lookup ({a['mean'][0]:.0%} and {b['mean'][0]:.0%}; bar "
+      f"{BAR:.0%}): they match on the plateau, which says nothing about depth."
+  )
 
 
 def _clp_reading(serial_ahead, clp_ahead, *, follows: bool) -> str:

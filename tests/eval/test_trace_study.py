@@ -220,6 +220,25 @@ def test_the_verdict_says_when_the_easy_case_is_not_learnt():
   assert "by seed 56%, 97%, 60%, 1 of 3 at the bar" in text
 
 
+def test_a_looped_model_and_its_control_both_on_the_plateau_are_no_match_of_depth():
+  # the shape of the quick study: R = 1 and serial R = 2 learn the lookup, CLP R = 2 and the
+  # 4-layer control stay at 55%
+  rows = [
+      row("R1", 1, seeds([0.98, 0.5, 0.3])),
+      row("R2", 2, seeds([0.55, 0.19, 0.3])),
+      row("R2-serial", 2, seeds([0.97, 0.5, 0.3]), cross_loop=False),
+      row("R1-L4", 1, seeds([0.55, 0.2, 0.32]), layers=4, matches=2),
+  ]
+  text = "\n".join(trace_report.verdict(rows))
+  assert "matches the unlooped 4-layer control" in text
+  assert "Neither learnt the k = 1 lookup (55% and 55%; bar 95%)" in text
+  assert "CLP loses depth on this task." in text
+  # a learnt pair gets no such remark
+  rows[1] = row("R2", 2, seeds([0.98, 0.6, 0.3]))
+  rows[3] = row("R1-L4", 1, seeds([0.98, 0.6, 0.3]), layers=4, matches=2)
+  assert "Neither learnt" not in "\n".join(trace_report.verdict(rows))
+
+
 # ----------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path):
